@@ -1,0 +1,416 @@
+"""Llama and Falcon decoders, written by hand, computing exactly what Hugging Face computes.
+
+Read top to bottom: the config, RoPE and ALiBi, attention (the one function every mode shares),
+the two decoder blocks, the model, and greedy generation on one process.
+
+The one idea the rest of the project builds on: a layer never owns its keys and values. It computes
+K/V for its own tokens and hands them to `kv.update(layer, k, v)`, which returns the K/V of every
+position the tokens may attend to, 0..Lk-1. A KV cache appends (kvcache.py); KV-Runahead receives the
+prefix from the left rank, appends, and sends it on (runahead.py); TSP all-gathers (tsp.py).
+Bit-for-bit agreement with HF needs HF's op order and casts; ../shared/hf-notes.md says which.
+"""
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Config:
+    arch: str = "llama"            # "llama" or "falcon"
+    vocab_size: int = 32000
+    dim: int = 4096                # hidden size d
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32           # KV heads as stored in the cache and sent between ranks
+    head_dim: int = 128
+    ffn_dim: int = 11008
+    norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    rope: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    alibi: bool = False            # Falcon-RW: ALiBi instead of RoPE
+    attn_bias: bool = False
+    mlp_bias: bool = False
+    qkv_layout: str = "separate"   # llama: separate q/k/v; falcon: "mq", "grouped" or "per_head" fused
+    parallel_attn: bool = False    # falcon: attention and MLP read the same input
+    mlp_norm: bool = True          # falcon: a second LayerNorm in front of the MLP
+    tie_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    @staticmethod
+    def from_hf(d):
+        """Read a Hugging Face config.json dict; refuse what we do not implement, naming the field."""
+        kind = d.get("model_type")
+        if kind == "llama":
+            return _llama_config(d)
+        if kind == "falcon":
+            return _falcon_config(d)
+        raise ConfigError(f"config.json: unknown model_type {kind!r} (supported: 'llama', 'falcon')")
+
+
+def _rope_params(d):
+    """HF's rope_parameters, or the legacy rope_theta + rope_scaling keys folded into that form."""
+    rope = dict(d.get("rope_parameters") or {})
+    if not rope:
+        rope = dict(d.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+    rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type") or "default"
+    if rope["rope_type"] not in ("default", "linear", "dynamic", "llama3"):
+        raise ConfigError(f"config.json: rope_type {rope['rope_type']!r} is not supported "
+                          "(default, linear, dynamic, llama3)")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("config.json: partial_rotary_factor != 1 is not supported")
+    return rope
+
+
+def _llama_config(d):
+    if d.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (silu)")
+    nh = d.get("num_attention_heads", 32)
+    dim = d.get("hidden_size", 4096)
+    return Config(
+        arch="llama", vocab_size=d.get("vocab_size", 32000), dim=dim,
+        n_layers=d.get("num_hidden_layers", 32), n_heads=nh,
+        n_kv_heads=d.get("num_key_value_heads") or nh, head_dim=d.get("head_dim") or dim // nh,
+        ffn_dim=d.get("intermediate_size", 11008), norm_eps=d.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=d.get("max_position_embeddings", 2048), rope=_rope_params(d),
+        attn_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
+        tie_embeddings=d.get("tie_word_embeddings", False),
+        bos_token_id=d.get("bos_token_id", 1), eos_token_id=d.get("eos_token_id", 2))
+
+
+def _falcon_config(d):
+    for old in ("n_head", "n_layer", "n_head_kv"):
+        if old in d:
+            raise ConfigError(f"config.json: RW-era field {old!r} is not read by transformers; "
+                              "convert the config to FalconConfig names first")
+    if d.get("activation", "gelu") != "gelu":
+        raise ConfigError(f"config.json: activation {d['activation']!r} is not supported (gelu)")
+    nh = d.get("num_attention_heads", 71)
+    dim = d.get("hidden_size") or d.get("n_embed", 4544)
+    new_arch = d.get("new_decoder_architecture", False)
+    parallel = d.get("parallel_attn", True)
+    if new_arch:
+        if not parallel:
+            raise ConfigError("config.json: new_decoder_architecture needs parallel_attn=true")
+        layout, n_kv = "grouped", d.get("num_kv_heads") or nh
+        mlp_norm = (d.get("num_ln_in_parallel_attn") or 2) == 2
+        if nh % n_kv:
+            raise ConfigError(f"config.json: num_attention_heads {nh} is not a multiple of num_kv_heads {n_kv}")
+    elif d.get("multi_query", True):
+        layout, n_kv, mlp_norm = "mq", 1, not parallel
+    else:
+        layout, n_kv, mlp_norm = "per_head", nh, not parallel
+    bias = d.get("bias", False)
+    return Config(
+        arch="falcon", vocab_size=d.get("vocab_size", 65024), dim=dim,
+        n_layers=d.get("num_hidden_layers", 32), n_heads=nh, n_kv_heads=n_kv, head_dim=dim // nh,
+        ffn_dim=d.get("ffn_hidden_size") or 4 * dim, norm_eps=d.get("layer_norm_epsilon", 1e-5),
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        rope=None if d.get("alibi", False) else _rope_params(d), alibi=d.get("alibi", False),
+        attn_bias=bias, mlp_bias=bias, qkv_layout=layout, parallel_attn=parallel or new_arch,
+        mlp_norm=mlp_norm, tie_embeddings=d.get("tie_word_embeddings", True),
+        bos_token_id=d.get("bos_token_id", 11), eos_token_id=d.get("eos_token_id", 11))
+
+
+# ----------------------------------------------------------------------------- positions
+
+def rope_inv_freq(cfg, seq_len):
+    """RoPE inverse frequencies (hs/2,), fp32 tensor math exactly as HF's rope_utils."""
+    r, hs = cfg.rope, cfg.head_dim
+    theta, kind = r["rope_theta"], r["rope_type"]
+    if kind == "dynamic" and seq_len > cfg.max_position_embeddings:
+        # Dynamic NTK: stretch the base for long inputs. HF keeps this as state across calls; we
+        # compute it from this call's length, which is what HF does on a fresh model.
+        seq = torch.tensor(seq_len)
+        theta = theta * ((r["factor"] * seq / cfg.max_position_embeddings) - (r["factor"] - 1)) ** (hs / (hs - 2))
+    inv = 1.0 / (theta ** (torch.arange(0, hs, 2, dtype=torch.int64).float() / hs))
+    if kind == "linear":
+        inv = inv / r["factor"]
+    elif kind == "llama3":
+        f, lo, hi, L0 = r["factor"], r["low_freq_factor"], r["high_freq_factor"], r["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        inv_l = torch.where(wavelen > L0 / lo, inv / f, inv)
+        smooth = (L0 / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * inv_l / f + smooth * inv_l
+        medium = ~(wavelen < L0 / hi) * ~(wavelen > L0 / lo)
+        inv = torch.where(medium, smoothed, inv_l)
+    return inv
+
+
+def rope(pos, inv_freq, dtype):
+    """cos, sin (T, hs) for global positions pos (T,); angles in fp32 like HF, then cast."""
+    freqs = pos[:, None].float() * inv_freq.to(pos.device)  # (T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def alibi_slopes(n_heads):
+    """ALiBi slopes as Falcon-RW computes them (fp32)."""
+    c = 2 ** math.floor(math.log2(n_heads))
+    slopes = torch.pow(torch.tensor(2 ** (-(2 ** -(math.log2(c) - 3))), dtype=torch.float32),
+                       torch.arange(1, 1 + c, dtype=torch.int32))
+    if c != n_heads:
+        extra = torch.pow(torch.tensor(2 ** (-(2 ** -(math.log2(2 * c) - 3))), dtype=torch.float32),
+                          torch.arange(1, 1 + 2 * min(c, n_heads - c), 2, dtype=torch.int32))
+        slopes = torch.cat([slopes, extra])
+    return slopes
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attend(q, k, v, start, cfg, dense=False, math_path=False):
+    """Causal attention of queries at global positions start..start+T-1 over keys at 0..Lk-1.
+
+    q (B, nh, T, hs); k, v (B, n_kv, Lk, hs). A query at position i sees keys 0..i. Unless `dense`,
+    keys no query can see are dropped first, so the block is lower-right causal:
+        ┌─────── prefix ───────┬─ own ─┐
+        │ all visible          │ ◣     │   (T rows, Lk = start+T columns)
+    `dense` keeps every key and masks them instead (the paper's TSP baseline computes them).
+    Returns (B, nh, T, hs).
+    """
+    T = q.shape[2]
+    if not dense:
+        k, v = k[:, :, :start + T], v[:, :, :start + T]
+    Lk = k.shape[2]
+    visible = torch.arange(Lk, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
+    bias = None                                        # additive float mask, (nh, T, Lk) or (T, Lk)
+    if cfg.alibi:                                      # HF rounds slopes and products to bf16
+        slopes = alibi_slopes(cfg.n_heads).to(q.device)
+        alibi = (slopes[:, None].bfloat16() * torch.arange(Lk, device=q.device)).to(q.dtype)[:, None, :]
+        bias = torch.masked_fill(alibi / math.sqrt(cfg.head_dim), ~visible, torch.finfo(q.dtype).min)
+    scale = cfg.head_dim ** -0.5 if cfg.arch == "llama" else None
+    if math_path:
+        return _attend_math(q, k, v, visible if bias is None else bias, cfg, scale)
+    if bias is not None:
+        mask, causal = bias[None], False               # 4-D: SDPA rounds a 3-D mask differently
+    elif Lk == T:                                      # a whole prompt from position 0
+        mask, causal = None, T > 1
+    else:                                              # a chunk after a prefix, or a dense TSP block
+        mask, causal = (None if visible.all() else visible), False
+    # One KV head broadcasts on its own (HF's multi-query path); grouped heads need enable_gqa.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=1 < k.shape[1] < q.shape[1])
+
+
+def _attend_math(q, k, v, mask, cfg, scale):
+    """The same attention as plain tensor ops: scores, mask, softmax, weighted sum."""
+    g = q.shape[1] // k.shape[1]                       # query heads per KV head
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    scores = q @ k.transpose(-2, -1)                   # (B, nh, T, Lk)
+    scores = scores * scale if scale is not None else scores / math.sqrt(cfg.head_dim)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(q.dtype).min)
+    else:
+        scores = scores + mask
+    soft_dtype = torch.float32 if cfg.arch == "llama" else q.dtype   # HF Llama's softmax is fp32
+    return F.softmax(scores, dim=-1, dtype=soft_dtype).to(q.dtype) @ v
+
+
+# ----------------------------------------------------------------------------- blocks
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        h = x.to(torch.float32)                        # HF normalises in fp32, even for fp64 models
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class FalconLinear(nn.Linear):
+    """x @ W.T, then + b as a separate op (F.linear's fused bias rounds differently)."""
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        nh, nkv, hs, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
+        if cfg.arch == "llama":
+            self.wq = nn.Linear(d, nh * hs, bias=cfg.attn_bias)
+            self.wk = nn.Linear(d, nkv * hs, bias=cfg.attn_bias)
+            self.wv = nn.Linear(d, nkv * hs, bias=cfg.attn_bias)
+            self.wo = nn.Linear(nh * hs, d, bias=cfg.attn_bias)
+        else:
+            self.wqkv = FalconLinear(d, (nh + 2 * nkv) * hs, bias=cfg.attn_bias)
+            self.wo = FalconLinear(nh * hs, d, bias=cfg.attn_bias)
+
+    def qkv(self, x):
+        """q (B, nh, T, hs), k and v (B, n_kv, T, hs), before RoPE."""
+        B, T, _ = x.shape
+        nh, nkv, hs = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+        if self.cfg.arch == "llama":
+            return (self.wq(x).view(B, T, nh, hs).transpose(1, 2),
+                    self.wk(x).view(B, T, nkv, hs).transpose(1, 2),
+                    self.wv(x).view(B, T, nkv, hs).transpose(1, 2))
+        fused = self.wqkv(x)
+        if self.cfg.qkv_layout == "grouped":           # per KV group: [q ... q, k, v]
+            f = fused.view(B, T, nkv, nh // nkv + 2, hs)
+            q, k, v = f[:, :, :, :-2].flatten(2, 3), f[:, :, :, -2], f[:, :, :, -1]
+        elif self.cfg.qkv_layout == "mq":              # [q_0 ... q_nh-1, k, v]
+            f = fused.view(B, T, nh + 2, hs)
+            q, k, v = f[:, :, :-2], f[:, :, [-2]], f[:, :, [-1]]
+        else:                                          # per head: [q_i, k_i, v_i]
+            f = fused.view(B, T, nh, 3, hs)
+            q, k, v = f[..., 0, :], f[..., 1, :], f[..., 2, :]
+        return (q.transpose(1, 2).reshape(B, nh, T, hs), k.transpose(1, 2).reshape(B, nkv, T, hs),
+                v.transpose(1, 2).reshape(B, nkv, T, hs))
+
+    def forward(self, x, kv, start, cos_sin, math_path):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x)
+        if cos_sin is not None:                        # RoPE at the tokens' global positions
+            cos, sin = cos_sin
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        k, v = kv.update(self.layer, k, v)             # the one line each parallel mode changes
+        y = attend(q, k, v, start, self.cfg, kv.dense, math_path)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps), RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.w_gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def forward(self, x, *attn_args):
+        x = x + self.attn(self.attn_norm(x), *attn_args)
+        h = self.mlp_norm(x)
+        return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
+
+
+class FalconBlock(nn.Module):
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.cfg = cfg
+        self.attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.mlp_norm else None
+        self.attn = Attention(cfg, layer)
+        self.w_in = FalconLinear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.w_out = FalconLinear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
+
+    def mlp(self, h):
+        return self.w_out(F.gelu(self.w_in(h)))        # exact erf GELU
+
+    def forward(self, x, *attn_args):
+        h = self.attn_norm(x)
+        a = self.attn(h, *attn_args)
+        if self.cfg.parallel_attn:                     # falcon-7b/40b/180b/11b: one residual for both
+            m = self.mlp(self.mlp_norm(x) if self.mlp_norm is not None else h)
+            return (m + a) + x
+        x = x + a                                      # falcon-rw: sequential, like GPT-2
+        return self.mlp(self.mlp_norm(x)) + x
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        Block = LlamaBlock if cfg.arch == "llama" else FalconBlock
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.arch == "llama" else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens, kv, start=0, last_only=False, math_path=False):
+        """Logits (B, T, V) for tokens (B, T) at global positions start..start+T-1.
+
+        The same call prefills a whole prompt (start=0), a chunk that continues a prefix (start = the
+        prefix length), or decodes one token; `kv` decides where the K/V of other positions come from.
+        """
+        T = tokens.shape[1]
+        x = self.embed(tokens)                         # (B, T, d)
+        cos_sin = None
+        if self.cfg.rope is not None:
+            pos = torch.arange(start, start + T, device=tokens.device)
+            cos_sin = rope(pos, rope_inv_freq(self.cfg, start + T), x.dtype)
+        for block in self.layers:
+            x = block(x, kv, start, cos_sin, math_path)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+
+def builtin(arch="llama", seed=0, dtype=torch.float32):
+    """A small random model built from a seed: runs anywhere with no download. Its output is noise."""
+    if arch == "llama":
+        cfg = Config(arch="llama", vocab_size=1024, dim=256, n_layers=4, n_heads=8, n_kv_heads=2,
+                     head_dim=32, ffn_dim=688, max_position_embeddings=16384)
+    else:
+        cfg = Config(arch="falcon", vocab_size=1024, dim=256, n_layers=4, n_heads=8, n_kv_heads=1,
+                     head_dim=32, ffn_dim=1024, max_position_embeddings=16384, qkv_layout="mq",
+                     parallel_attn=True, mlp_norm=False, tie_embeddings=True, bos_token_id=11, eos_token_id=11)
+    g = torch.Generator().manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:                         # norm weights: near 1, but not exactly
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return model.to(dtype).eval()
+
+
+# ----------------------------------------------------------------------------- generation
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens, cache, stop_at_eos=False):
+    """Greedy decoding on one process: prefill the prompt (B, C), then one token per step.
+
+    Returns (tokens (B, max_new_tokens), ttft_s, seconds per output token after the first).
+    """
+    dev = prompt.device
+    sync(dev)
+    t0 = time.perf_counter()
+    logits = model(prompt, cache, 0, last_only=True)
+    tok = logits[:, -1].argmax(-1, keepdim=True)       # (B, 1)
+    sync(dev)
+    ttft = time.perf_counter() - t0
+    out = decode(model, tok, cache, max_new_tokens - 1, stop_at_eos)
+    sync(dev)
+    tpot = (time.perf_counter() - t0 - ttft) / max(out.shape[1] - 1, 1)
+    return out, ttft, tpot
+
+
+@torch.no_grad()
+def decode(model, tok, cache, steps, stop_at_eos=False):
+    """The extension phase: feed back each greedy token through the KV cache. Returns (B, 1+steps)."""
+    out = [tok]
+    for _ in range(steps):
+        if stop_at_eos and (tok == model.cfg.eos_token_id).all():
+            break
+        tok = model(tok, cache, len(cache), last_only=True)[:, -1].argmax(-1, keepdim=True)
+        out.append(tok)
+    return torch.cat(out, dim=1)
