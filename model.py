@@ -201,9 +201,11 @@ def attend(q, k, v, start, cfg, dense=False, math_path=False):
         mask, causal = None, T > 1
     else:                                              # a chunk after a prefix, or a dense TSP block
         mask, causal = (None if visible.all() else visible), False
-    # One KV head broadcasts on its own (HF's multi-query path); grouped heads need enable_gqa.
+    # Shared KV heads: HF Llama passes enable_gqa (even for one KV head), HF Falcon's multi-query
+    # path lets its one KV head broadcast; in fp32 the two round differently.
+    gqa = k.shape[1] < q.shape[1] and not (cfg.arch == "falcon" and k.shape[1] == 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                          enable_gqa=1 < k.shape[1] < q.shape[1])
+                                          enable_gqa=gqa)
 
 
 def _attend_math(q, k, v, mask, cfg, scale):
@@ -276,14 +278,18 @@ class Attention(nn.Module):
         return (q.transpose(1, 2).reshape(B, nh, T, hs), k.transpose(1, 2).reshape(B, nkv, T, hs),
                 v.transpose(1, 2).reshape(B, nkv, T, hs))
 
-    def forward(self, x, kv, start, cos_sin, math_path):
+    def forward(self, x, kv, spans, cos_sin, math_path):
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
         if cos_sin is not None:                        # RoPE at the tokens' global positions
             cos, sin = cos_sin
             q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         k, v = kv.update(self.layer, k, v)             # the one line each parallel mode changes
-        y = attend(q, k, v, start, self.cfg, kv.dense, math_path)
+        ys, o = [], 0
+        for a, n in spans:                             # each run of positions attends on its own
+            ys.append(attend(q[:, :, o:o + n], k, v, a, self.cfg, kv.dense, math_path))
+            o += n
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -342,15 +348,18 @@ class Transformer(nn.Module):
 
         The same call prefills a whole prompt (start=0), a chunk that continues a prefix (start = the
         prefix length), or decodes one token; `kv` decides where the K/V of other positions come from.
+        `start` may also be a list of (start, length) spans, one contiguous run of positions each:
+        zigzag TSP gives a rank two runs.
         """
         T = tokens.shape[1]
+        spans = [(start, T)] if isinstance(start, int) else start
         x = self.embed(tokens)                         # (B, T, d)
         cos_sin = None
         if self.cfg.rope is not None:
-            pos = torch.arange(start, start + T, device=tokens.device)
-            cos_sin = rope(pos, rope_inv_freq(self.cfg, start + T), x.dtype)
+            pos = torch.cat([torch.arange(a, a + n, device=tokens.device) for a, n in spans])
+            cos_sin = rope(pos, rope_inv_freq(self.cfg, max(a + n for a, n in spans)), x.dtype)
         for block in self.layers:
-            x = block(x, kv, start, cos_sin, math_path)
+            x = block(x, kv, spans, cos_sin, math_path)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

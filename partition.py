@@ -1,0 +1,417 @@
+"""How to split a prompt of C tokens over p ranks: KV-Runahead's load balancing (paper §4, §5).
+
+A partition is a list `c` of p chunk lengths: c[0] for rank 0, the front of the chain, up to c[p-1]
+for the last rank, which ends with the full KV cache and emits the first token. S[i] = c[0]+..+c[i]
+is where rank i's chunk ends, so S[p-1] = C and S[0..p-2] are the partition's p-1 boundaries.
+
+Rank i attends c[i] queries to S[i] keys, so a token costs more the further back it sits in the
+chain: the even split (KVR-E) overloads the back, and good partitions are front-loaded. Read on for
+  validate, even, parse   well-formed partitions
+  CostModel               predicted per-rank times and TTFT, KV-Runahead and TSP; calibration
+  searched                the hierarchical grid search over boundaries (KVR-S)
+  Table, predicted        the lookup table of searched partitions and its interpolation (KVR-P)
+  choose, main            what runahead.py runs; python partition.py searched --C 4096 -p 8
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+class PartitionError(ValueError):
+    """A partition that does not give every rank a non-empty chunk of the prompt."""
+
+
+def _fmt(c):
+    return ",".join(map(str, c))
+
+
+def _check_ranks(C, p):
+    if p < 1:
+        raise PartitionError(f"need at least 1 rank, got {p}")
+    if p > C:
+        raise PartitionError(f"{p} ranks but only {C} prompt tokens")
+
+
+def validate(c, C, p):
+    """Check that c gives each of p ranks >= 1 token and covers all C; return it as a list of ints."""
+    _check_ranks(C, p)
+    c = list(c)
+    if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in c):
+        raise PartitionError(f"partition {_fmt(c)} has a chunk that is not an integer")
+    if len(c) != p:
+        raise PartitionError(f"partition {_fmt(c)} has {len(c)} chunks for {p} ranks")
+    if min(c) < 1:
+        raise PartitionError(f"partition {_fmt(c)} has an empty chunk (every rank needs >= 1 token)")
+    if sum(c) != C:
+        raise PartitionError(f"partition {_fmt(c)} sums to {sum(c)}, prompt has {C} tokens")
+    return [int(x) for x in c]
+
+
+def even(C, p):
+    """KVR-E: chunks differ by at most one token; the extra tokens go to the front ranks."""
+    _check_ranks(C, p)
+    q, r = divmod(C, p)
+    return validate([q + (i < r) for i in range(p)], C, p)
+
+
+def parse(spec, C, p):
+    """'4,3,2' -> [4, 3, 2], validated."""
+    try:
+        c = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise PartitionError(f"partition {spec!r} is not a comma-separated list of integers") from None
+    return validate(c, C, p)
+
+
+def prefix_sums(c):
+    """S[i] = c[0] + .. + c[i]."""
+    return list(itertools.accumulate(c))
+
+
+def from_boundaries(b, C):
+    """Chunks from the boundaries S[0] < .. < S[p-2] of a prompt of C tokens."""
+    return [v - u for u, v in zip([0, *b], [*b, C])]
+
+
+# ----------------------------------------------------------------------------- counting (paper §2)
+
+def dot_products(c):
+    """QK^T dot products per rank as the paper counts them: c[i] * S[i].
+
+    That is the c[i] x S[i-1] rectangle of the prefix plus the whole c[i] x c[i] diagonal block; a
+    causal kernel would skip the block's upper half, c[i]*(c[i]-1)/2 of them. (4,3,2) -> 16, 21, 18.
+    """
+    return [ci * Si for ci, Si in zip(c, prefix_sums(c))]
+
+
+def chain_kv_tokens(c):
+    """K and V token entries KV-Runahead moves per layer: rank i sends S[i] to rank i+1, i < p-1."""
+    return 2 * sum(prefix_sums(c)[:-1])
+
+
+def tsp_kv_tokens(C, p):
+    """K and V token entries TSP's all-gather moves per layer: each rank receives the C - c[i] it lacks."""
+    return 2 * sum(C - ci for ci in even(C, p))
+
+
+# ----------------------------------------------------------------------------- cost model (paper §4)
+
+@dataclass
+class CostModel:
+    """Predicted prefill time of a partition. Every coefficient is for the whole model, all layers.
+
+    Defaults: Llama-2-7B in bf16 on H100s linked at 300 GB/s, from paper.md §7. With p = 1 they give
+    TTFT 0.10 s at 4k, 0.49 s at 16k, 1.22 s at 32k, as measured there.
+    """
+    lin: float = 2.24e-5           # s per token: QKV, o-proj, MLP (1.30e10 flop at 5.8e14 flop/s)
+    attn: float = 4.5e-10          # s per query-key dot product (QK^T and PV), counted as in
+                                   # dot_products: a chunk's mask makes SDPA compute its diagonal
+                                   # block densely, so c_i S_i is what a rank actually computes
+    comm_per_token: float = 1.75e-6  # s per token of K/V received: 0.5 MiB at 300 GB/s
+    latency: float = 6.4e-4        # s per hop of the chain: 32 layers x 20 us per message
+    head: float = 1e-3             # s: final norm and LM head on the last token, last rank only
+    fixed: float = 0.0             # s: anything paid once per prefill (calibrate's intercept)
+    n_layers: int = 32
+
+    def chunk_time(self, c, S):
+        """One rank alone prefilling c tokens that end at S (S - c already cached): what calibrate fits."""
+        return self.fixed + self.lin * c + self.attn * c * S
+
+    def rank_times(self, c):
+        """When each rank finishes its last layer, in s after the start, with the chain's waits.
+
+        Layers are equal, so rank i spends work_i = (lin c_i + attn c_i S_i) / L on each. Its left
+        link carries one layer's K/V, the S_{i-1} tokens before it, in hop_i = (latency +
+        comm_per_token S_{i-1}) / L, one layer at a time, starting when rank i-1 has the layer:
+            a_i(l) = max(a_i(l-1), t_{i-1}(l)) + hop_i     (layer l's K/V arrive at rank i)
+            t_i(l) = max(t_i(l-1), a_i(l)) + work_i        (rank i finishes layer l)
+        with a_i(0) = t_i(0) = 0 and rank 0 never waiting. Sends are asynchronous, so a slow link
+        delays only the ranks behind it. Exact for a pipeline that sends when a layer ends; the
+        real one sends right after the QKV projection, so this is pessimistic by under a layer.
+        """
+        L, prev, out = self.n_layers, [0.0] * self.n_layers, []
+        for i, (ci, Si) in enumerate(zip(c, prefix_sums(c))):
+            work = (self.lin * ci + self.attn * ci * Si) / L
+            hop = (self.latency + self.comm_per_token * (Si - ci)) / L if i else 0.0
+            t, arrive, cur = 0.0, 0.0, []
+            for l in range(L):
+                arrive = max(arrive, prev[l]) + hop
+                t = max(t, arrive) + work
+                cur.append(t)
+            prev = cur
+            out.append(t)
+        return out
+
+    def ttft(self, c):
+        """KV-Runahead's time to first token: the last rank's finish, then the LM head."""
+        return self.rank_times(c)[-1] + self.head + self.fixed
+
+    def ttft_tsp(self, C, p):
+        """The TSP baseline (paper §3) on the even split: every layer ends in an all-gather, a
+        barrier, so TTFT is the slowest rank's compute, lin c_i + attn c_i C (dense attention over
+        all C keys, then masked), plus the gather: C - c_i tokens in over p - 1 ring steps.
+        """
+        c = even(C, p)
+        compute = max(self.lin * ci + self.attn * ci * C for ci in c)
+        gather = self.comm_per_token * (C - min(c)) + self.latency * (p - 1)
+        return compute + gather + self.head + self.fixed
+
+    def save(self, path):
+        with open(path, "w") as f:
+            json.dump(asdict(self), f, indent=1)
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            return cls(**json.load(f))
+
+
+def calibrate(measure, points, **fields):
+    """Fit lin, attn and fixed to chunk timings: seconds ~ fixed + lin c + attn c S.
+
+    measure(c, S) -> seconds for one chunk of c tokens ending at S; `points` are the (c, S) to time:
+    vary both, or the two terms cannot be told apart. The fit is non-negative least squares, done
+    exactly for 3 unknowns: ordinary least squares on every subset of the columns, keeping the best
+    fit with no negative coefficient. The chain's comm_per_token, latency and head, and n_layers,
+    are not visible in one chunk's time: pass them as **fields.
+    """
+    A = np.array([[1.0, c, c * S] for c, S in points])
+    y = np.array([measure(c, S) for c, S in points])
+    norm = np.linalg.norm(A, axis=0)                 # columns differ by ~1e7 in scale
+    best_err, best = math.inf, np.zeros(3)
+    for cols in itertools.product([False, True], repeat=3):
+        x = np.zeros(3)
+        if any(cols):
+            keep = np.array(cols)
+            x[keep] = np.linalg.lstsq(A[:, keep] / norm[keep], y, rcond=None)[0] / norm[keep]
+        err = np.sum((A @ x - y) ** 2)
+        if (x >= 0).all() and err < best_err:
+            best_err, best = err, x
+    fixed, lin, attn = map(float, best)
+    return CostModel(**{**fields, "fixed": fixed, "lin": lin, "attn": attn})
+
+
+def calibrate_model(model, device="cpu", dtype=None, max_len=4096, repeats=3, **fields):
+    """Time real chunks of `model` (model.py's Transformer) and fit a CostModel to them.
+
+    For six (c, S) pairs up to S = max_len (>= 8), fill a fresh KVCache with the S - c prefix
+    tokens (untimed), then time one forward of c more tokens at positions S - c .. S - 1, keeping
+    the fastest of `repeats` after a warm-up. n_layers comes from model.cfg; the other **fields as
+    in calibrate. On a CPU shared with other work, timings spike: set torch threads to free cores.
+    """
+    import torch
+    from kvcache import KVCache
+
+    dtype = dtype or next(model.parameters()).dtype
+    tokens = torch.randint(model.cfg.vocab_size, (1, max_len), device=device)
+    points = [(c, prev + c) for c in (max_len // 8, max_len // 4, max_len // 2)
+              for prev in (0, max_len // 2)]
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    @torch.inference_mode()
+    def measure(c, S):
+        kv, times = KVCache(model.cfg, 1, S, dtype, device), []
+        for _ in range(1 + repeats):                 # the first run warms up and is not counted
+            kv.reset()
+            if S > c:
+                model(tokens[:, :S - c], kv, 0, last_only=True)
+            sync()
+            t0 = time.perf_counter()
+            model(tokens[:, S - c:S], kv, S - c, last_only=True)
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    return calibrate(measure, points, **{"n_layers": model.cfg.n_layers, **fields})
+
+
+# ----------------------------------------------------------------------------- KVR-S (paper §5)
+
+def _stretch(b, j, x, C):
+    """Boundaries b with b[j] moved to x and the rest stretched with it: the chunks before it
+    grow or shrink in proportion to one another, and so do the chunks after it."""
+    return ([round(v * x / b[j]) for v in b[:j]] + [x]
+            + [round(x + (v - b[j]) * (C - x) / (C - b[j])) for v in b[j + 1:]])
+
+
+def searched(C, p, score, steps=8, levels=3, history=None):
+    """KVR-S: the partition with the lowest score(c), by hierarchical grid search over boundaries.
+
+    Start from the even split. Level 0 moves boundaries on a grid of spacing about C/steps over the
+    whole prompt; each later level shrinks the spacing by the same factor, (C/steps)**(1/(levels-1)),
+    so that the last level is one token, and looks only within one old spacing of the incumbent.
+    A full grid over all p-1 boundaries at once would be steps**(p-1) candidates (2M for p = 8), so
+    within a level we do coordinate search instead: for one boundary j at a time, each grid point x
+    is tried twice,
+      slide:    b[j] = x, the other boundaries stay;
+      stretch:  b[j] = x, the chunks on either side of it scale with it (_stretch).
+    Any improvement is kept, and all boundaries are swept again until a sweep improves nothing.
+    Slides alone stall where TTFT is a max over ranks tied at the top (the balanced partitions we
+    look for): moving one boundary unloads one of the tied ranks but loads its neighbour.
+
+    score(c) -> float: a cost model's ttft or a measured TTFT. Each partition is scored once; for
+    the default CostModel, p = 8, C = 16384 that is ~19k scores (~5k with levels=4, same answer).
+    If `history` is a list it receives every (c, score) evaluated, in order.
+    """
+    _check_ranks(C, p)
+    seen = {}
+
+    def f(b):
+        if tuple(b) not in seen:
+            c = from_boundaries(b, C)
+            seen[tuple(b)] = score(c)
+            if history is not None:
+                history.append((c, seen[tuple(b)]))
+        return seen[tuple(b)]
+
+    def valid(b):
+        return all(u < v for u, v in zip([0, *b], [*b, C]))
+
+    b = prefix_sums(even(C, p))[:-1]
+    best, window = f(b), C
+    exponents = [1.0] if levels == 1 else np.linspace(1, 0, levels)
+    for s in [max(1, round((C / steps) ** e)) for e in exponents]:
+        improved = True
+        while improved:
+            improved = False
+            for j in range(p - 1):
+                k = window // s
+                for x in range(b[j] - k * s, b[j] + k * s + 1, s):
+                    for trial in (b[:j] + [x] + b[j + 1:], _stretch(b, j, x, C)):
+                        if 0 < x < C and valid(trial) and f(trial) < best:
+                            best, b, improved = f(trial), trial, True
+        window = s
+    return validate(from_boundaries(b, C), C, p)
+
+
+# ----------------------------------------------------------------------------- KVR-P (paper §5)
+
+class Table:
+    """Searched partitions keyed by model name, p and C, kept as a JSON file."""
+
+    def __init__(self, entries=None):
+        self.entries = entries or {}                 # {model: {p: {C: [c0, c1, ...]}}}
+
+    def add(self, model, c):
+        c = validate(c, sum(c), len(c))
+        self.entries.setdefault(model, {}).setdefault(len(c), {})[sum(c)] = c
+
+    def get(self, model, p, C):
+        """The partition stored for (model, p, C), or None."""
+        return self.entries.get(model, {}).get(p, {}).get(C)
+
+    def contexts(self, model, p):
+        """The context lengths stored for (model, p), ascending."""
+        return sorted(self.entries.get(model, {}).get(p, {}))
+
+    def save(self, path):
+        with open(path, "w") as f:
+            json.dump(self.entries, f, indent=1)     # JSON turns the int keys p, C into strings
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            raw = json.load(f)
+        return cls({m: {int(p): {int(C): c for C, c in byC.items()} for p, byC in byp.items()}
+                    for m, byp in raw.items()})
+
+
+def predicted(C, p, table, model):
+    """KVR-P: a partition for an unseen C, interpolated from the table's neighbours in C.
+
+    Each boundary is read as a fraction S[i]/C; between the two nearest stored contexts the
+    fractions are interpolated linearly in C, and beyond the stored range the nearest entry's are
+    used. Rounding to tokens then fixes up, left to right and then right to left, so that every
+    chunk keeps >= 1 token. A stored C is returned as stored.
+    """
+    _check_ranks(C, p)
+    Cs = table.contexts(model, p)
+    if not Cs:
+        raise PartitionError(f"the table has no partition for model {model!r} on {p} ranks")
+    if C in Cs:
+        return list(table.get(model, p, C))
+
+    def frac(K):
+        return np.array(prefix_sums(table.get(model, p, K))[:-1]) / K
+
+    below, above = [K for K in Cs if K < C], [K for K in Cs if K > C]
+    if below and above:
+        a, z = below[-1], above[0]
+        w = (C - a) / (z - a)
+        f = (1 - w) * frac(a) + w * frac(z)
+    else:
+        f = frac(below[-1] if below else above[0])
+    b = [math.floor(x * C + 0.5) for x in f] + [C]
+    for j in range(p - 1):                           # each boundary >= 1 past the previous
+        b[j] = max(b[j], b[j - 1] + 1 if j else 1)
+    for j in reversed(range(p - 1)):                 # each boundary <= 1 before the next
+        b[j] = min(b[j], b[j + 1] - 1)
+    return validate(from_boundaries(b[:-1], C), C, p)
+
+
+# ----------------------------------------------------------------------------- choosing one
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TABLE = os.path.join(HERE, "partitions.json")        # used when present and no other table is given
+COST = os.path.join(HERE, "cost_model.json")         # likewise, a saved calibration
+
+
+def choose(spec, C, p, model="", table=None, cost=None):
+    """The partition to run: spec is even | searched | predicted | 'c0,c1,...' (runahead.py)."""
+    return explain(spec, C, p, model, table, cost)[0]
+
+
+def explain(spec, C, p, model="", table=None, cost=None):
+    """(partition, where it came from), as choose picks it.
+
+    searched and predicted answer in seconds: a table entry for (model, p, C) if there is one;
+    for predicted, else an interpolation of the table's entries for (model, p); else a search
+    on the cost model (the calibration file, or CostModel()'s documented defaults).
+    """
+    if spec not in ("even", "searched", "predicted"):
+        return parse(spec, C, p), "given"
+    if spec == "even":
+        return even(C, p), "even split"
+    table = table or (TABLE if os.path.exists(TABLE) else None)
+    t = Table.load(table) if table else Table()
+    if t.get(model, p, C):
+        return list(t.get(model, p, C)), f"table {table}"
+    if spec == "predicted" and t.contexts(model, p):
+        return predicted(C, p, t, model), f"interpolated from table {table}"
+    cost = cost or (COST if os.path.exists(COST) else None)
+    m = CostModel.load(cost) if cost else CostModel()
+    c = searched(C, p, m.ttft)
+    return c, (f"searched on cost model {cost or 'CostModel() defaults, uncalibrated'}: predicted "
+               f"TTFT {m.ttft(c):.4g} s, even split {m.ttft(even(C, p)):.4g} s, TSP {m.ttft_tsp(C, p):.4g} s")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Print a partition c0,c1,... of C prompt tokens over p "
+                                             "ranks; stderr says where it came from.")
+    ap.add_argument("how", choices=["even", "searched", "predicted"])
+    ap.add_argument("--C", type=int, required=True, help="prompt tokens")
+    ap.add_argument("-p", type=int, required=True, help="ranks")
+    ap.add_argument("--table", help=f"lookup table JSON of searched partitions (default: {TABLE} if present)")
+    ap.add_argument("--model", default="", help="model name in the table (runahead.py's job.model_key)")
+    ap.add_argument("--cost", help=f"CostModel JSON from calibration (default: {COST} if present)")
+    a = ap.parse_args(argv)
+    try:
+        c, source = explain(a.how, a.C, a.p, a.model, a.table, a.cost)
+    except (OSError, ValueError) as e:
+        sys.exit(f"partition.py: {e}")
+    print(f"# {source}", file=sys.stderr)
+    print(_fmt(c))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""KV-Runahead and TSP as real `mpirun` jobs, checked against one process and against Hugging Face.
+
+Claims, each tested below:
+- bitwise: KV-Runahead on p ranks with partition c does the same arithmetic as one process
+  prefilling the chunks c in order through a KV cache, so logits, the whole cache and the generated
+  tokens are torch.equal (every rank and the reference run one thread);
+- against HF (tolerance: TSP's dense masked attention and HF's one-shot prefill round differently):
+  KV-Runahead, TSP and zigzag TSP in float64 within 1e-10 and float32 within 1e-5;
+- messages: per layer each chain rank sends once and receives once, TSP all-gathers once, and the
+  bytes are the paper's formulas for the partition used;
+- failures: bad input exits non-zero on every rank with one line; a dead rank ends the job.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from kvcache import KVCache
+from load_weights import load_model
+from model import decode
+from partition import chain_kv_tokens, tsp_kv_tokens
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_here = os.path.join(os.path.dirname(sys.executable), "mpirun")
+MPIRUN = _here if os.path.exists(_here) else "mpirun"
+
+
+def mpirun(n, script, *args, timeout=180):
+    cmd = [MPIRUN, "-n", str(n), sys.executable, os.path.join(ROOT, script), "--threads", "1", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def run_saved(tmp_path, n, script, *args):
+    out = tmp_path / f"{script}-{n}-{abs(hash(args))}.pt"
+    r = mpirun(n, script, *args, "--save", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    return torch.load(out), r.stdout
+
+
+# ---------------------------------------------------------------- tiny HF models, saved and reloaded
+
+def hf_model(kind, dtype):
+    from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    if kind == "llama_gqa":
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160,
+                                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                                         max_position_embeddings=256))
+    else:
+        extra = (dict(multi_query=True, parallel_attn=True) if kind == "falcon7b"
+                 else dict(new_decoder_architecture=True, num_kv_heads=2))
+        m = FalconForCausalLM(FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                           num_attention_heads=8, max_position_embeddings=256, **extra))
+    with torch.no_grad():                              # norms not all-ones, so they are tested too
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return m.to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    dirs = {}
+    for kind in ("llama_gqa", "falcon7b", "falcon40b"):
+        d = tmp_path_factory.mktemp(kind)
+        hf_model(kind, torch.float32).save_pretrained(d)
+        dirs[kind] = str(d)
+    return dirs
+
+
+PROMPT = torch.randint(3, 256, (1, 23), generator=torch.Generator().manual_seed(7))
+IDS = ",".join(map(str, PROMPT[0].tolist()))
+
+
+def chunked_reference(model, tokens, c, new_tokens):
+    """One process prefilling chunks c in order through the KV cache, then decoding."""
+    torch.set_num_threads(1)
+    C = tokens.shape[1]
+    cache = KVCache(model.cfg, 1, C + new_tokens, next(model.parameters()).dtype)
+    S = 0
+    with torch.no_grad():
+        for n in c:
+            logits = model(tokens[:, S:S + n], cache, S, last_only=True)[0, -1]
+            S += n
+        kv = [tuple(t.clone() for t in cache.layer(i)) for i in range(model.cfg.n_layers)]
+        gen = decode(model, logits.argmax().view(1, 1), cache, new_tokens - 1)[0].tolist()
+    return logits, kv, gen
+
+
+# ---------------------------------------------------------------- bitwise against one process
+
+@pytest.mark.parametrize("arch,c", [
+    ("llama_gqa", [23]), ("falcon7b", [23]),
+    ("llama_gqa", [12, 11]), ("falcon7b", [1, 22]),
+    ("llama_gqa", [10, 7, 6]), ("falcon40b", [8, 8, 7]),
+    ("falcon7b", [6, 6, 6, 5]), ("llama_gqa", [1, 1, 20, 1]),
+    ("llama_gqa", [3, 3, 3, 3, 3, 3, 3, 2]), ("falcon7b", [9, 5, 3, 2, 1, 1, 1, 1]),
+])
+def test_runahead_is_bitwise_chunked_prefill(tmp_path, checkpoints, arch, c):
+    """torch.equal: same chunks, same ops, same thread count -> same bits, logits and whole cache."""
+    d, _ = run_saved(tmp_path, len(c), "runahead.py", "--model", checkpoints[arch], "--prompt-ids", IDS,
+                     "--partition", ",".join(map(str, c)), "--max-new-tokens", "5")
+    logits, kv, gen = chunked_reference(load_model(checkpoints[arch]), PROMPT, c, 5)
+    assert d["partition"] == c
+    assert torch.equal(d["logits"], logits)
+    for (k, v), (rk, rv) in zip(d["past_key_values"], kv):
+        assert k.shape == (1, load_model(checkpoints[arch]).cfg.n_kv_heads, 23, 8)
+        assert torch.equal(k, rk) and torch.equal(v, rv)
+    assert d["generated_ids"] == gen and d["first_token"] == gen[0]
+
+
+# ---------------------------------------------------------------- against Hugging Face
+
+def hf_prefill(checkpoint, kind, dtype, new_tokens):
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
+    with torch.no_grad():
+        out = m(PROMPT, use_cache=True)
+        gen = m.generate(PROMPT, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out.logits[0, -1], [(l.keys, l.values) for l in out.cache.layers], gen[0, PROMPT.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+@pytest.mark.parametrize("arch", ["llama_gqa", "falcon7b", "falcon40b"])
+@pytest.mark.parametrize("program,n,extra", [
+    ("runahead.py", 5, ["--partition", "1,9,6,6,1"]),
+    ("runahead.py", 8, ["--partition", "even"]),
+    ("tsp.py", 3, []),
+    ("tsp.py", 7, []),
+    ("tsp.py", 4, ["--zigzag"]),
+])
+def test_matches_hf(tmp_path, checkpoints, arch, dtype, tol, program, n, extra):
+    """assert_close at 1e-10 (fp64) / 1e-5 (fp32): logits, whole KV cache, and generate's tokens."""
+    d, _ = run_saved(tmp_path, n, program, "--model", checkpoints[arch], "--prompt-ids", IDS,
+                     "--dtype", dtype, "--max-new-tokens", "6", *extra)
+    logits, kv, gen = hf_prefill(checkpoints[arch], arch, getattr(torch, dtype), 6)
+    torch.testing.assert_close(d["logits"], logits, atol=tol, rtol=0)
+    for (k, v), (hk, hv) in zip(d["past_key_values"], kv):
+        g = hk.shape[1] // k.shape[1]                  # falcon-40b: HF repeats each KV head
+        torch.testing.assert_close(k.repeat_interleave(g, 1), hk, atol=tol, rtol=0)
+        torch.testing.assert_close(v.repeat_interleave(g, 1), hv, atol=tol, rtol=0)
+    assert d["generated_ids"] == gen
+
+
+# ---------------------------------------------------------------- message accounting
+
+@pytest.mark.parametrize("c", [[5, 9, 6, 3], [23], [1, 22]])
+def test_chain_messages(tmp_path, checkpoints, c):
+    """Each rank but the last sends once per layer, each but the first receives once; bytes = S_i."""
+    d, _ = run_saved(tmp_path, len(c), "runahead.py", "--model", checkpoints["llama_gqa"],
+                     "--prompt-ids", IDS, "--partition", ",".join(map(str, c)))
+    L, per_token = 2, 2 * 2 * 8 * 4                    # layers; K+V x 2 KV heads x hs 8 x float32
+    S = [sum(c[:i + 1]) for i in range(len(c))]
+    for i, m in enumerate(d["messages"]):
+        assert m["sends"] == (L if i < len(c) - 1 else 0)
+        assert m["recvs"] == (L if i > 0 else 0)
+        assert m["allgathers"] == 0
+        assert m["bytes_sent"] == (L * S[i] * per_token if i < len(c) - 1 else 0)
+    total = sum(m["bytes_sent"] for m in d["messages"])
+    assert total == L * chain_kv_tokens(c) * per_token // 2   # chain_kv_tokens counts K and V
+
+
+@pytest.mark.parametrize("n,zigzag", [(3, False), (4, True)])
+def test_tsp_messages(tmp_path, checkpoints, n, zigzag):
+    """One all-gather per layer (K and V together), no point-to-point; bytes = (p-1)/p of the cache."""
+    d, _ = run_saved(tmp_path, n, "tsp.py", "--model", checkpoints["llama_gqa"], "--prompt-ids", IDS,
+                     *(["--zigzag"] if zigzag else []))
+    L, per_token = 2, 2 * 2 * 8 * 4
+    for r, m in enumerate(d["messages"]):
+        assert (m["allgathers"], m["sends"], m["recvs"]) == (L, 0, 0)
+        assert m["bytes_recv"] == L * (23 - d["partition"][r]) * per_token
+    total = sum(m["bytes_recv"] for m in d["messages"])
+    assert total == L * tsp_kv_tokens(23, n) * per_token // 2
+
+
+# ---------------------------------------------------------------- the command line and its failures
+
+def test_default_demo_runs():
+    """No arguments: the built-in model, a prompt long enough to matter, the promised report."""
+    r = mpirun(4, "runahead.py", "--prompt-len", "512")
+    assert r.returncode == 0, r.stderr
+    for key in ("partition (even): 128,128,128,128", "transport: host memory", "TTFT:", "tokens:"):
+        assert key in r.stdout
+
+
+def test_searched_and_predicted_partitions_run(tmp_path):
+    for spec in ("searched", "predicted"):
+        r = mpirun(3, "runahead.py", "--prompt-len", "300", "--partition", spec, "--model", "builtin:falcon")
+        assert r.returncode == 0, r.stderr
+        c = [int(x) for x in re.search(rf"partition \({spec}\): ([\d,]+)", r.stdout).group(1).split(",")]
+        assert len(c) == 3 and sum(c) == 300 and min(c) >= 1
+
+
+@pytest.mark.parametrize("n,args,message", [
+    (3, ["--partition", "4,3"], "2 chunks for 3 ranks"),
+    (3, ["--partition", "4,3,3"], "sums to 10"),
+    (2, ["--partition", "9,0"], "empty chunk"),
+    (2, ["--partition", "a,b"], "partition"),
+    (4, ["--prompt-ids", "5,6,7"], "4 ranks but only 3 prompt tokens"),
+    (2, ["--model", "/nonexistent"], "config.json"),
+    (2, ["--model", "builtin:gpt2"], "builtin:llama"),
+    (2, ["--prompt-ids", "1,99999"], "outside the vocabulary"),
+])
+def test_bad_input_fails_on_every_rank(n, args, message):
+    t = time.time()
+    prompt = [] if "--prompt-ids" in args else ["--prompt-len", "9"]
+    r = mpirun(n, "runahead.py", *prompt, *args, timeout=60)
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error")]
+    assert len(lines) == n and all(message in x for x in lines), r.stderr
+    assert time.time() - t < 30
+
+
+def test_tsp_rejects_zigzag_without_two_tokens_per_rank():
+    r = mpirun(3, "tsp.py", "--prompt-len", "5", "--zigzag", timeout=60)
+    assert r.returncode != 0 and r.stderr.count("needs at least 2 tokens per rank") == 3
+
+
+def test_exception_on_one_rank_aborts_the_job(tmp_path):
+    """Rank 1 raises while rank 0 waits for a message that never comes: Abort ends both."""
+    script = tmp_path / "boom.py"
+    script.write_text(
+        "import sys; sys.path.insert(0, %r)\n"
+        "from mpi4py import MPI\nimport torch\nfrom comm import Transport, abort_on_error\n"
+        "t = Transport(MPI.COMM_WORLD, 'cpu', polite=True)\n"
+        "with abort_on_error():\n"
+        "    if t.rank == 1: raise RuntimeError('boom')\n"
+        "    t.recv(torch.empty(4), 1, tag=0)\n" % ROOT)
+    t = time.time()
+    r = subprocess.run([MPIRUN, "-n", "2", sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "error (rank 1): RuntimeError: boom" in r.stderr
+    assert time.time() - t < 30
+
+
+def test_killed_rank_ends_the_job(tmp_path):
+    """SIGKILL rank 0 while rank 1 waits on it: mpirun must end, not hang."""
+    marker = str(tmp_path / "killme.pt")
+    p = subprocess.Popen([MPIRUN, "-n", "2", sys.executable, os.path.join(ROOT, "runahead.py"),
+                          "--prompt-len", "12000", "--partition", "11999,1", "--save", marker],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, deadline = None, time.time() + 60
+    while victim is None and time.time() < deadline:   # the rank whose command line has our marker
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if marker.encode() in cmd and b"python" in os.path.basename(cmd[0]) and int(pid) != p.pid:
+                env = open(f"/proc/{pid}/environ", "rb").read()
+                if b"PMI_RANK=0\0" in env:
+                    victim = int(pid)
+        time.sleep(0.2)
+    assert victim, "rank 0 never started"
+    time.sleep(3)                                      # rank 0 is computing, rank 1 waiting
+    os.kill(victim, signal.SIGKILL)
+    t = time.time()
+    p.communicate(timeout=60)
+    assert p.returncode != 0 and time.time() - t < 30

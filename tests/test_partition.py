@@ -1,0 +1,308 @@
+"""partition.py: validation, the paper's counts, the cost model, KVR-S search, KVR-P table, CLI."""
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import partition as P  # noqa: E402
+
+
+def boundaries(c):
+    return P.prefix_sums(c)[:-1]
+
+
+# ----------------------------------------------------------------------------- well-formed partitions
+
+@pytest.mark.parametrize("c, C, p, message", [
+    ([4, 3], 9, 3, "partition 4,3 has 2 chunks for 3 ranks"),
+    ([4, 0, 5], 9, 3, "partition 4,0,5 has an empty chunk (every rank needs >= 1 token)"),
+    ([5, -1, 5], 9, 3, "has an empty chunk"),
+    ([4, 3, 3], 9, 3, "partition 4,3,3 sums to 10, prompt has 9 tokens"),
+    ([1, 1, 1], 2, 3, "3 ranks but only 2 prompt tokens"),
+    ([4.5, 2.5, 2], 9, 3, "is not an integer"),
+    ([True, 4, 4], 9, 3, "is not an integer"),
+    ([], 0, 0, "need at least 1 rank"),
+])
+def test_validate_rejects_with_a_clear_message(c, C, p, message):
+    with pytest.raises(P.PartitionError, match=re.escape(message)):
+        P.validate(c, C, p)
+
+
+def test_validate_accepts_and_partition_error_is_a_value_error():
+    assert P.validate((4, 3, 2), 9, 3) == [4, 3, 2]
+    assert issubclass(P.PartitionError, ValueError)
+
+
+@pytest.mark.parametrize("C, p", [(10, 3), (9, 3), (16384, 8), (4097, 8), (5, 5), (7, 1)])
+def test_even_is_balanced_and_front_loaded(C, p):
+    c = P.even(C, p)
+    assert len(c) == p and sum(c) == C
+    assert max(c) - min(c) <= 1
+    assert c == sorted(c, reverse=True)
+
+
+def test_even_examples():
+    assert P.even(10, 3) == [4, 3, 3]
+    assert P.even(5, 5) == [1] * 5
+    with pytest.raises(P.PartitionError, match="3 ranks but only 2 prompt tokens"):
+        P.even(2, 3)
+
+
+def test_parse():
+    assert P.parse("4,3,2", 9, 3) == [4, 3, 2]
+    with pytest.raises(P.PartitionError, match="not a comma-separated list of integers"):
+        P.parse("4,x,2", 9, 3)
+    with pytest.raises(P.PartitionError, match="has 2 chunks for 3 ranks"):
+        P.parse("4,5", 9, 3)
+
+
+# ----------------------------------------------------------------------------- the paper's counts
+
+def test_worked_example_counts():
+    c = (4, 3, 2)
+    assert P.dot_products(c) == [16, 21, 18]                  # busiest 21, TSP 3 x 9 = 27 each
+    assert P.chain_kv_tokens(c) == 22                         # 2 x (4 + 7)
+    assert P.tsp_kv_tokens(9, 3) == 36                        # 3 ranks x 6 tokens x (K, V)
+
+
+def test_dot_products_total_is_paper_identity():
+    rng = random.Random(0)
+    for _ in range(20):
+        c = [rng.randint(1, 50) for _ in range(rng.randint(1, 8))]
+        C = sum(c)
+        assert 2 * sum(P.dot_products(c)) == C * C + sum(x * x for x in c)
+
+
+def test_chain_moves_half_of_tsp_on_an_even_split():
+    assert P.chain_kv_tokens(P.even(4096, 8)) == 7 * 4096     # 2 x (p-1) C / 2
+    assert P.tsp_kv_tokens(4096, 8) == 2 * 7 * 4096           # 2 x (p-1) C
+
+
+# ----------------------------------------------------------------------------- cost model
+
+def test_rank_times_by_hand():
+    m = P.CostModel(lin=1, attn=0, comm_per_token=0.25, latency=0.5, head=0, fixed=0, n_layers=2)
+    # rank 0: 1.5 per layer -> 1.5, 3.0. Rank 1: hop (0.5 + 0.25*3)/2 = 0.625, work 0.5 per layer:
+    # layer 1 arrives 2.125, done 2.625; layer 2 arrives 3.0 + 0.625, done 4.125
+    assert m.rank_times([3, 1]) == pytest.approx([3.0, 4.125])
+
+
+def test_rank_times_link_carries_one_layer_at_a_time():
+    m = P.CostModel(lin=1, attn=0, comm_per_token=2, latency=0, head=0, fixed=0, n_layers=2)
+    # hop 3 per layer: layer 1 arrives 1.5 + 3 = 4.5; layer 2 waits for the link, 4.5 + 3 = 7.5
+    assert m.rank_times([3, 1]) == pytest.approx([3.0, 8.0])
+
+
+def test_rank_times_matches_longest_path_closed_form():
+    """No links: t_last = max_j sum_{k>=j} w_k + (L-1) max_{k>=j} w_k (a path through the grid)."""
+    rng = random.Random(1)
+    for _ in range(20):
+        m = P.CostModel(lin=rng.random(), attn=rng.random() / 100, comm_per_token=0, latency=0,
+                        n_layers=rng.randint(1, 40))
+        c = [rng.randint(1, 100) for _ in range(rng.randint(1, 6))]
+        w = [(m.lin * ci + m.attn * ci * Si) / m.n_layers for ci, Si in zip(c, P.prefix_sums(c))]
+        want = max(sum(w[j:]) + (m.n_layers - 1) * max(w[j:]) for j in range(len(c)))
+        assert m.rank_times(c)[-1] == pytest.approx(want)
+
+
+def test_one_rank_is_one_chunk_plus_head():
+    m = P.CostModel(fixed=0.01)
+    assert m.ttft([4096]) == pytest.approx(m.chunk_time(4096, 4096) + m.head)
+
+
+def test_defaults_reproduce_the_h100_reference_points():
+    m = P.CostModel()
+    for C, seconds in [(4096, 0.100), (16384, 0.487), (32768, 1.21)]:
+        assert m.ttft([C]) == pytest.approx(seconds, rel=0.03)
+
+
+def test_ttft_tsp_by_hand():
+    m = P.CostModel(lin=1, attn=1, comm_per_token=1, latency=1, head=1, fixed=0)
+    # compute 3 + 3*9 = 30; gather 6 tokens + 2 ring steps = 8; head 1
+    assert m.ttft_tsp(9, 3) == pytest.approx(39)
+
+
+def test_save_load_round_trip(tmp_path):
+    m = P.CostModel(lin=1.5e-5, attn=3e-10, comm_per_token=2e-6, latency=1e-3, head=2e-3, fixed=4e-3,
+                    n_layers=40)
+    m.save(tmp_path / "cost.json")
+    assert P.CostModel.load(tmp_path / "cost.json") == m
+
+
+POINTS = [(c, prev + c) for c in (256, 1024, 2048) for prev in (0, 2048, 8192)]
+
+
+def test_calibrate_recovers_known_coefficients():
+    true = P.CostModel(lin=3e-5, attn=5e-10, fixed=2e-3)
+    got = P.calibrate(true.chunk_time, POINTS, n_layers=40, head=0.01)
+    assert got.lin == pytest.approx(true.lin, rel=1e-6)
+    assert got.attn == pytest.approx(true.attn, rel=1e-6)
+    assert got.fixed == pytest.approx(true.fixed, rel=1e-6)
+    assert (got.n_layers, got.head) == (40, 0.01)
+
+
+def test_calibrate_keeps_coefficients_non_negative():
+    got = P.calibrate(lambda c, S: 1e-5 * c + 1e-9 * c * S - 1e-3, POINTS)   # negative intercept
+    assert got.fixed == 0 and got.lin > 0 and got.attn > 0
+
+
+def test_calibrate_model_times_each_chunk_after_its_prefix(monkeypatch):
+    torch = pytest.importorskip("torch")
+    calls = []
+
+    class FakeKV:
+        def __init__(self, cfg, batch, capacity, dtype, device):
+            self.capacity, self.n = capacity, 0
+
+        def reset(self):
+            self.n = 0
+
+    class FakeModel:
+        cfg = SimpleNamespace(n_layers=3, vocab_size=50)
+
+        def __call__(self, tokens, kv, start, last_only=False):
+            assert start == kv.n and start + tokens.shape[1] <= kv.capacity
+            kv.n += tokens.shape[1]
+            calls.append((start, tokens.shape[1], kv.capacity))
+
+    monkeypatch.setitem(sys.modules, "kvcache", SimpleNamespace(KVCache=FakeKV))
+    cost = P.calibrate_model(FakeModel(), "cpu", torch.float32, max_len=64, repeats=2, head=0.5)
+    assert (cost.n_layers, cost.head) == (3, 0.5)
+    timed = [(start, T) for start, T, capacity in calls if start + T == capacity]
+    assert sorted(set(timed)) == sorted((prev, c) for c in (8, 16, 32) for prev in (0, 32))
+    assert len(timed) == 6 * (1 + 2)                         # a warm-up, then `repeats` timed
+
+
+# ----------------------------------------------------------------------------- KVR-S: search
+
+@pytest.mark.parametrize("p, target", [
+    (2, None), (3, None), (4, None), (8, None),
+    (4, [100, 101, 16000]),                                   # two boundaries inside one grid cell
+    (3, [1, 16383]),                                          # chunks 1, 16382, 1
+])
+def test_searched_finds_the_optimum_of_a_synthetic_score(p, target):
+    C = 16384
+    target = target or sorted(random.Random(p).sample(range(1, C), p - 1))
+    score = lambda c: sum((S - t) ** 2 for S, t in zip(boundaries(c), target))  # noqa: E731
+    assert boundaries(P.searched(C, p, score)) == target
+
+
+@pytest.mark.parametrize("model", [P.CostModel(), P.CostModel(lin=1e-6, attn=1e-9),
+                                   P.CostModel(comm_per_token=5.2e-5)])
+def test_searched_matches_brute_force_on_two_ranks(model):
+    C = 512
+    best = min(model.ttft([c0, C - c0]) for c0 in range(1, C))
+    assert model.ttft(P.searched(C, 2, model.ttft)) == pytest.approx(best, rel=1e-12)
+
+
+def test_searched_front_loads_when_attention_dominates():
+    m = P.CostModel(lin=1e-6, attn=1e-9, comm_per_token=0, latency=0)
+    for p in (4, 8):
+        c = P.searched(16384, p, m.ttft)
+        assert c == sorted(c, reverse=True) and c[0] > 2 * c[-1]
+        assert m.ttft(c) < 0.75 * m.ttft(P.even(16384, p))
+
+
+def test_searched_beats_even_and_tsp_on_the_default_model():
+    m = P.CostModel()
+    c = P.searched(16384, 8, m.ttft)
+    assert m.ttft(c) < m.ttft(P.even(16384, 8)) < m.ttft_tsp(16384, 8)
+
+
+def test_searched_tiny_prompts_and_history():
+    assert P.searched(3, 3, lambda c: 0.0) == [1, 1, 1]
+    assert P.searched(7, 1, lambda c: 0.0) == [7]
+    with pytest.raises(P.PartitionError, match="3 ranks but only 2"):
+        P.searched(2, 3, lambda c: 0.0)
+    m, history = P.CostModel(), []
+    c = P.searched(1000, 4, m.ttft, history=history)
+    seen = [tuple(h) for h, _ in history]
+    assert len(seen) == len(set(seen)) and all(P.validate(h, 1000, 4) for h in seen)
+    assert min(history, key=lambda h: h[1])[0] == c
+
+
+# ----------------------------------------------------------------------------- KVR-P: table
+
+@pytest.fixture
+def table():
+    t = P.Table()
+    t.add("m", [400, 300, 200, 100])                          # C = 1000: boundaries .4 .7 .9
+    t.add("m", [600, 600, 500, 300])                          # C = 2000: boundaries .3 .6 .85
+    return t
+
+
+def test_predicted_returns_entries_exactly(table):
+    assert P.predicted(1000, 4, table, "m") == [400, 300, 200, 100]
+    assert P.predicted(2000, 4, table, "m") == [600, 600, 500, 300]
+
+
+def test_predicted_interpolates_fractions(table):
+    b = boundaries(P.predicted(1500, 4, table, "m"))
+    for got, f in zip(b, (0.35, 0.65, 0.875)):
+        assert abs(got - f * 1500) <= 1
+    assert P.predicted(500, 4, table, "m") == [200, 150, 100, 50]       # below: nearest's fractions
+    assert P.predicted(4000, 4, table, "m") == [1200, 1200, 1000, 600]  # above
+
+
+def test_predicted_is_always_valid(table):
+    table.add("m", [1, 1, 1, 97])                             # tiny chunks stress the rounding
+    for C in list(range(4, 200)) + [999, 1001, 1999, 2001, 9999]:
+        P.validate(P.predicted(C, 4, table, "m"), C, 4)
+
+
+def test_predicted_needs_an_entry(table):
+    with pytest.raises(P.PartitionError, match="no partition for model 'other' on 4 ranks"):
+        P.predicted(1500, 4, table, "other")
+    with pytest.raises(P.PartitionError, match="no partition for model 'm' on 3 ranks"):
+        P.predicted(1500, 3, table, "m")
+
+
+def test_table_round_trip(table, tmp_path):
+    table.save(tmp_path / "t.json")
+    loaded = P.Table.load(tmp_path / "t.json")
+    assert loaded.get("m", 4, 1000) == [400, 300, 200, 100]
+    assert loaded.contexts("m", 4) == [1000, 2000]
+    assert loaded.entries == table.entries
+
+
+# ----------------------------------------------------------------------------- choosing and the CLI
+
+def test_choose(table, tmp_path):
+    table.save(tmp_path / "t.json")
+    t = str(tmp_path / "t.json")
+    assert P.choose("4,3,2", 9, 3) == [4, 3, 2]
+    assert P.choose("even", 10, 3) == [4, 3, 3]
+    assert P.choose("searched", 1000, 4, "m", table=t) == [400, 300, 200, 100]
+    assert P.choose("predicted", 1500, 4, "m", table=t) == P.predicted(1500, 4, table, "m")
+    m = P.CostModel(lin=1e-6, attn=1e-9)
+    m.save(tmp_path / "cost.json")
+    assert P.choose("searched", 1500, 4, "m", t, str(tmp_path / "cost.json")) == P.searched(1500, 4, m.ttft)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "partition.py"), *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_searched_answers_in_seconds():
+    t0 = time.perf_counter()
+    r = cli("searched", "--C", "16384", "-p", "8")
+    assert time.perf_counter() - t0 < 5
+    assert r.returncode == 0, r.stderr
+    c = P.parse(r.stdout.strip(), 16384, 8)
+    assert c != P.even(16384, 8) and "CostModel() defaults" in r.stderr
+
+
+def test_cli_table_and_errors(table, tmp_path):
+    table.save(tmp_path / "t.json")
+    r = cli("predicted", "--C", "2000", "-p", "4", "--table", str(tmp_path / "t.json"), "--model", "m")
+    assert (r.returncode, r.stdout) == (0, "600,600,500,300\n")
+    r = cli("even", "--C", "2", "-p", "3")
+    assert r.returncode != 0 and "3 ranks but only 2 prompt tokens" in r.stderr

@@ -1,0 +1,101 @@
+"""TSP, the paper's baseline: split the prompt evenly, all-gather every layer's K/V on every rank.
+
+Each rank computes Q/K/V for its C/p tokens; every layer all ranks all-gather K and V (one collective,
+a global synchronisation point), so each holds all C keys; each computes a dense (C/p x C) QK^T and
+masks the future away, wasting the masked part. The rank holding the last token emits the first token.
+
+`--zigzag` is the stronger baseline modern context parallelism uses: 2p chunks, rank r holds chunks
+r and 2p-1-r (early and late tokens: balanced causal work), and attention skips what the mask hides.
+
+    mpirun -n 4 python tsp.py [--zigzag] [same options as runahead.py]
+"""
+import sys
+import time
+
+import torch
+from mpi4py import MPI
+
+from comm import abort_on_error, cli, report, setup
+from kvcache import KVCache
+from model import decode, sync
+from partition import even
+
+
+class GatherKV:
+    """TSP's K/V exchange: all-gather every rank's K/V, put them in position order, attend over all."""
+
+    def __init__(self, transport, counts, order, dense, cache, trace):
+        self.t, self.counts, self.order, self.dense = transport, counts, order, dense
+        self.cache, self.trace = cache, trace
+
+    def update(self, layer, k, v):
+        self.trace.add("compute", layer)
+        kv = self.t.allgather(torch.stack((k, v)), self.counts, dim=3)   # (2, B, n_kv, C, hs)
+        if self.order is not None:                     # zigzag: rank order -> position order
+            kv = kv[:, :, :, self.order]
+        self.trace.add("allgather", layer)
+        if self.cache is not None:                     # the emitting rank keeps the whole cache
+            return self.cache.update(layer, kv[0], kv[1])
+        return kv[0], kv[1]
+
+
+def layout(C, p, zigzag):
+    """Per rank: its spans of positions [(start, length), ...]; and the rank emitting the first token."""
+    if not zigzag:
+        c = even(C, p)
+        return [[(sum(c[:r]), c[r])] for r in range(p)], p - 1
+    if C < 2 * p:
+        raise ValueError(f"--zigzag needs at least 2 tokens per rank: {C} tokens for {p} ranks")
+    c = even(C, 2 * p)
+    start = [sum(c[:j]) for j in range(2 * p)]
+    return [[(start[r], c[r]), (start[2 * p - 1 - r], c[2 * p - 1 - r])] for r in range(p)], 0
+
+
+@torch.no_grad()
+def prefill(job, zigzag, decode_room=0, math_path=False):
+    """This rank's part of TSP. Returns (logits of its last token, cache or None, seconds since barrier)."""
+    C = job.tokens.shape[1]
+    spans, emitter = layout(C, job.size, zigzag)
+    mine = spans[job.rank]
+    positions = torch.cat([torch.arange(a, a + n) for s in spans for a, n in s])   # in rank order
+    order = None if not zigzag else positions.argsort().to(job.device)
+    cache = None
+    if job.rank == emitter:
+        cache = KVCache(job.model.cfg, 1, C + decode_room, job.dtype, job.device)
+    kv = GatherKV(job.transport, [sum(n for _, n in s) for s in spans], order, not zigzag, cache, job.trace)
+    tokens = torch.cat([job.tokens[:, a:a + n] for a, n in mine], dim=1)
+    job.transport.barrier()
+    sync(job.device)
+    job.trace.start()
+    t0 = time.perf_counter()
+    logits = job.model(tokens, kv, mine, last_only=True, math_path=math_path)[0, -1]
+    job.trace.add("compute", "head")
+    if job.rank == emitter:
+        logits.argmax().item()
+    sync(job.device)
+    return logits, cache, time.perf_counter() - t0, emitter
+
+
+def main(argv=None):
+    ap = cli("TSP baseline: sequence-split prefill that all-gathers K/V (run under mpirun)")
+    ap.add_argument("--zigzag", action="store_true", help="load-balanced zigzag split, masked work skipped")
+    args = ap.parse_args(argv)
+    job = setup(args, prepare=lambda job: layout(job.tokens.shape[1], job.size, args.zigzag))
+    comm = MPI.COMM_WORLD
+    with abort_on_error(comm):
+        logits, cache, ttft, emitter = prefill(job, args.zigzag, args.max_new_tokens, args.math)
+        stats = comm.gather(job.transport.stats, root=emitter)
+        if args.trace:
+            job.trace.write(comm, args.trace)
+        if job.rank == emitter:
+            spans = layout(job.tokens.shape[1], job.size, args.zigzag)[0]
+            prompt_kv = [tuple(t.clone() for t in cache.layer(i)) for i in range(job.model.cfg.n_layers)]
+            tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1)[0].tolist()
+            report(job, args, "TSP" + (" (zigzag)" if args.zigzag else ""), emitter,
+                   [sum(n for _, n in s) for s in spans], stats,
+                   ["split: " + " | ".join("+".join(f"[{a},{a + n})" for a, n in s) for s in spans)],
+                   logits, prompt_kv, tokens, ttft)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
