@@ -201,7 +201,7 @@ def setup(args, prepare=None, comm=MPI.COMM_WORLD):
         _setup(job, args, comm)
         if prepare:
             prepare(job)
-    except (ValueError, OSError, RuntimeError) as e:
+    except Exception as e:                             # whatever it is, no rank may be left waiting
         error = str(e).splitlines()[0] if str(e) else type(e).__name__
     errors = comm.allgather(error)
     if any(errors):

@@ -89,8 +89,11 @@ def read_tensors(file):
     except Exception as e:  # weights_only refuses arbitrary pickles without running them
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LoadError(f"{file}: refused to unpickle: not plain tensors ({first})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not isinstance(sd, dict):
         raise LoadError(f"{file}: expected a dict of name -> tensor, got {type(sd).__name__}")
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise LoadError(f"{file}: {k!r} is a {type(v).__name__}, not a tensor")
     return sd
 
 

@@ -362,8 +362,24 @@ def predicted(C, p, table, model):
 # ----------------------------------------------------------------------------- choosing one
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TABLE = os.path.join(HERE, "partitions.json")        # used when present and no other table is given
-COST = os.path.join(HERE, "cost_model.json")         # likewise, a saved calibration
+TABLE = os.path.join(HERE, "partitions.json")        # searched partitions: {model: {p: {C: c}}}
+CALIBRATION = os.path.join(HERE, "calibration.json")  # cost models measured here: {model: CostModel}
+
+
+def load_calibration(model, path=CALIBRATION):
+    """The CostModel calibrated for `model` on this machine, or None."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        entry = json.load(f).get(model)
+    return CostModel(**entry) if entry else None
+
+
+def save_calibration(model, cost, path=CALIBRATION):
+    saved = json.load(open(path)) if os.path.exists(path) else {}
+    saved[model] = asdict(cost)
+    with open(path, "w") as f:
+        json.dump(saved, f, indent=1)
 
 
 def choose(spec, C, p, model="", table=None, cost=None):
@@ -376,7 +392,7 @@ def explain(spec, C, p, model="", table=None, cost=None):
 
     searched and predicted answer in seconds: a table entry for (model, p, C) if there is one;
     for predicted, else an interpolation of the table's entries for (model, p); else a search
-    on the cost model (the calibration file, or CostModel()'s documented defaults).
+    on the cost model: `cost`, else the model's calibration, else CostModel()'s documented defaults.
     """
     if spec not in ("even", "searched", "predicted"):
         return parse(spec, C, p), "given"
@@ -388,11 +404,13 @@ def explain(spec, C, p, model="", table=None, cost=None):
         return list(t.get(model, p, C)), f"table {table}"
     if spec == "predicted" and t.contexts(model, p):
         return predicted(C, p, t, model), f"interpolated from table {table}"
-    cost = cost or (COST if os.path.exists(COST) else None)
-    m = CostModel.load(cost) if cost else CostModel()
-    c = searched(C, p, m.ttft)
-    return c, (f"searched on cost model {cost or 'CostModel() defaults, uncalibrated'}: predicted "
-               f"TTFT {m.ttft(c):.4g} s, even split {m.ttft(even(C, p)):.4g} s, TSP {m.ttft_tsp(C, p):.4g} s")
+    source = "given cost model" if cost else "calibration of " + model
+    cost = cost or load_calibration(model)
+    if cost is None:
+        cost, source = CostModel(), "CostModel() defaults (H100, uncalibrated)"
+    c = searched(C, p, cost.ttft)
+    return c, (f"searched on {source}: predicted TTFT {cost.ttft(c):.4g} s, "
+               f"even split {cost.ttft(even(C, p)):.4g} s, TSP {cost.ttft_tsp(C, p):.4g} s")
 
 
 def main(argv=None):
@@ -403,10 +421,11 @@ def main(argv=None):
     ap.add_argument("-p", type=int, required=True, help="ranks")
     ap.add_argument("--table", help=f"lookup table JSON of searched partitions (default: {TABLE} if present)")
     ap.add_argument("--model", default="", help="model name in the table (runahead.py's job.model_key)")
-    ap.add_argument("--cost", help=f"CostModel JSON from calibration (default: {COST} if present)")
+    ap.add_argument("--cost", help="CostModel JSON (default: --model's entry in calibration.json, "
+                                   "else CostModel() defaults)")
     a = ap.parse_args(argv)
     try:
-        c, source = explain(a.how, a.C, a.p, a.model, a.table, a.cost)
+        c, source = explain(a.how, a.C, a.p, a.model, a.table, a.cost and CostModel.load(a.cost))
     except (OSError, ValueError) as e:
         sys.exit(f"partition.py: {e}")
     print(f"# {source}", file=sys.stderr)

@@ -9,6 +9,8 @@ layers. The last rank ends with the whole prompt's cache, emits the first token,
     mpirun -n 8 python runahead.py                       # built-in model, 2048 synthetic tokens
     mpirun -n 4 python runahead.py --model DIR --prompt "..." --partition searched
 """
+import os
+import statistics
 import sys
 import time
 
@@ -16,7 +18,7 @@ import torch
 from mpi4py import MPI
 
 import partition
-from comm import abort_on_error, cli, report, setup
+from comm import abort_on_error, cli, report, say, setup
 from kvcache import KVCache
 from model import decode, sync
 
@@ -64,14 +66,107 @@ def prefill(job, c, decode_room=0, math_path=False):
     return logits, cache, time.perf_counter() - t0
 
 
+def calibrate(job):
+    """Measure this machine for the cost model: rank 0 times prefill chunks, ranks 0 and 1 the link."""
+    comm, t = job.transport.comm, job.transport
+    cost = partition.calibrate_model(job.model, job.device, job.dtype,
+                                     max_len=min(4096, max(64, job.tokens.shape[1]))) if job.rank == 0 else None
+    t.barrier()                                        # the others wait politely meanwhile
+    if job.size > 1 and job.rank < 2:                  # one layer's K/V of n tokens, there and back
+        cfg, times = job.model.cfg, {}
+        for n in (1, 1024):
+            buf = torch.zeros((2, 1, cfg.n_kv_heads, n, cfg.head_dim), dtype=job.dtype, device=job.device)
+            ack = torch.zeros(1, dtype=job.dtype, device=job.device)
+            best = float("inf")
+            for _ in range(5):
+                t0 = time.perf_counter()
+                if job.rank == 0:
+                    t.isend(buf, 1, tag=n)
+                    t.finish()
+                    t.recv(ack, 1, tag=n)
+                else:
+                    t.recv(buf, 0, tag=n)
+                    t.isend(ack, 0, tag=n)
+                    t.finish()
+                best = min(best, time.perf_counter() - t0)
+            times[n] = best
+        if job.rank == 0:                              # one-way: half the round trip of the small one
+            per_token = max(0.0, (times[1024] - times[1]) / 1023)   # noise can invert it
+            cost.comm_per_token, cost.latency = per_token * cfg.n_layers, times[1] / 2 * cfg.n_layers
+    return cost
+
+
+def pick_partition(job, spec):
+    """Rank 0 picks the partition (calibrating first if it must), every rank gets the same one."""
+    comm, C, p = job.transport.comm, job.tokens.shape[1], job.size
+    if job.rank == 0:
+        table = partition.Table.load(partition.TABLE) if os.path.exists(partition.TABLE) else partition.Table()
+        known = table.get(job.model_key, p, C) or (spec == "predicted" and table.contexts(job.model_key, p))
+        need = spec in ("searched", "predicted") and not known and not partition.load_calibration(job.model_key)
+    if comm.bcast(need if job.rank == 0 else None, root=0):
+        cost = calibrate(job)
+        if job.rank == 0:
+            partition.save_calibration(job.model_key, cost)
+            say(f"calibrated {job.model_key} on first use: saved to {partition.CALIBRATION}")
+    answer = None
+    if job.rank == 0:
+        try:
+            answer = partition.explain(spec, C, p, job.model_key)
+        except ValueError as e:
+            answer = str(e)
+    job.transport.barrier()
+    answer = comm.bcast(answer, root=0)
+    if isinstance(answer, str):
+        raise partition.PartitionError(answer)
+    job.c, job.c_source = answer
+
+
+def live_search(job, args):
+    """KVR-S measured live: rank 0 runs the grid search, and every candidate it scores is a real
+    prefill by all ranks (median TTFT of --repeats). The best goes into the table."""
+    comm, C, p = job.transport.comm, job.tokens.shape[1], job.size
+
+    def measure(c):                                    # every rank runs this for every candidate
+        ts = [prefill(job, c)[2] for _ in range(args.repeats)]
+        job.transport.finish()
+        return comm.bcast(statistics.median(ts), root=p - 1)
+
+    if job.rank == 0:
+        def score(c):
+            comm.bcast(c, root=0)
+            return measure(c)
+        history = []
+        best = partition.searched(C, p, score, args.search_steps, args.search_levels, history)
+        comm.bcast(None, root=0)
+        table = partition.Table.load(partition.TABLE) if os.path.exists(partition.TABLE) else partition.Table()
+        table.add(job.model_key, best)
+        table.save(partition.TABLE)
+        scores = dict((tuple(c), s) for c, s in history)
+        print(f"live search over {len(history)} measured partitions: best {','.join(map(str, best))}, "
+              f"median TTFT {scores[tuple(best)] * 1e3:.2f} ms (even split "
+              f"{scores[tuple(partition.even(C, p))] * 1e3:.2f} ms); saved to {partition.TABLE} "
+              f"under {job.model_key}")
+    else:
+        while (c := comm.bcast(None, root=0)) is not None:
+            measure(c)
+
+
 def main(argv=None):
     ap = cli("KV-Runahead parallel prefill (run under mpirun)")
     ap.add_argument("--partition", default="even",
                     help="even | searched | predicted | c0,c1,... (one chunk per rank, summing to the prompt)")
+    ap.add_argument("--search-live", action="store_true",
+                    help="instead of one run: search the partition by measured TTFT, store it in the table")
+    ap.add_argument("--search-steps", type=int, default=4)
+    ap.add_argument("--search-levels", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per candidate in --search-live")
     args = ap.parse_args(argv)
-    job = setup(args, prepare=lambda job: setattr(
-        job, "c", partition.choose(args.partition, job.tokens.shape[1], job.size, job.model_key)))
+    job = setup(args, prepare=lambda job: pick_partition(job, args.partition))
     comm = MPI.COMM_WORLD
+    if args.search_live:
+        with abort_on_error(comm):
+            live_search(job, args)
+        return
     with abort_on_error(comm):
         logits, cache, ttft = prefill(job, job.c, args.max_new_tokens, args.math)
         job.transport.finish()
@@ -82,7 +177,7 @@ def main(argv=None):
             prompt_kv = [tuple(t.clone() for t in cache.layer(i)) for i in range(job.model.cfg.n_layers)]
             tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1)[0].tolist()
             report(job, args, "KV-Runahead", job.rank, job.c, stats,
-                   [f"partition ({args.partition}): {','.join(map(str, job.c))}"],
+                   [f"partition ({args.partition}): {','.join(map(str, job.c))}  [{job.c_source}]"],
                    logits, prompt_kv, tokens, ttft)
 
 

@@ -196,6 +196,20 @@ def test_searched_and_predicted_partitions_run(tmp_path):
         assert len(c) == 3 and sum(c) == 300 and min(c) >= 1
 
 
+def test_live_search_measures_and_stores(tmp_path):
+    """--search-live scores real prefills, stores the winner, and `searched` then reads it back."""
+    import shutil
+    for f in ("runahead.py", "partition.py", "comm.py", "model.py", "kvcache.py", "load_weights.py"):
+        shutil.copy(os.path.join(ROOT, f), tmp_path)   # its own table and calibration files
+    cmd = [MPIRUN, "-n", "2", sys.executable, "runahead.py", "--threads", "1", "--prompt-len", "64"]
+    r = subprocess.run(cmd + ["--search-live", "--repeats", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    best = re.search(r"best (\d+(?:,\d+)+)", r.stdout).group(1)
+    assert int(re.search(r"over (\d+) measured", r.stdout).group(1)) > 5
+    r = subprocess.run(cmd + ["--partition", "searched"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert f"partition (searched): {best}  [table" in r.stdout, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("n,args,message", [
     (3, ["--partition", "4,3"], "2 chunks for 3 ranks"),
     (3, ["--partition", "4,3,3"], "sums to 10"),

@@ -282,8 +282,16 @@ def test_choose(table, tmp_path):
     assert P.choose("searched", 1000, 4, "m", table=t) == [400, 300, 200, 100]
     assert P.choose("predicted", 1500, 4, "m", table=t) == P.predicted(1500, 4, table, "m")
     m = P.CostModel(lin=1e-6, attn=1e-9)
-    m.save(tmp_path / "cost.json")
-    assert P.choose("searched", 1500, 4, "m", t, str(tmp_path / "cost.json")) == P.searched(1500, 4, m.ttft)
+    assert P.choose("searched", 1500, 4, "m", t, m) == P.searched(1500, 4, m.ttft)
+
+
+def test_calibration_file_is_keyed_by_model(tmp_path):
+    path = str(tmp_path / "cal.json")
+    a, b = P.CostModel(lin=1e-6, attn=1e-9), P.CostModel(lin=2e-6, attn=0.0)
+    P.save_calibration("a", a, path)
+    P.save_calibration("b", b, path)
+    assert P.load_calibration("a", path) == a and P.load_calibration("b", path) == b
+    assert P.load_calibration("c", path) is None
 
 
 def cli(*args):

@@ -1,0 +1,122 @@
+"""Shared by the model, loader and tokenizer tests: tiny random HF models and their checkpoints.
+
+Every tiny model is built the way a user would build one (`LlamaForCausalLM(LlamaConfig(...))`)
+under torch.manual_seed(0), so the same variant name always gives the same weights, whichever
+attention implementation is asked for. HF initialises norms to 1 and biases to 0; both are
+randomised here so that a norm weight or a bias read into the wrong place changes the output.
+initializer_range 0.1 (HF: 0.02) gives logits of ~4 whose greedy continuations vary; at 0.02
+several variants repeat one token forever, which would make the generation test toothless.
+"""
+import json
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(1)  # results below are compared bit for bit; keep the reduction order fixed
+warnings.filterwarnings("ignore")
+
+from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.utils import logging  # noqa: E402
+
+logging.set_verbosity_error()
+
+B, T = 2, 24  # batch and prompt length of every model test
+
+_LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+              initializer_range=0.1)
+_FALCON = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=8, initializer_range=0.1)
+
+# name -> (family, config kwargs)
+VARIANTS = {
+    "llama_gqa": ("llama", _LLAMA),
+    "llama_mqa": ("llama", dict(_LLAMA, num_key_value_heads=1)),
+    "llama_mha": ("llama", dict(_LLAMA, num_key_value_heads=8)),
+    "llama_linear": ("llama", dict(_LLAMA, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                            "rope_theta": 10000.0})),
+    # T=24 <= max_pos 64: dynamic NTK leaves the base alone, so it must equal the default RoPE path
+    "llama_dynamic": ("llama", dict(_LLAMA, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                             "rope_theta": 10000.0})),
+    # T=24 > max_pos 16: the base is stretched for this prompt length
+    "llama_dynamic_long": ("llama", dict(_LLAMA, max_position_embeddings=16,
+                                         rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                          "rope_theta": 10000.0})),
+    # hd 8 gives wavelengths 6.3, 63, 628, 6283: with L0=64 one is high-freq (kept), one
+    # medium (smoothed) and two low-freq (divided by factor), so all three branches run
+    "llama_llama3": ("llama", dict(_LLAMA, max_position_embeddings=512, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64, "rope_theta": 10000.0})),
+    "llama_tied": ("llama", dict(_LLAMA, tie_word_embeddings=True)),
+    "llama_bias": ("llama", dict(_LLAMA, attention_bias=True, mlp_bias=True)),
+    "llama_head_dim": ("llama", dict(_LLAMA, head_dim=16)),  # nh*hd = 128 != hidden 64
+    "falcon_7b": ("falcon", dict(_FALCON, multi_query=True, parallel_attn=True)),
+    "falcon_40b": ("falcon", dict(_FALCON, new_decoder_architecture=True, num_kv_heads=2)),
+    "falcon_11b": ("falcon", dict(_FALCON, new_decoder_architecture=True, num_kv_heads=2,
+                                  num_ln_in_parallel_attn=1)),
+    # 24 heads: slopes 2^(-k/2) plus 8 extra ones (the non-power-of-2 branch); with 8 heads every
+    # slope is a power of 2 and HF's bf16 rounding of slope * position would go untested
+    "falcon_rw": ("falcon", dict(_FALCON, hidden_size=96, num_attention_heads=24, alibi=True, bias=True,
+                                 multi_query=False, parallel_attn=False)),
+}
+
+
+def build_hf(name, dtype=torch.float32, attn="sdpa"):
+    """A fresh seeded HF model of variant `name` (fresh matters: HF's dynamic RoPE keeps state)."""
+    family, kw = VARIANTS[name]
+    Config, Model = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (FalconConfig, FalconForCausalLM)
+    torch.manual_seed(0)
+    model = Model(Config(**kw, attn_implementation=attn))
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape))
+            elif p.dim() == 1:  # norm weights
+                p.copy_(1 + 0.2 * torch.randn(p.shape))
+    return model.to(dtype).eval()
+
+
+def tokens(seed=1, batch=B, length=T):
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def save_bin_shards(src, dst, n_shards=3):
+    """Rewrite the safetensors checkpoint in `src` as torch.save shards + pytorch_model.bin.index.json
+    in `dst` (save_pretrained in transformers 5.24 always writes safetensors)."""
+    from safetensors.torch import load_file
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    names = sorted(sd)
+    weight_map = {}
+    for i in range(n_shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin"
+        part = {k: sd[k] for k in names[i::n_shards]}
+        torch.save(part, os.path.join(dst, file))
+        weight_map.update({k: file for k in part})
+    with open(os.path.join(dst, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
+        g.write(f.read())
+
+
+FORMATS = ("safetensors", "sharded_safetensors", "bin_shards")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(variant, fmt) -> directory holding build_hf(variant) saved in format `fmt`."""
+    made = {}
+
+    def get(name, fmt="safetensors"):
+        if (name, fmt) not in made:
+            d = tmp_path_factory.mktemp(f"{name}-{fmt}")
+            if fmt == "bin_shards":
+                save_bin_shards(get(name, "safetensors"), d)
+            else:
+                build_hf(name).save_pretrained(d, max_shard_size="20KB" if fmt.startswith("sharded") else "5GB")
+            made[name, fmt] = str(d)
+        return made[name, fmt]
+
+    return get
