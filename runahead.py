@@ -175,9 +175,12 @@ def main(argv=None):
             job.trace.write(comm, args.trace)
         if job.rank == job.size - 1:
             prompt_kv = [tuple(t.clone() for t in cache.layer(i)) for i in range(job.model.cfg.n_layers)]
+            t0 = time.perf_counter()
             tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1)[0].tolist()
+            tpot = (time.perf_counter() - t0) / max(1, len(tokens) - 1)
             report(job, args, "KV-Runahead", job.rank, job.c, stats,
-                   [f"partition ({args.partition}): {','.join(map(str, job.c))}  [{job.c_source}]"],
+                   [f"partition ({args.partition}): {','.join(map(str, job.c))}  [{job.c_source}]",
+                    f"decode: {tpot * 1e3:.2f} ms per output token after the first"],
                    logits, prompt_kv, tokens, ttft)
 
 

@@ -90,10 +90,13 @@ def main(argv=None):
         if job.rank == emitter:
             spans = layout(job.tokens.shape[1], job.size, args.zigzag)[0]
             prompt_kv = [tuple(t.clone() for t in cache.layer(i)) for i in range(job.model.cfg.n_layers)]
+            t0 = time.perf_counter()
             tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1)[0].tolist()
+            tpot = (time.perf_counter() - t0) / max(1, len(tokens) - 1)
             report(job, args, "TSP" + (" (zigzag)" if args.zigzag else ""), emitter,
                    [sum(n for _, n in s) for s in spans], stats,
-                   ["split: " + " | ".join("+".join(f"[{a},{a + n})" for a, n in s) for s in spans)],
+                   ["split: " + " | ".join("+".join(f"[{a},{a + n})" for a, n in s) for s in spans),
+                    f"decode: {tpot * 1e3:.2f} ms per output token after the first"],
                    logits, prompt_kv, tokens, ttft)
 
 
