@@ -279,18 +279,22 @@ def abort_on_error(comm=MPI.COMM_WORLD):
         comm.Abort(1)
 
 
-def report(job, args, title, emitter, partition, stats, lines, logits, kv_layers, generated, ttft):
-    """The rank that emitted the first token prints the result and, with --save, writes it."""
+def report(job, args, title, emitter, partition, stats, lines, logits, cache, ttft):
+    """On the rank that holds the whole cache: decode on from it, print the result, --save it."""
+    from model import decode
     C = job.tokens.shape[1]
+    prompt_kv = [tuple(t.clone().cpu() for t in cache.layer(i)) for i in range(job.model.cfg.n_layers)]
+    t0 = time.perf_counter()
+    tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1)[0].tolist()
+    tpot = (time.perf_counter() - t0) / max(1, len(tokens) - 1)
     cores = len(os.sched_getaffinity(0))
     print(f"{title}: {job.size} ranks, {job.name}, {C} prompt tokens, {args.dtype} on {job.device}")
-    for line in lines:
+    for line in lines + [f"decode: {tpot * 1e3:.2f} ms per output token after the first"]:
         print(line)
     print(f"transport: {job.transport.path}; waits: "
           + (f"polite ({job.local_size} ranks on {cores} cores)" if job.polite else "blocking"))
     print(f"TTFT: {ttft * 1e3:.2f} ms (rank {emitter}, barrier to first token id)")
-    print(f"tokens: {generated}", flush=True)
+    print(f"tokens: {tokens}", flush=True)
     if args.save:
-        torch.save(dict(logits=logits.cpu(), past_key_values=[(k.cpu(), v.cpu()) for k, v in kv_layers],
-                        partition=partition, ttft_s=ttft, first_token=generated[0],
-                        generated_ids=generated, messages=stats), args.save)
+        torch.save(dict(logits=logits.cpu(), past_key_values=prompt_kv, partition=partition, ttft_s=ttft,
+                        first_token=tokens[0], generated_ids=tokens, messages=stats), args.save)

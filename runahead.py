@@ -20,7 +20,7 @@ from mpi4py import MPI
 import partition
 from comm import abort_on_error, cli, report, say, setup
 from kvcache import KVCache
-from model import decode, sync
+from model import sync
 
 
 class ChainKV:
@@ -68,7 +68,7 @@ def prefill(job, c, decode_room=0, math_path=False):
 
 def calibrate(job):
     """Measure this machine for the cost model: rank 0 times prefill chunks, ranks 0 and 1 the link."""
-    comm, t = job.transport.comm, job.transport
+    t = job.transport
     cost = partition.calibrate_model(job.model, job.device, job.dtype,
                                      max_len=min(4096, max(64, job.tokens.shape[1]))) if job.rank == 0 else None
     t.barrier()                                        # the others wait politely meanwhile
@@ -174,14 +174,9 @@ def main(argv=None):
         if args.trace:
             job.trace.write(comm, args.trace)
         if job.rank == job.size - 1:
-            prompt_kv = [tuple(t.clone() for t in cache.layer(i)) for i in range(job.model.cfg.n_layers)]
-            t0 = time.perf_counter()
-            tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1)[0].tolist()
-            tpot = (time.perf_counter() - t0) / max(1, len(tokens) - 1)
             report(job, args, "KV-Runahead", job.rank, job.c, stats,
-                   [f"partition ({args.partition}): {','.join(map(str, job.c))}  [{job.c_source}]",
-                    f"decode: {tpot * 1e3:.2f} ms per output token after the first"],
-                   logits, prompt_kv, tokens, ttft)
+                   [f"partition ({args.partition}): {','.join(map(str, job.c))}  [{job.c_source}]"],
+                   logits, cache, ttft)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 from comm import abort_on_error, cli, report, setup
 from kvcache import KVCache
-from model import decode, sync
+from model import sync
 from partition import even
 
 
@@ -53,7 +53,7 @@ def layout(C, p, zigzag):
 
 @torch.no_grad()
 def prefill(job, zigzag, decode_room=0, math_path=False):
-    """This rank's part of TSP. Returns (logits of its last token, cache or None, seconds since barrier)."""
+    """This rank's part of TSP. Returns (logits of its last token, cache or None, seconds, emitting rank)."""
     C = job.tokens.shape[1]
     spans, emitter = layout(C, job.size, zigzag)
     mine = spans[job.rank]
@@ -89,15 +89,10 @@ def main(argv=None):
             job.trace.write(comm, args.trace)
         if job.rank == emitter:
             spans = layout(job.tokens.shape[1], job.size, args.zigzag)[0]
-            prompt_kv = [tuple(t.clone() for t in cache.layer(i)) for i in range(job.model.cfg.n_layers)]
-            t0 = time.perf_counter()
-            tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1)[0].tolist()
-            tpot = (time.perf_counter() - t0) / max(1, len(tokens) - 1)
             report(job, args, "TSP" + (" (zigzag)" if args.zigzag else ""), emitter,
                    [sum(n for _, n in s) for s in spans], stats,
-                   ["split: " + " | ".join("+".join(f"[{a},{a + n})" for a, n in s) for s in spans),
-                    f"decode: {tpot * 1e3:.2f} ms per output token after the first"],
-                   logits, prompt_kv, tokens, ttft)
+                   ["split: " + " | ".join("+".join(f"[{a},{a + n})" for a, n in s) for s in spans)],
+                   logits, cache, ttft)
 
 
 if __name__ == "__main__":
