@@ -166,3 +166,17 @@ def test_kvcache_len_overflow_reset():
     assert len(cache) == 0 and cache.layer(0)[0].shape[2] == 0
     k, _ = cache.update(0, *kv(4, 7))
     assert torch.equal(k, torch.full((1, 2, 4, 8), 7.0))
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "falcon_7b", "falcon_40b", "falcon_rw"])
+def test_fuse_compiles_pre_and_post_without_changing_results(checkpoint, name):
+    """Transformer.fuse puts every layer's `pre` and `post` through torch.compile. With dynamo's
+    'eager' backend (capture, no code generation: no C++ compiler needed) the graphs must run the
+    same ops, so a chunked prefill is torch.equal to the unfused model's; inductor's fused kernels
+    are checked on the GPU (BENCHMARKS.md)."""
+    logits, cache = run_chunks(load_model(checkpoint(name)), torch.float32, (9, 1, 14))
+    model = load_model(checkpoint(name)).fuse(backend="eager")
+    assert all(type(b.pre).__name__ != "method" for b in model.layers)
+    fused_logits, fused_cache = run_chunks(model, torch.float32, (9, 1, 14))
+    assert torch.equal(logits, fused_logits)
+    assert all(torch.equal(a, b) for a, b in zip(cache.kv, fused_cache.kv))
