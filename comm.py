@@ -177,6 +177,8 @@ def cli(description):
     ap.add_argument("--max-new-tokens", type=int, default=8, help="tokens to generate, the first included")
     ap.add_argument("--threads", type=int, help="torch threads per rank (default: cores / ranks here)")
     ap.add_argument("--math", action="store_true", help="the readable masked-softmax attention path")
+    ap.add_argument("--fuse", action="store_true",
+                    help="compile each layer's elementwise work (torch.compile; for GPUs, slow to start)")
     ap.add_argument("--trace", help="write a per-rank timeline (Chrome trace JSON) to this file")
     ap.add_argument("--save", help="torch.save logits, KV cache, partition, TTFT and tokens here")
     return ap
@@ -237,6 +239,8 @@ def _setup(job, args, comm):
     else:
         job.name = args.model
         job.model = load_model(args.model, job.dtype, job.device)
+    if args.fuse:
+        job.model.fuse()
     cfg = job.model.cfg
     job.model_key = (f"{cfg.arch}-d{cfg.dim}-L{cfg.n_layers}-h{cfg.n_heads}-kv{cfg.n_kv_heads}"
                      f"-{args.dtype}-{job.device.type}")

@@ -379,13 +379,15 @@ class Transformer(nn.Module):
             block.post = torch.compile(block.post, backend=backend)
         return self
 
-    def forward(self, tokens, kv, start=0, last_only=False, math_path=False):
+    def forward(self, tokens, kv, start=0, last_only=False, math_path=False, rope_len=None):
         """Logits (B, T, V) for tokens (B, T) at global positions start..start+T-1.
 
         The same call prefills a whole prompt (start=0), a chunk that continues a prefix (start = the
         prefix length), or decodes one token; `kv` decides where the K/V of other positions come from.
         `start` may also be a list of (start, length) spans, one contiguous run of positions each:
-        zigzag TSP gives a rank two runs.
+        zigzag TSP gives a rank two runs. `rope_len` is the length dynamic-NTK RoPE stretches its base
+        for (default: this call's last position + 1): a parallel prefill passes the whole prompt's,
+        so that every rank rotates its chunk as one process prefilling the whole prompt would.
         """
         T = tokens.shape[1]
         spans = [(start, T)] if isinstance(start, int) else start
@@ -393,7 +395,7 @@ class Transformer(nn.Module):
         cos_sin = None
         if self.cfg.rope is not None:
             pos = torch.cat([torch.arange(a, a + n, device=tokens.device) for a, n in spans])
-            cos_sin = rope(pos, rope_inv_freq(self.cfg, max(a + n for a, n in spans)), x.dtype)
+            cos_sin = rope(pos, rope_inv_freq(self.cfg, rope_len or max(a + n for a, n in spans)), x.dtype)
         for block in self.layers:
             x = block(x, kv, spans, cos_sin, math_path)
         if last_only:

@@ -58,7 +58,8 @@ def prefill(job, c, decode_room=0, math_path=False):
     sync(job.device)
     job.trace.start()
     t0 = time.perf_counter()
-    logits = job.model(job.tokens[:, S_prev:S_i], kv, S_prev, last_only=True, math_path=math_path)[0, -1]
+    logits = job.model(job.tokens[:, S_prev:S_i], kv, S_prev, last_only=True, math_path=math_path,
+                       rope_len=job.tokens.shape[1])[0, -1]
     job.trace.add("compute", "head")
     if last:
         logits.argmax().item()                         # the first token id, known on the host

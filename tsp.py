@@ -68,7 +68,7 @@ def prefill(job, zigzag, decode_room=0, math_path=False):
     sync(job.device)
     job.trace.start()
     t0 = time.perf_counter()
-    logits = job.model(tokens, kv, mine, last_only=True, math_path=math_path)[0, -1]
+    logits = job.model(tokens, kv, mine, last_only=True, math_path=math_path, rope_len=C)[0, -1]
     job.trace.add("compute", "head")
     if job.rank == emitter:
         logits.argmax().item()

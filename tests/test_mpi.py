@@ -47,10 +47,12 @@ def run_saved(tmp_path, n, script, *args):
 def hf_model(kind, dtype):
     from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
-    if kind == "llama_gqa":
+    if kind.startswith("llama"):                       # llama_dynamic: the 23-token prompt > max_pos 16
+        rope = dict(max_position_embeddings=16, rope_parameters={
+            "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}) if kind == "llama_dynamic" else {}
         m = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160,
                                          num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                                         max_position_embeddings=256))
+                                         **{"max_position_embeddings": 256, **rope}))
     else:
         extra = (dict(multi_query=True, parallel_attn=True) if kind == "falcon7b"
                  else dict(new_decoder_architecture=True, num_kv_heads=2))
@@ -66,7 +68,7 @@ def hf_model(kind, dtype):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     dirs = {}
-    for kind in ("llama_gqa", "falcon7b", "falcon40b"):
+    for kind in ("llama_gqa", "falcon7b", "falcon40b", "llama_dynamic"):
         d = tmp_path_factory.mktemp(kind)
         hf_model(kind, torch.float32).save_pretrained(d)
         dirs[kind] = str(d)
@@ -145,6 +147,20 @@ def test_matches_hf(tmp_path, checkpoints, arch, dtype, tol, program, n, extra):
         torch.testing.assert_close(k.repeat_interleave(g, 1), hk, atol=tol, rtol=0)
         torch.testing.assert_close(v.repeat_interleave(g, 1), hv, atol=tol, rtol=0)
     assert d["generated_ids"] == gen
+
+
+@pytest.mark.parametrize("program,extra", [("runahead.py", ["--partition", "5,11,7"]), ("tsp.py", []),
+                                           ("tsp.py", ["--zigzag"])])
+def test_dynamic_rope_stretched_for_the_whole_prompt(tmp_path, checkpoints, program, extra):
+    """Dynamic NTK RoPE stretches its base for the prompt's length (23 > max_pos 16). Every rank must
+    use the whole prompt's base, not its own last position's, to give HF's one-shot prefill (fp64)."""
+    d, _ = run_saved(tmp_path, 3, program, "--model", checkpoints["llama_dynamic"], "--prompt-ids", IDS,
+                     "--dtype", "float64")
+    logits, kv, _ = hf_prefill(checkpoints["llama_dynamic"], "llama", torch.float64, 1)
+    torch.testing.assert_close(d["logits"], logits, atol=1e-10, rtol=0)
+    for (k, v), (hk, hv) in zip(d["past_key_values"], kv):
+        torch.testing.assert_close(k, hk, atol=1e-10, rtol=0)
+        torch.testing.assert_close(v, hv, atol=1e-10, rtol=0)
 
 
 # ---------------------------------------------------------------- message accounting
