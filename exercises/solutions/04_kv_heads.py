@@ -1,0 +1,35 @@
+"""Exercise 4: send only the KV heads. Check with: python exercises/check.py 4"""
+
+
+class ChainKV:
+    """KV-Runahead's K/V exchange, runahead.ChainKV without the trace: receive the K/V of the prefix
+    from the left rank, append this rank's own, send everything on to the right rank.
+
+    Only the n_kv_heads heads the cache holds travel: query heads that share a KV head share it on
+    the receiving rank too (attention broadcasts it), so the copies would carry no information.
+    """
+
+    dense = False                                      # attention may skip keys no query can see
+
+    def __init__(self, cache, transport, prefix, cfg):
+        self.cache, self.t, self.prefix = cache, transport, prefix
+        self.last = transport.rank == transport.size - 1
+        B = cache.kv[0].shape[1]
+        self.inbox = cache.kv[0].new_empty((2, B, cfg.n_kv_heads, prefix, cfg.head_dim))  # K, V of [0, S_{i-1})
+
+    def update(self, layer, k, v):
+        if self.prefix:                                # wait for the left neighbour's layer
+            self.t.recv(self.inbox, self.t.rank - 1, tag=layer)
+            self.cache.update(layer, self.inbox[0], self.inbox[1])
+        k_all, v_all = self.cache.update(layer, k, v)  # (B, n_kv, S_i, hs)
+        if not self.last:                              # the cache holds exactly S_i tokens: send it all
+            self.t.isend(self.cache.kv[layer], self.t.rank + 1, tag=layer)
+        return k_all, v_all
+
+
+def link_bytes(n_kv_heads, head_dim, n_layers, S, bytes_per_value=2):
+    """Bytes a rank whose cache holds S tokens sends to the next rank in one prefill, all layers.
+
+    Llama-2-7B (32 KV heads of 128, 32 layers), S = 4096, fp16: 2 GiB.
+    """
+    return 2 * n_kv_heads * head_dim * S * n_layers * bytes_per_value   # K and V
