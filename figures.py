@@ -1,0 +1,474 @@
+"""The README's pictures, drawn with matplotlib; `python figures.py` redraws every PNG in figures/.
+
+    python figures.py                 all of them (2 to 3 minutes on 2 cores)
+    python figures.py attention       figures/attention_map.png: which QK^T cells each rank computes
+    python figures.py timeline        figures/timeline.png: per-rank spans of real 3-rank runs (--trace)
+    python figures.py ttft            figures/ttft.png, figures/speedup.png: TTFT vs context, measured here
+    python figures.py example         the paper's worked example (C = 9, p = 3, 4,3,2), printed
+
+bench.py draws its own measurements with plot_timeline, plot_ttft and plot_speedup.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
+
+import partition  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIGURES = os.path.join(HERE, "figures")
+_sibling = os.path.join(os.path.dirname(sys.executable), "mpirun")
+MPIRUN = _sibling if os.path.exists(_sibling) else "mpirun"
+RANK_COLORS = plt.get_cmap("tab10").colors
+DPI = 120
+
+
+def _fmt(c):
+    return ",".join(map(str, c))
+
+
+def _rel(path):
+    return os.path.relpath(path, HERE) if path.startswith(HERE) else path
+
+
+# ----------------------------------------------------------------------------- which cells are computed
+
+def tsp_spans(C, p, zigzag):
+    """TSP's positions per rank, [(start, length), ...] each, as tsp.py lays them out."""
+    from tsp import layout                             # imports mpi4py; only needed here
+    return layout(C, p, zigzag)[0]
+
+
+def kvr_spans(c):
+    """KV-Runahead's positions per rank: one contiguous chunk each."""
+    S = partition.prefix_sums(c)
+    return [[(S[i] - c[i], c[i])] for i in range(len(c))]
+
+
+def attention_cells(spans, C, dense):
+    """owner[i, j]: the rank that computes query i against key j, or -1 if no rank does.
+
+    The same rule as model.attend: a run of n queries starting at position a scores the keys
+    0..a+n-1 (and masks the future ones inside that block), unless `dense`, in which case it scores
+    all C keys and masks every future one (the paper's TSP).
+    """
+    owner = np.full((C, C), -1)
+    for r, runs in enumerate(spans):
+        for a, n in runs:
+            owner[a:a + n, :C if dense else a + n] = r
+    return owner
+
+
+def cells_per_rank(owner, p):
+    return [int((owner == r).sum()) for r in range(p)]
+
+
+def _panels(C, p, c):
+    """(title, owner map) for TSP, zigzag TSP, KVR-E and KV-Runahead with partition c."""
+    kvr = attention_cells(kvr_spans(c), C, dense=False)
+    if cells_per_rank(kvr, p) != partition.dot_products(c):     # the picture counts what partition.py counts
+        raise AssertionError(f"cells {cells_per_rank(kvr, p)} != partition.dot_products {partition.dot_products(c)}")
+    zz = tsp_spans(C, p, zigzag=True)
+    return [
+        (f"TSP, even split {_fmt(partition.even(C, p))}, dense", attention_cells(tsp_spans(C, p, False), C, True)),
+        ("TSP zigzag, chunks " + ",".join("+".join(str(n) for _, n in s) for s in zz), attention_cells(zz, C, False)),
+        (f"KV-Runahead, even split {_fmt(partition.even(C, p))}",
+         attention_cells(kvr_spans(partition.even(C, p)), C, False)),
+        (f"KV-Runahead, partition {_fmt(c)}", kvr),
+    ]
+
+
+def example(C, p, c):
+    """Print the paper's worked example: dot products per rank and K/V entries moved."""
+    print(f"C = {C} prompt tokens, p = {p} ranks; KV-Runahead's chunks end at S = {_fmt(partition.prefix_sums(c))}")
+    print("QK^T dot products per rank (cells computed, masked ones included):")
+    for title, owner in _panels(C, p, c):
+        n = cells_per_rank(owner, p)
+        print(f"  {title:<42} {' '.join(f'{x:3d}' for x in n)}   busiest {max(n):3d}   total {sum(n):3d}")
+    print(f"  {'causally needed (key <= query)':<42} {'':{4 * p - 1}}                 total {C * (C + 1) // 2:3d}")
+    zz = [sum(n for _, n in s) for s in tsp_spans(C, p, zigzag=True)]
+    print("K/V token entries moved per layer (a K and a V per token):")
+    for label, n in [("TSP all-gather (tsp_kv_tokens)", partition.tsp_kv_tokens(C, p)),
+                     ("TSP zigzag all-gather", 2 * sum(C - n for n in zz)),
+                     (f"KV-Runahead chain {_fmt(c)} (chain_kv_tokens)", partition.chain_kv_tokens(c))]:
+        print(f"  {label:<42} {n:3d}")
+
+
+def draw_attention(C, p, c, out_png):
+    """Four C x C maps side by side; cells coloured by the rank computing them."""
+    panels = _panels(C, p, c)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 4.3))
+    for ax, (title, owner) in zip(axes, panels):
+        for i in range(C):
+            for j in range(C):
+                r = owner[i, j]
+                if r >= 0 and j <= i:
+                    ax.add_patch(Rectangle((j, i), 1, 1, facecolor=RANK_COLORS[r], lw=0))
+                elif r >= 0:
+                    ax.add_patch(Rectangle((j, i), 1, 1, facecolor=_pale(RANK_COLORS[r]), edgecolor=RANK_COLORS[r],
+                                           hatch="////", lw=0))
+        ax.hlines(range(C + 1), 0, C, color="#dddddd", lw=0.6)
+        ax.vlines(range(C + 1), 0, C, color="#dddddd", lw=0.6)
+        n = cells_per_rank(owner, p)
+        ax.set_title(f"{title}\ndot products per rank: {' / '.join(map(str, n))}", fontsize=9)
+        ax.set_xlim(0, C)
+        ax.set_ylim(C, 0)
+        ax.set_aspect("equal")
+        ax.set_xticks(np.arange(C) + 0.5, [str(j) for j in range(C)], fontsize=7)
+        ax.set_yticks(np.arange(C) + 0.5, [str(i) for i in range(C)], fontsize=7)
+        ax.tick_params(length=0)
+        ax.set_xlabel("key position", fontsize=8)
+    axes[0].set_ylabel("query position", fontsize=8)
+    handles = [Patch(facecolor=RANK_COLORS[r], label=f"rank {r}") for r in range(p)]
+    handles += [Patch(facecolor="#777777", label="computed, needed (key <= query)"),
+                Patch(facecolor=_pale("#777777"), hatch="////", edgecolor="#777777", lw=0,
+                      label="computed, then masked: wasted"),
+                Patch(facecolor="white", edgecolor="#bbbbbb", label="never computed")]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(f"QK^T of a {C}-token prompt on {p} ranks: who computes which query x key cell", fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    _save(fig, out_png)
+
+
+def _pale(color, amount=0.75):
+    """color mixed with white."""
+    return tuple(1 - (1 - x) * (1 - amount) for x in matplotlib.colors.to_rgb(color))
+
+
+# ----------------------------------------------------------------------------- timelines
+
+SPAN_COLORS = {"compute": "#4c72b0", "recv": "#dd8452", "send": "#55a868", "allgather": "#c44e52"}
+SPAN_MEANING = {"compute": "compute: Ln = layer n's attention and MLP, then the next QKV",
+                "recv": "recv: waiting for the left rank's K/V",
+                "send": "send (asynchronous: start only)",
+                "allgather": "allgather: waiting for every rank's K/V"}
+
+
+def read_trace(path):
+    """{rank: [(name, layer, start_ms, duration_ms), ...]} from a --trace file (comm.Trace)."""
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    spans = defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X":
+            spans[e["tid"]].append((e["name"], e.get("args", {}).get("layer"), e["ts"] / 1e3, e["dur"] / 1e3))
+    return dict(spans)
+
+
+def _compute_label(layer, trace):
+    """A compute span ends where layer `layer` exchanges K/V, so it holds mostly the attention and
+    MLP of the layer before (and that layer's QKV): label it with that layer. 'head': the last layer
+    and the LM head."""
+    if layer == "head":
+        last = max(l for spans in trace.values() for _, l, _, _ in spans if isinstance(l, int))
+        return f"L{last}+head"
+    return f"L{layer - 1}" if layer else ""
+
+
+def plot_timeline(trace_paths, titles, out_png):
+    """One panel per Chrome-trace file (runahead.py/tsp.py --trace), one row per rank, a shared time axis.
+
+    Spans are coloured by name: compute, recv, send, allgather (comm.Trace). A compute span runs
+    from one K/V exchange to the next, so the one before layer l's exchange holds layer l-1's
+    attention and MLP: wide ones are labelled that way (L0, L1, ..., last: L{n-1}+head). Each
+    panel's title gets the time each rank's last span ends.
+    """
+    traces = [read_trace(p) for p in trace_paths]
+    ranks = max(len(t) for t in traces)
+    fig, axes = plt.subplots(len(traces), 1, figsize=(11, 0.9 + (0.55 * ranks + 0.6) * len(traces)),
+                             sharex=True, squeeze=False)
+    end_all = max(s + d for t in traces for spans in t.values() for _, _, s, d in spans)
+    seen = set()
+    for ax, trace, title in zip(axes[:, 0], traces, titles):
+        end = max(s + d for spans in trace.values() for _, _, s, d in spans)
+        for rank, spans in sorted(trace.items()):
+            for name, layer, start, dur in spans:
+                color = SPAN_COLORS.get(name, "#999999")
+                ax.broken_barh([(start, dur)], (rank - 0.4, 0.8), facecolors=color, edgecolor="white", lw=0.3)
+                seen.add(name)
+                if name == "compute" and dur > 0.035 * end_all:
+                    ax.text(start + dur / 2, rank, _compute_label(layer, trace),
+                            ha="center", va="center", fontsize=7, color="white")
+        ax.set_yticks(range(ranks), [f"rank {r}" for r in range(ranks)], fontsize=8)
+        ax.set_ylim(ranks - 0.5, -0.5)
+        ends = [max(s + d for _, _, s, d in spans) for _, spans in sorted(trace.items())]
+        ax.set_title(f"{title}: ranks finish at {' / '.join(f'{e:.0f}' for e in ends)} ms", fontsize=9, loc="left")
+        ax.axvline(end, color="black", lw=0.8, ls=":")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1, 0].set_xlabel("ms since the barrier")
+    handles = [Patch(facecolor=SPAN_COLORS[n], label=SPAN_MEANING[n]) for n in SPAN_COLORS if n in seen]
+    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, (0.25 + 0.22 * ((len(handles) + 1) // 2)) / fig.get_figheight(), 1, 1))
+    _save(fig, out_png)
+
+
+def run_program(n, script, args, timeout=600):
+    """`mpirun -n n python script args` from the repository root; its stdout, or an error."""
+    cmd = [MPIRUN, "-n", str(n), sys.executable, os.path.join(HERE, script), *args]
+    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+    return r.stdout
+
+
+def ttft_ms(stdout):
+    return float(re.search(r"^TTFT: ([\d.]+) ms", stdout, re.M).group(1))
+
+
+def draw_timeline(p, C, partitions, out_png, threads=1):
+    """Run TSP, then KV-Runahead once per partition spec, each with --trace; draw them stacked."""
+    cores = len(os.sched_getaffinity(0))
+    common = ["--prompt-len", str(C), "--threads", str(threads), "--max-new-tokens", "1"]
+    paths, titles, ttfts = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, spec in enumerate([None] + partitions):
+            paths.append(os.path.join(tmp, f"{i}.json"))
+            if spec is None:
+                out = run_program(p, "tsp.py", common + ["--trace", paths[-1]])
+                titles.append(f"TSP, even split ({p} ranks on {cores} cores, {threads} thread each, "
+                              f"built-in model, {C} tokens)")
+            else:
+                out = run_program(p, "runahead.py", common + ["--partition", spec, "--trace", paths[-1]])
+                c = re.search(r"^partition \([^)]*\): ([\d,]+)", out, re.M).group(1)
+                titles.append(f"KV-Runahead, partition {c}")
+            ttfts.append(f"{titles[-1].split(' (')[0]}: TTFT {ttft_ms(out):.0f} ms")
+        plot_timeline(paths, titles, out_png)
+    for line in ttfts:
+        print(line)
+
+
+# ----------------------------------------------------------------------------- TTFT vs context
+
+VARIANTS = ["one process", "TSP", "TSP-zigzag", "KVR-E", "KVR-S", "KVR-P", "ideal"]
+VARIANT_COLORS = {"one process": "#7f7f7f", "TSP": "#c44e52", "TSP-zigzag": "#8172b3", "KVR-E": "#55a868",
+                  "KVR-S": "#4c72b0", "KVR-P": "#64b5cd", "ideal": "#000000"}
+
+
+def _groups(rows):
+    """Rows grouped by (model, link, p): one subplot each, in a stable order. A "one process" row
+    with p = 1 is drawn in every subplot of its model and link (it is the same run for every p)."""
+    groups = defaultdict(list)
+    single = [r for r in rows if r["variant"] == "one process" and r["p"] == 1]
+    for r in rows:
+        if not (r["variant"] == "one process" and r["p"] == 1):
+            groups[(r["model"], r["link"], r["p"])].append(r)
+    for r in single:
+        mine = [k for k in groups if k[:2] == (r["model"], r["link"])] or [(r["model"], r["link"], 1)]
+        for k in mine:
+            groups[k].append(r)
+    return [(k, groups[k]) for k in sorted(groups, key=lambda k: (k[0], k[1], k[2]))]
+
+
+def _style(variant, source):
+    if variant == "ideal":
+        return dict(color=VARIANT_COLORS["ideal"], ls=":", marker=None, lw=1)
+    return dict(color=VARIANT_COLORS.get(variant, "#999999"), ls="-" if source == "measured" else "--",
+                marker="o" if source == "measured" else None, ms=3.5, lw=1.5)
+
+
+def _subplots(n):
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(max(6.4, 4.3 * cols), 3.3 * rows + 1.3), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat)
+
+
+def _context_axis(ax, Cs):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(Cs, [f"{C // 1024}k" if C % 1024 == 0 else str(C) for C in Cs], fontsize=8)
+    ax.minorticks_off()
+    ax.set_xlabel("context C (prompt tokens)")
+    ax.grid(alpha=0.3)
+
+
+def _legend_note(rows):
+    sources = {r["source"] for r in rows}
+    if sources == {"measured"}:
+        return "all measured"
+    if sources == {"simulated"}:
+        return "all simulated"
+    return "solid: measured, dashed: simulated"
+
+
+def plot_ttft(rows, out_png, title=None):
+    """TTFT vs context: one subplot per (model, link, p), one line per (variant, source).
+
+    rows: dicts with model, C, p, variant (see VARIANTS), ttft_s, source ("measured" or
+    "simulated"), link. Measured lines are solid with dots, simulated dashed, ideal dotted.
+    """
+    groups = _groups(rows)
+    fig, axes = _subplots(len(groups))
+    for ax, ((model, link, p), rs) in zip(axes, groups):
+        lines = defaultdict(list)
+        for r in rs:
+            lines[(r["variant"], r["source"])].append((r["C"], r["ttft_s"]))
+        for (variant, source), pts in sorted(lines.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])):
+            pts.sort()
+            ax.plot([C for C, _ in pts], [t * 1e3 for _, t in pts], label=f"{variant} ({source})"
+                    if variant != "ideal" else "ideal: one process / p", **_style(variant, source))
+        _context_axis(ax, sorted({r["C"] for r in rs}))
+        ax.set_yscale("log")
+        ax.set_ylabel("TTFT (ms)")
+        ax.set_title(f"{model}, p = {p}, {link}", fontsize=9)
+    _finish(fig, axes, title or f"Time to first token vs context ({_legend_note(rows)})", out_png)
+
+
+def plot_speedup(rows, out_png, title=None):
+    """TSP's TTFT divided by each variant's, vs context: above 1 beats TSP. Same rows as plot_ttft
+    (ideal left out).
+
+    A variant is compared with the TSP row of the same model, link, p, C and source (measured with
+    measured, simulated with simulated); where that is missing, with TSP of the other source.
+    """
+    tsp = {(r["model"], r["link"], r["p"], r["C"], r["source"]): r["ttft_s"] for r in rows if r["variant"] == "TSP"}
+    groups = _groups(rows)
+    fig, axes = _subplots(len(groups))
+    for ax, ((model, link, p), rs) in zip(axes, groups):
+        lines = defaultdict(list)
+        for r in rs:
+            if r["variant"] in ("TSP", "ideal"):       # ideal's p-fold would squash the rest
+                continue
+            other = "simulated" if r["source"] == "measured" else "measured"
+            base = tsp.get((model, link, p, r["C"], r["source"])) or tsp.get((model, link, p, r["C"], other))
+            if base:
+                lines[(r["variant"], r["source"])].append((r["C"], base / r["ttft_s"]))
+        for (variant, source), pts in sorted(lines.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])):
+            pts.sort()
+            ax.plot([C for C, _ in pts], [s for _, s in pts], label=f"{variant} ({source})"
+                    if variant != "ideal" else "ideal: one process / p", **_style(variant, source))
+        ax.axhline(1, color="#c44e52", lw=1, label="TSP")
+        _context_axis(ax, sorted({r["C"] for r in rs}))
+        ax.set_ylabel("speed-up over TSP (TSP TTFT / TTFT)")
+        ax.set_title(f"{model}, p = {p}, {link}", fontsize=9)
+    _finish(fig, axes, title or f"Speed-up over TSP vs context ({_legend_note(rows)})", out_png)
+
+
+def _finish(fig, axes, title, out_png):
+    """One legend for all subplots, below them; the title, wrapped, above."""
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    ncol = min(len(handles), 4 if fig.get_figwidth() > 8 else 3)
+    rows = (len(handles) + ncol - 1) // ncol
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    text = textwrap.fill(title, width=int(fig.get_figwidth() * 11))
+    fig.suptitle(text, fontsize=9)
+    h = fig.get_figheight()
+    fig.tight_layout(rect=(0, (0.1 + 0.2 * rows) / h, 1, 1 - (0.1 + 0.16 * text.count("\n")) / h))
+    _save(fig, out_png)
+
+
+def _order(variant):
+    return VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS)
+
+
+def measure_ttft(p, Cs, repeats=1, threads=1):
+    """Rows for plot_ttft from real runs of the built-in model here: the fastest of `repeats` runs
+    per point. Repeats are interleaved (every point once, then again), so that a burst of other
+    work on a shared machine slows one run of several points rather than every run of one point.
+
+    one process is runahead.py on 1 rank (the plain KV-cache prefill); KVR-S is --partition
+    searched, which calibrates the cost model on its first use here (calibration.json).
+    """
+    cores = len(os.sched_getaffinity(0))
+    programs = {"one process": (1, "runahead.py", []), "TSP": (p, "tsp.py", []),
+                "TSP-zigzag": (p, "tsp.py", ["--zigzag"]), "KVR-E": (p, "runahead.py", []),
+                "KVR-S": (p, "runahead.py", ["--partition", "searched"])}
+    best = {}
+    for i in range(repeats):
+        for C in sorted(Cs, reverse=True):             # the longest first: KVR-S calibrates on it
+            for variant, (n, script, extra) in programs.items():
+                args = ["--prompt-len", str(C), "--threads", str(threads), "--max-new-tokens", "1", *extra]
+                t = ttft_ms(run_program(n, script, args)) / 1e3
+                best[C, variant] = min(t, best.get((C, variant), t))
+                print(f"  run {i + 1}/{repeats}  C = {C:5d}  {variant:<12} {t * 1e3:8.1f} ms", flush=True)
+    rows = [dict(model="built-in llama", C=C, p=p, variant=variant, ttft_s=t, source="measured",
+                 link=f"shared memory, {cores} cores", runs=repeats) for (C, variant), t in best.items()]
+    rows += [dict(r, variant="ideal", ttft_s=r["ttft_s"] / p) for r in rows if r["variant"] == "one process"]
+    return rows
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def _ratio(spec, C):
+    """'5:4:3' -> chunks of C in those proportions (the last takes the rounding); else spec itself."""
+    if ":" not in spec:
+        return spec
+    w = [float(x) for x in spec.split(":")]
+    c = [round(C * x / sum(w)) for x in w[:-1]]
+    return _fmt(c + [C - sum(c)])
+
+
+def _save(fig, out_png):
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=DPI)
+    plt.close(fig)
+    print(f"wrote {_rel(os.path.abspath(out_png))} ({os.path.getsize(out_png) // 1024} KB)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", nargs="?", default="all", choices=["all", "attention", "timeline", "ttft", "example"])
+    ap.add_argument("--C", type=int, help="attention/example: prompt tokens (9); timeline: (3072)")
+    ap.add_argument("-p", type=int, help="ranks (attention/example: 3, timeline: 3, ttft: 2)")
+    ap.add_argument("--partition", help="attention/example: KV-Runahead's chunks (4,3,2); timeline: runahead.py's --partition, "
+                         "several separated by ';', a:b:c for proportions (default: even and 5:4:3)")
+    ap.add_argument("--traces", nargs="+", help="timeline: draw these --trace files instead of running")
+    ap.add_argument("--contexts", default="512,1024,2048,4096", help="ttft: the C values to measure")
+    ap.add_argument("--repeats", type=int, default=1, help="ttft: runs per point (the fastest is kept)")
+    ap.add_argument("--rows", help="ttft: draw these rows (JSON list) instead of measuring")
+    ap.add_argument("--out", help="the PNG to write (default: figures/<name>.png)")
+    a = ap.parse_args(argv)
+    what = ["attention", "timeline", "ttft"] if a.what == "all" else [a.what]
+    if a.out and len(what) > 1:
+        ap.error("--out needs one picture")
+    for w in what:
+        if w in ("attention", "example"):
+            C, p = a.C or 9, a.p or 3
+            c = partition.parse(a.partition, C, p) if a.partition else ([4, 3, 2] if (C, p) == (9, 3) else partition.even(C, p))
+            if w == "example":
+                example(C, p, c)
+            else:
+                draw_attention(C, p, c, a.out or os.path.join(FIGURES, "attention_map.png"))
+        elif w == "timeline":
+            out = a.out or os.path.join(FIGURES, "timeline.png")
+            if a.traces:
+                plot_timeline(a.traces, [os.path.basename(t) for t in a.traces], out)
+            else:
+                C, p = a.C or 3072, a.p or 3
+                specs = a.partition.split(";") if a.partition else ["even", ":".join(map(str, range(p + 2, 2, -1)))]
+                draw_timeline(p, C, [_ratio(s, C) for s in specs], out)
+        elif w == "ttft":
+            if a.rows:
+                with open(a.rows) as f:
+                    rows = json.load(f)
+            else:
+                rows = measure_ttft(a.p or 2, [int(x) for x in a.contexts.split(",")], a.repeats)
+                with open(os.path.join(FIGURES, "ttft_cpu.json"), "w") as f:
+                    json.dump(rows, f, indent=1)
+            runs = rows[0].get("runs", 1)
+            cpu = ("CPU measurements of the built-in model (runahead.py, tsp.py --threads 1), "
+                   f"fastest of {runs} run{'s' if runs > 1 else ''} per point")
+            plot_ttft(rows, a.out or os.path.join(FIGURES, "ttft.png"), f"Time to first token vs context: {cpu}")
+            plot_speedup(rows, os.path.join(os.path.dirname(a.out or os.path.join(FIGURES, "x")), "speedup.png"),
+                         f"Speed-up over TSP vs context: {cpu}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""README.md is a tutorial: every command it quotes is run here, and every line of code it quotes is
+checked against the file it names, so the tutorial cannot drift from the code.
+
+Commands: each line starting with `$ ` inside a ```console block is run with bash, in a fresh copy of
+the repository (the files git tracks or would track: what a clone holds), with `python` and `mpirun`
+meaning this interpreter and the mpirun beside it (as `. .venv/bin/activate` arranges for a reader).
+It must exit 0 (a command that should fail says so itself: `...; echo "exit status $?"`). The lines
+after it, up to the next `$ ` or the block's end, must each be a whole line of its output (stdout and
+stderr together), in any order, with two wildcards:
+    ~840     any number (a timing: 840 is what it was when the README was written)
+    ...      any text; a line that is only `...` stands for lines left out, and is not checked.
+
+Code: a ```python block whose first line is `# file.py: name` quotes file.py. Its other lines, with
+lines that are only `...` marking gaps, must appear in the file in that order, each run of lines
+contiguous and with the same indentation relative to its first line.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+_sibling = os.path.join(os.path.dirname(sys.executable), "mpirun")
+NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?"
+
+
+def blocks(kind):
+    """(line number, lines) of each ```kind block in README.md."""
+    out, lines, cur, start = [], open(README).read().splitlines(), None, 0
+    for i, line in enumerate(lines, 1):
+        if cur is None and line.strip() == f"```{kind}":
+            cur, start = [], i + 1
+        elif cur is not None and line.strip() == "```":
+            out.append((start, cur))
+            cur = None
+        elif cur is not None:
+            cur.append(line)
+    return out
+
+
+def commands():
+    """(line number, command, expected output lines) for every `$ ` line of the console blocks."""
+    out = []
+    for start, lines in blocks("console"):
+        for i, line in enumerate(lines):
+            if line.startswith("$ "):
+                out.append([start + i, line[2:], []])
+            elif line.strip() and line.strip() != "...":
+                assert out and out[-1][0] >= start, f"README.md:{start + i}: output before any command"
+                out[-1][2].append(line.rstrip())
+    return out
+
+
+def pattern(expected):
+    """A quoted output line as a regex for a whole output line: ~N any number, ... any text."""
+    parts = re.split(r"(~\d[\d,]*(?:\.\d+)?|\.\.\.)", expected)
+    return re.compile("".join(NUMBER if p.startswith("~") else ".*" if p == "..." else re.escape(p)
+                              for p in parts))
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """A copy of what a fresh clone holds, and a PATH whose python and mpirun are this session's."""
+    dst = tmp_path_factory.mktemp("clone")
+    try:
+        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                               cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    except (OSError, subprocess.CalledProcessError):   # not a git checkout: take what is here
+        files = [os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(ROOT) for f in fs
+                 if not {".git", ".venv", "__pycache__", ".pytest_cache"} & set(d.split(os.sep))]
+    for f in filter(None, files):
+        if os.path.isfile(os.path.join(ROOT, f)):
+            os.makedirs(os.path.dirname(dst / f), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, f), dst / f)
+    bin_dir = tmp_path_factory.mktemp("bin")
+    tools = {"python": sys.executable}
+    if os.path.exists(_sibling):
+        tools["mpirun"] = _sibling
+    for name, target in tools.items():
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec "{target}" "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return dst, env
+
+
+def test_readme_quotes_commands():
+    assert len(commands()) >= 10
+
+
+@pytest.mark.parametrize("line,command,expected", commands(), ids=[f"README.md:{c[0]}" for c in commands()])
+def test_command(clone, line, command, expected):
+    root, env = clone
+    t = time.time()
+    r = subprocess.run(["bash", "-c", command], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    output = r.stdout + r.stderr
+    assert r.returncode == 0, f"README.md:{line}: `{command}` exited {r.returncode}:\n{output}"
+    got = output.splitlines()
+    missing = [e for e in expected if not any(pattern(e).fullmatch(g.rstrip()) for g in got)]
+    assert not missing, (f"README.md:{line}: `{command}` ({time.time() - t:.1f} s) printed no line like\n  "
+                         + "\n  ".join(missing) + "\n--- it printed:\n" + output)
+
+
+def snippets():
+    """(line number, file, [runs of lines]) for every ```python block that names its file."""
+    out = []
+    for start, lines in blocks("python"):
+        m = re.fullmatch(r"# (\S+\.py): .+", lines[0].strip()) if lines else None
+        if not m:
+            continue
+        runs, cur = [], []
+        for line in lines[1:]:
+            if line.strip() == "...":
+                runs.append(cur)
+                cur = []
+            else:
+                cur.append(line)
+        out.append((start, m.group(1), [r for r in runs + [cur] if r]))
+    return out
+
+
+def test_readme_quotes_code():
+    assert len(snippets()) >= 5
+
+
+@pytest.mark.parametrize("line,path,runs", snippets(), ids=[f"README.md:{s[0]}" for s in snippets()])
+def test_code_is_quoted_verbatim(line, path, runs):
+    text = open(os.path.join(ROOT, path)).read().splitlines()
+    at = 0
+    for run in runs:
+        want = textwrap.dedent("\n".join(run))
+        n = len(run)
+        found = next((i for i in range(at, len(text) - n + 1)
+                      if textwrap.dedent("\n".join(text[i:i + n])) == want), None)
+        assert found is not None, f"README.md:{line}: these lines are not in {path} (in this order):\n{want}"
+        at = found + n
+
+
+def test_wildcards():
+    assert pattern("TTFT: ~840 ms (rank 2, ...)").fullmatch("TTFT: 1035.25 ms (rank 2, barrier to first token id)")
+    assert not pattern("TTFT: ~840 ms").fullmatch("TTFT: fast ms")
+    assert not pattern("partition (even): 3,3,3").fullmatch("partition (even): 3,3,4")
+    assert pattern("wrote out/x.png (~60 KB)").fullmatch("wrote out/x.png (81 KB)")
