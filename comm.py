@@ -167,7 +167,8 @@ def cli(description):
     """The command line runahead.py and tsp.py share (README documents it)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="builtin:llama",
-                    help="HF checkpoint directory, or builtin:llama / builtin:falcon (random weights)")
+                    help="HF checkpoint directory, builtin:llama / builtin:falcon (small, random weights), "
+                         "or dims:llama7b / dims:falcon7b (the paper's sizes, random weights)")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer.model)")
     src.add_argument("--prompt-ids", help="comma-separated token ids")
@@ -230,7 +231,13 @@ def _setup(job, args, comm):
     else:
         job.device = torch.device("cpu")
     job.dtype = getattr(torch, args.dtype)
-    if args.model.startswith("builtin:"):
+    if args.model.startswith("dims:"):                  # a paper-scale model with random weights
+        from sim import DIMS, dims_model
+        if args.model[5:] not in DIMS:
+            raise ValueError(f"--model {args.model}: known dims are " + ", ".join("dims:" + k for k in DIMS))
+        job.name = f"{args.model[5:]} dimensions, random weights"
+        job.model = dims_model(args.model[5:], job.dtype, job.device)
+    elif args.model.startswith("builtin:"):
         arch = args.model.split(":", 1)[1]
         if arch not in ("llama", "falcon"):
             raise ValueError(f"--model {args.model}: the built-in models are builtin:llama and builtin:falcon")
@@ -245,7 +252,7 @@ def _setup(job, args, comm):
     job.model_key = (f"{cfg.arch}-d{cfg.dim}-L{cfg.n_layers}-h{cfg.n_heads}-kv{cfg.n_kv_heads}"
                      f"-{args.dtype}-{job.device.type}")
     if args.prompt is not None:
-        if args.model.startswith("builtin:"):
+        if args.model.startswith(("builtin:", "dims:")):
             raise ValueError("--prompt needs a checkpoint with tokenizer.model; use --prompt-ids or --prompt-len")
         ids = Tokenizer(args.model).encode(args.prompt)
     elif args.prompt_ids is not None:

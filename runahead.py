@@ -171,6 +171,7 @@ def main(argv=None):
     with abort_on_error(comm):
         logits, cache, ttft = prefill(job, job.c, args.max_new_tokens, args.math)
         job.transport.finish()
+        job.transport.barrier()                        # a polite wait, not gather's spin
         stats = comm.gather(job.transport.stats, root=job.size - 1)
         if args.trace:
             job.trace.write(comm, args.trace)

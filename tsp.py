@@ -84,6 +84,7 @@ def main(argv=None):
     comm = MPI.COMM_WORLD
     with abort_on_error(comm):
         logits, cache, ttft, emitter = prefill(job, args.zigzag, args.max_new_tokens, args.math)
+        job.transport.barrier()                        # a polite wait, not gather's spin
         stats = comm.gather(job.transport.stats, root=emitter)
         if args.trace:
             job.trace.write(comm, args.trace)

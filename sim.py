@@ -1,0 +1,528 @@
+"""A trace-driven simulator of KV-Runahead and TSP: time every rank's real work on one device, then
+replay the ranks' dependencies over a modelled network.
+
+A rank's compute does not depend on the other ranks, only *when* it may go on does. So one device can
+time what each of p ranks computes, and a few lines of Python can then play the p ranks against each
+other over any network, in microseconds instead of GPU-hours:
+
+  1. profile  Run one rank's forward alone (TimedKV stands in for the K/V it would receive) and time
+              it in L+1 segments, cut exactly where a real rank waits for other ranks, the K/V point
+              of each layer (the recv of the chain, TSP's all-gather):
+                0       embedding; layer 0 up to its K/V (norm, QKV, RoPE)
+                l       the rest of layer l-1 (attention, o-proj, MLP); layer l up to its K/V
+                L       the rest of the last layer; final norm; LM head on the last token
+  2. replay   Play the ranks' segments against each other: the chain's per-layer messages to the
+              right neighbour (asynchronous sends, one message at a time per link) or TSP's per-layer
+              all-gather (a barrier), over Links of given bandwidth, latency and jitter; each rank
+              on a device of its own, or all sharing a few (several ranks on one GPU or core).
+  3. scale    KernelTable: segment times on a grid of (chunk, prefix), interpolated, so that a KVR-S
+              search scores thousands of partitions in seconds; build_table makes the KVR-P table.
+
+    python sim.py profile --model llama7b --dtype float16 --device cuda --out kernels.json
+    python sim.py table --kernels kernels.json --ps 2,4,8 --Cs 1024,2048,4096,8192,16384
+"""
+import argparse
+import bisect
+import json
+import platform
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import partition
+from kvcache import KVCache
+from model import Config, Transformer, builtin, sync
+
+# ----------------------------------------------------------------------------- models at paper scale
+
+DIMS = {  # the paper's models, with random weights: timing needs their shapes, not their values
+    "llama7b": dict(arch="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                    head_dim=128, ffn_dim=11008),
+    "falcon7b": dict(arch="falcon", vocab_size=65024, dim=4544, n_layers=32, n_heads=71, n_kv_heads=1,
+                     head_dim=64, ffn_dim=18176, qkv_layout="mq", parallel_attn=True, mlp_norm=False,
+                     tie_embeddings=True),
+}
+
+
+def dims_model(name, dtype=torch.float16, device="cuda", n_layers=None):
+    """Llama-2-7B or Falcon-7B shapes ("llama7b", "falcon7b") with random weights, or "builtin:llama".
+
+    Built on `device` in `dtype` directly (7B fp32 on a CPU first would take 28 GB). Layers are
+    identical, so a model of n_layers=4 times a layer as well as 32 do: KernelTable uses that.
+    """
+    if name.startswith("builtin:"):
+        return builtin(name.split(":")[1], dtype=dtype).to(device)
+    cfg = Config(**DIMS[name], max_position_embeddings=16384)
+    cfg.n_layers = n_layers or cfg.n_layers
+    with torch.device("meta"):                         # shapes only; storage comes with to_empty
+        m = Transformer(cfg).to(dtype)
+    m = m.to_empty(device=device)
+    if cfg.tie_embeddings:
+        m.lm_head.weight = m.embed.weight
+    with torch.no_grad():
+        for pname, p in m.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+            else:                                      # norm weights 1, biases 0
+                p.fill_(0.0 if pname.endswith("bias") else 1.0)
+    return m.eval()
+
+
+def bytes_per_token(cfg, dtype):
+    """Bytes of one token's K and V in one layer: what the chain and the all-gather move."""
+    return 2 * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
+
+
+# ----------------------------------------------------------------------------- 1. profile
+
+class Clock:
+    """Marks in time: host clock on a CPU, CUDA events on a GPU (recorded on the stream, no host sync
+    until `read`, so the GPU runs as it would unobserved)."""
+
+    def __init__(self, device):
+        self.cuda, self.marks = torch.device(device).type == "cuda", []
+
+    def mark(self):
+        if self.cuda:
+            self.marks.append(torch.cuda.Event(enable_timing=True))
+            self.marks[-1].record()
+        else:
+            self.marks.append(time.perf_counter())
+
+    def read(self):
+        """Seconds between consecutive marks; forgets them."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            d = [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        else:
+            d = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        self.marks = []
+        return d
+
+
+class TimedKV:
+    """Stands in for ChainKV / GatherKV while one rank is profiled: does the rank's own K/V work,
+    communicates nothing, and marks the clock where the real rank would meet the other ranks.
+
+    Chain (`inbox`: random K/V of the S_{i-1} prefix tokens, as if received): append the prefix and
+    the own K/V to the cache, then mark: here the real rank has its K/V [0, S_i) and sends them.
+    (It waits just before the prefix append; marking after it keeps the send after the copy.)
+    All-gather (`gathered`: random K/V of all C tokens): stack own K and V, mark (the real rank
+    enters the all-gather), then what follows it: copy out the gathered K/V, zigzag's reordering,
+    the emitter's cache append. With neither: a plain KV cache, marked after each append.
+    """
+
+    def __init__(self, clock, cache=None, inbox=None, gathered=None, order=None, dense=False):
+        self.clock, self.cache, self.inbox, self.gathered, self.order = clock, cache, inbox, gathered, order
+        self.dense = dense
+
+    def reset(self):
+        if self.cache is not None:
+            self.cache.reset()
+
+    def update(self, layer, k, v):
+        if self.gathered is None:
+            if self.inbox is not None:
+                self.cache.update(layer, self.inbox[0], self.inbox[1])
+            k, v = self.cache.update(layer, k, v)
+            self.clock.mark()
+            return k, v
+        torch.stack((k, v))                            # what GatherKV hands to the all-gather
+        self.clock.mark()
+        kv = self.gathered.clone()                     # (2, B, n_kv, C, hs)
+        if self.order is not None:
+            kv = kv[:, :, :, self.order]
+        return self.cache.update(layer, kv[0], kv[1]) if self.cache is not None else (kv[0], kv[1])
+
+
+def _where(model):
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+@torch.inference_mode()
+def _time(model, n, kv, start, repeats, warmup):
+    """Segment durations (L+1 floats, s) of a forward of n tokens at `start`: median of `repeats`."""
+    tokens, runs = torch.randint(model.cfg.vocab_size, (1, n), device=_where(model)[0]), []
+    for r in range(warmup + repeats):
+        kv.reset()
+        sync(tokens.device)
+        kv.clock.mark()
+        model(tokens, kv, start, last_only=True)       # every rank runs the LM head on its last token
+        kv.clock.mark()
+        d = kv.clock.read()
+        if r >= warmup:
+            runs.append(d)
+    return [statistics.median(col) for col in zip(*runs)]
+
+
+def profile_chunk(model, c, prefix, repeats=3, warmup=1):
+    """One KV-Runahead rank: c tokens after a prefix of `prefix` tokens. L+1 segment times (s)."""
+    (device, dtype), cfg = _where(model), model.cfg
+    cache = KVCache(cfg, 1, prefix + c, dtype, device)
+    inbox = torch.randn((2, 1, cfg.n_kv_heads, prefix, cfg.head_dim), dtype=dtype, device=device) if prefix else None
+    return _time(model, c, TimedKV(Clock(device), cache, inbox), prefix, repeats, warmup)
+
+
+def profile_kvr(model, c, repeats=3, warmup=1):
+    """Every rank of KV-Runahead with partition c: per rank, L+1 segment times (s)."""
+    S = partition.prefix_sums(c)
+    return [profile_chunk(model, ci, Si - ci, repeats, warmup) for ci, Si in zip(c, S)]
+
+
+def profile_single(model, C, repeats=3, warmup=1):
+    """One process prefilling C tokens: [L+1 segment times]; replay it as a chain of one rank."""
+    return [profile_chunk(model, C, 0, repeats, warmup)]
+
+
+def profile_tsp(model, C, p, zigzag=False, repeats=3, warmup=1):
+    """Every rank of TSP (dense masked attention) or zigzag TSP: per rank, L+1 segment times (s)."""
+    from tsp import layout                             # imported here: tsp.py starts MPI
+    (device, dtype), cfg = _where(model), model.cfg
+    spans, emitter = layout(C, p, zigzag)
+    gathered = torch.randn((2, 1, cfg.n_kv_heads, C, cfg.head_dim), dtype=dtype, device=device)
+    order = torch.cat([torch.arange(a, a + n) for s in spans for a, n in s]).argsort().to(device) if zigzag else None
+    out = []
+    for r, mine in enumerate(spans):
+        cache = KVCache(cfg, 1, C, dtype, device) if r == emitter else None
+        kv = TimedKV(Clock(device), cache, gathered=gathered, order=order, dense=not zigzag)
+        out.append(_time(model, sum(n for _, n in mine), kv, mine, repeats, warmup))
+    return out
+
+
+def expand(segs, n_layers):
+    """A rank's L+1 segments stretched to n_layers: first, n_layers-1 middles (their median: the
+    layers are identical), last. Profile a 4-layer model, simulate 32 layers."""
+    assert len(segs) >= 3, "need a model of at least 2 layers to tell a middle segment"
+    return [segs[0]] + [statistics.median(segs[1:-1])] * (n_layers - 1) + [segs[-1]]
+
+
+# ----------------------------------------------------------------------------- 2. links and replays
+
+@dataclass
+class Link:
+    """One direction of a link: n bytes take (latency + n / bandwidth) * (1 + jitter * u) seconds,
+    u uniform in [0, 1), drawn per message from a seeded generator (a noisy network).
+
+    Default latency 10 us: the per-message cost of NCCL or MPI within one node is 5 to 20 us.
+    """
+    bandwidth: float                                   # bytes / s
+    latency: float = 10e-6                             # s per message
+    jitter: float = 0.0
+
+    def time(self, nbytes, rng=None):
+        t = self.latency + nbytes / self.bandwidth
+        return t * (1 + self.jitter * rng.random()) if self.jitter and rng else t
+
+
+FAST, SLOW = Link(300e9), Link(10e9)                   # the paper's NVLink and its throttled setting
+
+
+def network(p, bandwidth=300e9, latency=10e-6, jitter=0.0, slow=None):
+    """p links, link r from rank r to rank (r+1) % p: the chain uses links 0..p-2, the all-gather's
+    ring all p. slow = {r: bandwidth} makes some links slower: a non-uniform network."""
+    return [Link((slow or {}).get(r, bandwidth), latency, jitter) for r in range(p)]
+
+
+def _links(links, n):
+    if isinstance(links, Link):
+        return [links] * n
+    assert len(links) >= n, f"{len(links)} links for {n} hops"
+    return list(links[:n])
+
+
+@dataclass
+class Replay:
+    finish: list                                       # per rank: when it is done, s after the start
+    ttft: float                                        # the emitting rank's finish
+    timeline: list                                     # per rank: [(name, layer, start, end)]
+
+
+def _run(segs, wait, devices, timeline):
+    """The event loop both replays share. Returns per-rank finish times.
+
+    Rank i computes segs[i][0], reaches wait point 0 (layer 0's K/V), computes segs[i][1], ...,
+    segs[i][L]. wait(i, l, t): rank i reached point l at time t; it returns when the rank may go on,
+    or None while that depends on ranks not yet simulated so far (it is asked again later).
+    devices=None: each rank has a device of its own, so ranks run one after another, each as far as
+    it can. devices=n: all p ranks share n devices (p ranks on one GPU, or on fewer CPU cores),
+    time-sliced fairly as the OS or the GPU does: while m ranks have work, each runs at min(1, n/m)
+    of a device's speed (processor sharing), simulated event by event.
+    """
+    p, L = len(segs), len(segs[0]) - 1
+    nxt, ready, reached, finish = [0] * p, [0.0] * p, [0.0] * p, [0.0] * p
+    left, began = [None] * p, [0.0] * p                # work left in the running segment, its start
+
+    def done(i, t):                                    # rank i ends its current segment at t
+        l, nxt[i], left[i] = nxt[i], nxt[i] + 1, None
+        timeline[i].append(("compute", l if l < L else "head", began[i], t))
+        if l == L:
+            finish[i] = t
+        else:
+            reached[i], ready[i] = t, wait(i, l, t)
+
+    def retry():                                       # waits that may have been answered since
+        for i in range(p):
+            if ready[i] is None:
+                ready[i] = wait(i, nxt[i] - 1, reached[i])
+
+    if devices is None:
+        while True:
+            retry()
+            runnable = [i for i in range(p) if nxt[i] <= L and ready[i] is not None]
+            if not runnable:
+                return finish
+            i = runnable[0]
+            while nxt[i] <= L and ready[i] is not None:
+                began[i] = ready[i]
+                done(i, ready[i] + segs[i][nxt[i]])
+    now = 0.0
+    while True:
+        retry()
+        for i in range(p):                             # start what may start now
+            if nxt[i] <= L and left[i] is None and ready[i] is not None and ready[i] <= now:
+                left[i], began[i] = segs[i][nxt[i]], now
+        running = [i for i in range(p) if left[i] is not None]
+        later = [ready[i] for i in range(p) if nxt[i] <= L and left[i] is None and ready[i] is not None]
+        if not running and not later:
+            return finish
+        rate = min(1.0, devices / max(1, len(running)))
+        t = min([now + left[i] / rate for i in running] + later)     # the next event
+        ending = [i for i in running if now + left[i] / rate <= t]
+        for i in running:
+            left[i] -= (t - now) * rate
+        now = t
+        for i in ending:
+            done(i, now)
+
+
+def replay_chain(segs, c, links, bytes_per_token, devices=None, seed=0):
+    """KV-Runahead: rank i waits at each layer's K/V for layer l's [0, S_{i-1}) from rank i-1, then
+    sends [0, S_i) to rank i+1 without waiting for it. Link i carries one message at a time, in order:
+    start = max(sent, link free), arrival = start + link.time(S_i * bytes_per_token).
+
+    links: one Link for every hop or a list (link i from rank i to i+1). segs: per rank, L+1 segment
+    times (profile_kvr). devices: see _run; seed: of the links' jitter. Returns a Replay; TTFT is
+    the last rank's finish.
+    """
+    p, S = len(c), partition.prefix_sums(c)
+    hops, rngs = _links(links, p - 1), [random.Random(f"{seed}/{i}") for i in range(p)]
+    arrive, free = [{} for _ in range(p)], [0.0] * p   # arrive[i][l]: layer l's prefix at rank i
+    timeline = [[] for _ in range(p)]
+
+    def wait(i, l, t):
+        if i and l not in arrive[i]:
+            return None                                # rank i-1 has not sent layer l yet
+        go = max(t, arrive[i][l]) if i else t
+        if go > t:
+            timeline[i].append(("recv", l, t, go))
+        if i < p - 1:
+            start = max(go, free[i])
+            free[i] = arrive[i + 1][l] = start + hops[i].time(S[i] * bytes_per_token, rngs[i])
+            timeline[i].append(("send", l, start, free[i]))
+        return go
+
+    finish = _run(segs, wait, devices, timeline)
+    return Replay(finish, finish[-1], timeline)
+
+
+def replay_allgather(segs, counts, links, bytes_per_token, emitter, devices=None, seed=0):
+    """TSP: every layer ends in an all-gather, a barrier: it completes for all ranks at the latest
+    arrival plus the gather time. The gather is a ring: p-1 steps, each moving the largest rank's
+    chunk, max(counts) tokens, over all p links at once; a step lasts as long as its slowest link.
+    counts and emitter: from tsp.layout; links: one Link or a list of p (the ring, link r from rank r
+    to r+1 mod p); devices and seed as in replay_chain. Returns a Replay; TTFT is the emitter's finish.
+    """
+    p = len(segs)
+    ring, rngs = _links(links, p), [random.Random(f"{seed}/{i}") for i in range(p)]
+    nbytes = max(counts) * bytes_per_token
+    reached, done, timeline = [{} for _ in segs[0]], {}, [[] for _ in range(p)]
+
+    def wait(i, l, t):
+        reached[l][i] = t
+        if l not in done:
+            if len(reached[l]) < p:
+                return None                            # someone is still computing this layer
+            gather = sum(max(link.time(nbytes, rng) for link, rng in zip(ring, rngs)) for _ in range(p - 1))
+            done[l] = max(reached[l].values()) + gather
+        timeline[i].append(("allgather", l, t, done[l]))
+        return done[l]
+
+    finish = _run(segs, wait, devices, timeline)
+    return Replay(finish, finish[emitter], timeline)
+
+
+def simulate_kvr(model, c, links, devices=None, repeats=3):
+    """Profile KV-Runahead's ranks for partition c, then replay them: what `mpirun runahead.py` would do."""
+    return replay_chain(profile_kvr(model, c, repeats), c, links, bytes_per_token(model.cfg, _where(model)[1]),
+                        devices)
+
+
+def simulate_tsp(model, C, p, links, zigzag=False, devices=None, repeats=3):
+    """Profile TSP's ranks (or zigzag's), then replay them: what `mpirun tsp.py` would do."""
+    from tsp import layout
+    spans, emitter = layout(C, p, zigzag)
+    return replay_allgather(profile_tsp(model, C, p, zigzag, repeats), [sum(n for _, n in s) for s in spans],
+                            links, bytes_per_token(model.cfg, _where(model)[1]), emitter, devices)
+
+
+def write_trace(replay, path):
+    """The replay as Chrome trace JSON, like comm.Trace writes a real run (open in Perfetto)."""
+    events = [dict(name="thread_name", ph="M", pid=0, tid=r, args={"name": f"rank {r}"})
+              for r in range(len(replay.timeline))]
+    events += [dict(name=name, ph="X", pid=0, tid=r, args={"layer": layer}, ts=round(a * 1e6, 1),
+                    dur=round((b - a) * 1e6, 1))
+               for r, spans in enumerate(replay.timeline) for name, layer, a, b in spans]
+    with open(path, "w") as f:
+        json.dump({"traceEvents": events}, f)
+
+
+def compare(real, simulated):
+    """Simulated against measured TTFTs (dicts: case -> s). Returns rows (case, real, simulated,
+    error) with error = simulated / real - 1, for the cases in both, and the rows as a text table."""
+    rows = [(k, real[k], simulated[k], simulated[k] / real[k] - 1) for k in real if k in simulated]
+    text = "\n".join([f"{'case':32} {'real ms':>9} {'sim ms':>9} {'error':>7}"] +
+                     [f"{k:32} {r * 1e3:9.2f} {s * 1e3:9.2f} {e:+7.1%}" for k, r, s, e in rows])
+    return rows, text
+
+
+# ----------------------------------------------------------------------------- 3. at scale
+
+def _lerp(xs, ys, x):
+    """Piecewise linear through (xs, ys), xs ascending: below xs[0] the first value (small work is
+    launch-bound, not proportionally cheaper), above xs[-1] the last piece extended."""
+    j = bisect.bisect_left(xs, x)
+    if j < len(xs) and xs[j] == x:
+        return ys[j]
+    if j == 0 or len(xs) == 1:
+        return ys[0]
+    j = min(j, len(xs) - 1)
+    return ys[j - 1] + (ys[j] - ys[j - 1]) * (x - xs[j - 1]) / (xs[j] - xs[j - 1])
+
+
+class KernelTable:
+    """A KV-Runahead rank's segment times on a grid of (chunk c, prefix P), interpolated in between.
+
+    A rank's work depends only on c and P (every rank runs the LM head on its last token), and its
+    L-1 middle segments are the same layer: so the grid holds (first, middle, last) per (c, P).
+    More tokens never take less time, so within a prefix a time above a longer chunk's is noise (a
+    search would exploit it): each is lowered to the least time of the chunks not shorter. Then
+    segments(c, P) interpolates piecewise-linearly in c within each measured prefix, then in P
+    between prefixes (_lerp: clamped below the grid, extended linearly above it), floored at 0.
+    """
+
+    def __init__(self, grid, meta):
+        self.grid, self.meta, self._memo = grid, meta, {}      # grid {(c, P): (first, middle, last)}
+        self.rows = {}                                         # {P: ([c...], [(first, middle, last)...])}
+        for (c, P), t in sorted(grid.items(), key=lambda kv: (kv[0][1], -kv[0][0])):
+            cs, ts = self.rows.setdefault(P, ([], []))
+            cs.insert(0, c)
+            ts.insert(0, tuple(map(min, t, ts[0])) if ts else t)
+
+    @classmethod
+    def measure(cls, model, cs, prefixes, max_len=None, layers=None, repeats=5, warmup=1):
+        """Profile one rank at every (c, P) with P + c <= max_len (default max(cs)). `layers`: how many
+        layers segments() gives (default the model's; a 4-layer model can stand in for 32)."""
+        (device, dtype), cfg = _where(model), model.cfg
+        profile_chunk(model, max(cs), 0, 1, 1)         # wake the device up: clocks, libraries
+        grid = {}
+        for P in prefixes:
+            for c in cs:
+                if P + c <= (max_len or max(cs)):
+                    s = profile_chunk(model, c, P, repeats, warmup)
+                    grid[c, P] = (s[0], statistics.median(s[1:-1]), s[-1])
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        meta = dict(cfg=asdict(cfg), dtype=str(dtype).split(".")[1], device=name, device_type=device.type,
+                    torch=torch.__version__, layers=layers or cfg.n_layers,
+                    bytes_per_token=bytes_per_token(cfg, dtype), repeats=repeats)
+        return cls(grid, meta)
+
+    def save(self, path):
+        with open(path, "w") as f:
+            json.dump(dict(meta=self.meta, grid=[[c, P, *t] for (c, P), t in sorted(self.grid.items())]), f, indent=1)
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            d = json.load(f)
+        return cls({(c, P): tuple(t) for c, P, *t in d["grid"]}, d["meta"])
+
+    @property
+    def model_key(self):
+        """The key runahead.py files partitions under (comm.py's job.model_key), at `layers` layers."""
+        m = self.meta["cfg"]
+        return (f"{m['arch']}-d{m['dim']}-L{self.meta['layers']}-h{m['n_heads']}-kv{m['n_kv_heads']}"
+                f"-{self.meta['dtype']}-{self.meta['device_type']}")
+
+    def segments(self, c, P):
+        """L+1 segment times (s) of a rank with c tokens after a prefix of P."""
+        if (c, P) not in self._memo:
+            Ps = sorted(self.rows)
+            at_c = [[_lerp(self.rows[Q][0], [t[k] for t in self.rows[Q][1]], c) for Q in Ps] for k in range(3)]
+            first, middle, last = (max(0.0, _lerp(Ps, v, P)) for v in at_c)
+            self._memo[c, P] = [first] + [middle] * (self.meta["layers"] - 1) + [last]
+        return self._memo[c, P]
+
+
+def predict(table, c, links, bpt=None, devices=None):
+    """Replay of KV-Runahead with partition c on the table's interpolated segment times."""
+    segs = [table.segments(ci, Si - ci) for ci, Si in zip(c, partition.prefix_sums(c))]
+    return replay_chain(segs, c, links, bpt or table.meta["bytes_per_token"], devices)
+
+
+def search(C, p, table, links, bpt=None, steps=8, levels=3):
+    """KVR-S on the simulator: partition.searched scored by predicted TTFT."""
+    return partition.searched(C, p, lambda c: predict(table, c, links, bpt).ttft, steps, levels)
+
+
+def build_table(table, Cs, ps, links, key=None, steps=8, levels=3):
+    """KVR-S for every (C, p): a partition.Table, under `key` (default table.model_key), from which
+    partition.predicted interpolates KVR-P. `links`: a Link, or p -> list of links."""
+    out = partition.Table()
+    for p in ps:
+        for C in Cs:
+            out.add(key or table.model_key, search(C, p, table, links(p) if callable(links) else links, None, steps, levels))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="profile: measure a KernelTable; table: KVR-S partitions on one")
+    ap.add_argument("cmd", choices=["profile", "table"])
+    ap.add_argument("--kernels", default="kernels.json", help="the KernelTable profile writes and table reads")
+    ap.add_argument("--model", default="llama7b", help="llama7b | falcon7b | builtin:llama | builtin:falcon")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--layers", type=int, default=4, help="layers of a 7B model to time (the table gives 32)")
+    ap.add_argument("--cs", default="128,256,512,1024,2048,4096,8192,16384")
+    ap.add_argument("--prefixes", default="0,1024,2048,4096,8192,12288")
+    ap.add_argument("--repeats", type=int, default=10, help="timed runs per grid point (median)")
+    ap.add_argument("--ps", default="2,4,8")
+    ap.add_argument("--Cs", default="1024,2048,4096,8192,12288,16384")
+    ap.add_argument("--bandwidth", type=float, default=300e9, help="bytes/s per link (paper: 300e9, 10e9)")
+    ap.add_argument("--out", default="partitions.json", help="where table writes the partition.Table")
+    a = ap.parse_args(argv)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    t0 = time.perf_counter()
+    if a.cmd == "profile":
+        small = None if a.model.startswith("builtin:") else a.layers
+        m = dims_model(a.model, getattr(torch, a.dtype), a.device, small)
+        kt = KernelTable.measure(m, ints(a.cs), ints(a.prefixes), layers=small and DIMS[a.model]["n_layers"],
+                                 repeats=a.repeats)
+        kt.save(a.kernels)
+        return print(f"wrote {a.kernels} in {time.perf_counter() - t0:.1f} s")
+    kt, link = KernelTable.load(a.kernels), Link(a.bandwidth)
+    table = build_table(kt, ints(a.Cs), ints(a.ps), link)
+    table.save(a.out)
+    for p in ints(a.ps):
+        for C in ints(a.Cs):
+            c = table.get(kt.model_key, p, C)
+            print(f"p={p} C={C}: {','.join(map(str, c))}  simulated TTFT {predict(kt, c, link).ttft * 1e3:.1f} ms, "
+                  f"even split {predict(kt, partition.even(C, p), link).ttft * 1e3:.1f} ms")
+    print(f"wrote {a.out} under {kt.model_key} in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
