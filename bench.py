@@ -263,6 +263,29 @@ def profile(a):
                                                                                 sorted(kt.grid.items())])), direct)
 
 
+def profile_partitions(a):
+    """On a GPU: direct profiles of the KVR-S and KVR-P partitions a `simulate` run chose on the
+    kernel table, so that a second `simulate --direct` replays them on measured, not interpolated,
+    segment times."""
+    import sim
+    with open(a.simulated) as f:
+        rows = [r for r in json.load(f)["rows"] if r["variant"] in ("KVR-S", "KVR-P")]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        m = sim.dims_model(name, getattr(torch, a.dtype), a.device, n_layers=a.layers)
+        if a.fuse:
+            m.fuse()
+        done, out = {}, []
+        for r in (r for r in rows if r["model"] == name):
+            c = tuple(r["partition"])
+            if c not in done:
+                done[c] = sim.profile_kvr(m, list(c), a.repeats, 2)
+            out.append(dict(variant=r["variant"], C=r["C"], p=r["p"], link=r["link"], partition=list(c),
+                            segs=done[c]))
+        print(f"{name}: profiled {len(done)} partitions", flush=True)
+        save(a.out.format(model=name.replace(":", "-")), dict(machine(), command=" ".join(sys.argv), model=name, dtype=a.dtype,
+                                            fused=a.fuse, layers_timed=a.layers), out)
+
+
 LINKS = {"300 GB/s": dict(bandwidth=300e9), "10 GB/s": dict(bandwidth=10e9)}
 
 
@@ -281,6 +304,18 @@ def simulate(a):
         kt = sim.KernelTable({(c, P): tuple(t) for c, P, *t in meta["kernels"]["grid"]}, meta["kernels"]["meta"])
         L, bpt, name = kt.meta["layers"], kt.meta["bytes_per_token"], meta["model"]
         direct = {(r["variant"], r["C"], r["p"]): [sim.expand(s, L) for s in r["segs"]] for r in prof["rows"]}
+        for path2 in a.direct:                          # KVR-S / KVR-P partitions profiled directly
+            with open(path2) as f:
+                d2 = json.load(f)
+            if d2["meta"]["model"] == name:
+                direct.update({(tuple(r["partition"]), r["C"], r["p"]): [sim.expand(s, L) for s in r["segs"]]
+                               for r in d2["rows"]})
+
+        def kvr(c, net, **kw):                          # measured segments if profiled, else the table's
+            segs = direct.get((tuple(c), sum(c), len(c))) or [
+                kt.segments(ci, Si - ci) for ci, Si in zip(c, partition.prefix_sums(c))]
+            return sim.replay_chain(segs, c, net, bpt, **kw).ttft
+
         Cs = sorted({r["C"] for r in prof["rows"]})
         ps = sorted({r["p"] for r in prof["rows"] if r["p"] > 1})
         for link, kw in LINKS.items():
@@ -308,15 +343,13 @@ def simulate(a):
                         "KVR-E": (sim.replay_chain(direct["KVR-E", C, p], partition.even(C, p), net, bpt).ttft,
                                   partition.even(C, p)),
                         "KVR-E (table)": (sim.predict(kt, partition.even(C, p), net).ttft, partition.even(C, p)),
-                        "KVR-S": (sim.predict(kt, searched[C], net).ttft, searched[C]),
-                        "KVR-P": (sim.predict(kt, cP, net).ttft, cP),
+                        "KVR-S": (kvr(searched[C], net), searched[C]),
+                        "KVR-P": (kvr(cP, net), cP),
                     }
                     noisy = sim.network(p, **kw, jitter=a.jitter)
                     res["TSP noisy"] = (sim.replay_allgather(direct["TSP", C, p], partition.even(C, p), noisy,
                                                              bpt, emitter, seed=C).ttft, None)
-                    res["KVR-S noisy"] = (sim.replay_chain([kt.segments(ci, Si - ci) for ci, Si in zip(
-                        searched[C], partition.prefix_sums(searched[C]))], searched[C], noisy, bpt, seed=C).ttft,
-                        searched[C])
+                    res["KVR-S noisy"] = (kvr(searched[C], noisy, seed=C), searched[C])
                     for v, (t, c) in res.items():
                         rows.append(dict(model=name, C=C, p=p, variant=v, ttft_s=t, partition=c,
                                          source="simulated", link=link))
@@ -324,6 +357,25 @@ def simulate(a):
                         f"{v} {t * 1e3:.1f}" for v, (t, _) in res.items()), flush=True)
     save(a.out, dict(machine(), command=" ".join(sys.argv), profiles=a.profiles, jitter=a.jitter,
                      search=dict(steps=a.steps, levels=a.levels), table_C=a.table_C), rows)
+    summary(rows)
+
+
+def summary(rows):
+    """The simulated tables of BENCHMARKS.md: TTFT (ms) per variant, and the ratios the targets name."""
+    t = {(r["model"], r["link"], r["p"], r["C"], r["variant"]): r["ttft_s"] * 1e3 for r in rows}
+    for model, link in dict.fromkeys((r["model"], r["link"]) for r in rows):
+        print(f"\n{model}, links {link} (simulated; ms)\n")
+        out = []
+        for (m, lk, p, C, v) in t:
+            if (m, lk, v) == (model, link, "TSP"):
+                g = lambda v: t[model, link, p, C, v]  # noqa: E731
+                out.append(dict(p=p, C=C, **{k: f"{g(k):.1f}" for k in (
+                    "TSP", "TSP-zigzag", "KVR-E", "KVR-S", "KVR-P", "ideal")},
+                    **{"TSP/KVR-S": f"{g('TSP') / g('KVR-S'):.2f}", "zigzag/KVR-S": f"{g('TSP-zigzag') / g('KVR-S'):.2f}",
+                       "KVR-S/ideal": f"{g('KVR-S') / g('ideal'):.2f}", "KVR-P/KVR-S": f"{g('KVR-P') / g('KVR-S'):.3f}",
+                       "noisy TSP": f"{g('TSP noisy') / g('TSP') - 1:+.1%}",
+                       "noisy KVR-S": f"{g('KVR-S noisy') / g('KVR-S') - 1:+.1%}"}))
+        table(out, list(out[0]))
 
 
 def validate(a):
@@ -367,6 +419,9 @@ def validate(a):
             print(f"{path} C={C} p={p} {v}: real {r['ttft_s'] * 1e3:.1f} ms, simulated {t * 1e3:.1f} ms, "
                   f"error {out[-1]['error']:+.1%}", flush=True)
     save(a.out, dict(machine(), command=" ".join(sys.argv)), out)
+    table([dict(r, real_ms=f"{r['real_s'] * 1e3:.1f}", simulated_ms=f"{r['simulated_s'] * 1e3:.1f}",
+                error=f"{r['error']:+.1%}") for r in out],
+          ["C", "p", "variant", "real_ms", "simulated_ms", "error", "link", "devices"])
 
 
 # ----------------------------------------------------------------------------- plots
@@ -427,19 +482,31 @@ def main(argv=None):
     si.add_argument("--table-C", nargs="+", type=int, default=list(range(1024, 16385, 1024)),
                     help="contexts KVR-S is searched for to make KVR-P's table (the C predicted is left out)")
     si.add_argument("--jitter", type=float, default=0.5, help="noisy network: each message up to this much slower")
+    si.add_argument("--direct", nargs="*", default=[], help="profile-partitions files: KVR-S/KVR-P measured")
     si.add_argument("--out", default="results/simulated.json")
+    pp = sub.add_parser("profile-partitions", help="GPU: direct profiles of a simulate run's KVR-S/KVR-P")
+    pp.add_argument("simulated")
+    pp.add_argument("--dtype", default="float16")
+    pp.add_argument("--device", default="cuda")
+    pp.add_argument("--fuse", action="store_true")
+    pp.add_argument("--layers", type=int, default=4)
+    pp.add_argument("--repeats", type=int, default=5)
+    pp.add_argument("--out", default="results/partitions-{model}.json")
     va = sub.add_parser("validate", help="the simulator against real runs of `ranks` on this machine")
     va.add_argument("real", nargs="+", help="results JSON of bench.py ranks")
     va.add_argument("--devices", type=int, help="devices the real ranks shared (default: one each)")
     va.add_argument("--repeats", type=int, default=5)
     va.add_argument("--out", default="results/validate.json")
+    su = sub.add_parser("summary", help="the tables of a simulate results file, again")
+    su.add_argument("file")
     pl = sub.add_parser("plot", help="PNG plots of results files")
     pl.add_argument("files", nargs="*")
     pl.add_argument("--traces", nargs="*", help="trace JSON files to draw as one timeline figure")
     pl.add_argument("--timeline", default="results/timeline.png")
     a = ap.parse_args(argv)
     {"single": single, "ranks": ranks, "profile": profile, "simulate": simulate, "validate": validate,
-     "plot": plot}[a.cmd](a)
+     "profile-partitions": profile_partitions,
+     "plot": plot, "summary": lambda a: summary(json.load(open(a.file))["rows"])}[a.cmd](a)
 
 
 if __name__ == "__main__":
