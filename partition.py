@@ -134,7 +134,8 @@ class CostModel:
             t_i(l) = max(t_i(l-1), a_i(l)) + work_i        (rank i finishes layer l)
         with a_i(0) = t_i(0) = 0 and rank 0 never waiting. Sends are asynchronous, so a slow link
         delays only the ranks behind it. Exact for a pipeline that sends when a layer ends; the
-        real one sends right after the QKV projection, so this is pessimistic by under a layer.
+        real one sends right after the QKV projection, so rank i finishes earlier, by one layer's
+        work of every rank ahead of it, sum_{j<i} work_j (tests/test_sim.py checks the identity).
         """
         L, prev, out = self.n_layers, [0.0] * self.n_layers, []
         for i, (ci, Si) in enumerate(zip(c, prefix_sums(c))):
