@@ -6,16 +6,14 @@
     python figures.py ttft            figures/ttft.png, figures/speedup.png: TTFT vs context, measured here
     python figures.py example         the paper's worked example (C = 9, p = 3, 4,3,2), printed
 
-bench.py draws its own measurements with plot_timeline, plot_ttft and plot_speedup.
+bench.py draws its own measurements with plot_timeline here, and plots.py's plot_ttft and plot_speedup.
 """
-import argparse
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-import textwrap
 from collections import defaultdict
 
 import matplotlib
@@ -25,30 +23,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
+import cli  # noqa: E402
 import partition  # noqa: E402
+import plots  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIGURES = os.path.join(HERE, "figures")
 _sibling = os.path.join(os.path.dirname(sys.executable), "mpirun")
 MPIRUN = _sibling if os.path.exists(_sibling) else "mpirun"
 RANK_COLORS = plt.get_cmap("tab10").colors
-DPI = 120
 
 
 def _fmt(c):
     return ",".join(map(str, c))
 
 
-def _rel(path):
-    return os.path.relpath(path, HERE) if path.startswith(HERE) else path
-
-
 # ----------------------------------------------------------------------------- which cells are computed
 
 def tsp_spans(C, p, zigzag):
     """TSP's positions per rank, [(start, length), ...] each, as tsp.py lays them out."""
-    from tsp import layout                             # imports mpi4py; only needed here
-    return layout(C, p, zigzag)[0]
+    return partition.tsp_layout(C, p, zigzag)[0]
 
 
 def kvr_spans(c):
@@ -140,7 +134,7 @@ def draw_attention(C, p, c, out_png):
                bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(f"QK^T of a {C}-token prompt on {p} ranks: who computes which query x key cell", fontsize=11)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-    _save(fig, out_png)
+    plots.save(fig, out_png)
 
 
 def _pale(color, amount=0.75):
@@ -158,7 +152,7 @@ SPAN_MEANING = {"compute": "compute: Ln = layer n's attention and MLP, then the 
 
 
 def read_trace(path):
-    """{rank: [(name, layer, start_ms, duration_ms), ...]} from a --trace file (comm.Trace)."""
+    """{rank: [(name, layer, start_ms, duration_ms), ...]} from a --trace file (program.Trace)."""
     with open(path) as f:
         events = json.load(f)["traceEvents"]
     spans = defaultdict(list)
@@ -181,7 +175,7 @@ def _compute_label(layer, trace):
 def plot_timeline(trace_paths, titles, out_png):
     """One panel per Chrome-trace file (runahead.py/tsp.py --trace), one row per rank, a shared time axis.
 
-    Spans are coloured by name: compute, recv, send, allgather (comm.Trace). A compute span runs
+    Spans are coloured by name: compute, recv, send, allgather (program.Trace). A compute span runs
     from one K/V exchange to the next, so the one before layer l's exchange holds layer l-1's
     attention and MLP: wide ones are labelled that way (L0, L1, ..., last: L{n-1}+head). Each
     panel's title gets the time each rank's last span ends.
@@ -212,7 +206,7 @@ def plot_timeline(trace_paths, titles, out_png):
     handles = [Patch(facecolor=SPAN_COLORS[n], label=SPAN_MEANING[n]) for n in SPAN_COLORS if n in seen]
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, (0.25 + 0.22 * ((len(handles) + 1) // 2)) / fig.get_figheight(), 1, 1))
-    _save(fig, out_png)
+    plots.save(fig, out_png)
 
 
 def run_program(n, script, args, timeout=600):
@@ -250,133 +244,7 @@ def draw_timeline(p, C, partitions, out_png, threads=1):
         print(line)
 
 
-# ----------------------------------------------------------------------------- TTFT vs context
-
-VARIANTS = ["one process", "TSP", "TSP-zigzag", "KVR-E", "KVR-S", "KVR-P", "ideal"]
-VARIANT_COLORS = {"one process": "#7f7f7f", "TSP": "#c44e52", "TSP-zigzag": "#8172b3", "KVR-E": "#55a868",
-                  "KVR-S": "#4c72b0", "KVR-P": "#64b5cd", "ideal": "#000000"}
-
-
-def _groups(rows):
-    """Rows grouped by (model, link, p): one subplot each, in a stable order. A "one process" row
-    with p = 1 is drawn in every subplot of its model and link (it is the same run for every p)."""
-    groups = defaultdict(list)
-    single = [r for r in rows if r["variant"] == "one process" and r["p"] == 1]
-    for r in rows:
-        if not (r["variant"] == "one process" and r["p"] == 1):
-            groups[(r["model"], r["link"], r["p"])].append(r)
-    for r in single:
-        mine = [k for k in groups if k[:2] == (r["model"], r["link"])] or [(r["model"], r["link"], 1)]
-        for k in mine:
-            groups[k].append(r)
-    return [(k, groups[k]) for k in sorted(groups, key=lambda k: (k[0], k[1], k[2]))]
-
-
-def _style(variant, source):
-    if variant == "ideal":
-        return dict(color=VARIANT_COLORS["ideal"], ls=":", marker=None, lw=1)
-    return dict(color=VARIANT_COLORS.get(variant, "#999999"), ls="-" if source == "measured" else "--",
-                marker="o" if source == "measured" else None, ms=3.5, lw=1.5)
-
-
-def _subplots(n):
-    cols = min(n, 3)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(max(6.4, 4.3 * cols), 3.3 * rows + 1.3), squeeze=False)
-    for ax in list(axes.flat)[n:]:
-        ax.set_visible(False)
-    return fig, list(axes.flat)
-
-
-def _context_axis(ax, Cs):
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(Cs, [f"{C // 1024}k" if C % 1024 == 0 else str(C) for C in Cs], fontsize=8)
-    ax.minorticks_off()
-    ax.set_xlabel("context C (prompt tokens)")
-    ax.grid(alpha=0.3)
-
-
-def _legend_note(rows):
-    sources = {r["source"] for r in rows}
-    if sources == {"measured"}:
-        return "all measured"
-    if sources == {"simulated"}:
-        return "all simulated"
-    return "solid: measured, dashed: simulated"
-
-
-def plot_ttft(rows, out_png, title=None):
-    """TTFT vs context: one subplot per (model, link, p), one line per (variant, source).
-
-    rows: dicts with model, C, p, variant (see VARIANTS), ttft_s, source ("measured" or
-    "simulated"), link. Measured lines are solid with dots, simulated dashed, ideal dotted.
-    """
-    groups = _groups(rows)
-    fig, axes = _subplots(len(groups))
-    for ax, ((model, link, p), rs) in zip(axes, groups):
-        lines = defaultdict(list)
-        for r in rs:
-            lines[(r["variant"], r["source"])].append((r["C"], r["ttft_s"]))
-        for (variant, source), pts in sorted(lines.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])):
-            pts.sort()
-            ax.plot([C for C, _ in pts], [t * 1e3 for _, t in pts], label=f"{variant} ({source})"
-                    if variant != "ideal" else "ideal: one process / p", **_style(variant, source))
-        _context_axis(ax, sorted({r["C"] for r in rs}))
-        ax.set_yscale("log")
-        ax.set_ylabel("TTFT (ms)")
-        ax.set_title(f"{model}, p = {p}, {link}", fontsize=9)
-    _finish(fig, axes, title or f"Time to first token vs context ({_legend_note(rows)})", out_png)
-
-
-def plot_speedup(rows, out_png, title=None):
-    """TSP's TTFT divided by each variant's, vs context: above 1 beats TSP. Same rows as plot_ttft
-    (ideal left out).
-
-    A variant is compared with the TSP row of the same model, link, p, C and source (measured with
-    measured, simulated with simulated); where that is missing, with TSP of the other source.
-    """
-    tsp = {(r["model"], r["link"], r["p"], r["C"], r["source"]): r["ttft_s"] for r in rows if r["variant"] == "TSP"}
-    groups = _groups(rows)
-    fig, axes = _subplots(len(groups))
-    for ax, ((model, link, p), rs) in zip(axes, groups):
-        lines = defaultdict(list)
-        for r in rs:
-            if r["variant"] in ("TSP", "ideal"):       # ideal's p-fold would squash the rest
-                continue
-            other = "simulated" if r["source"] == "measured" else "measured"
-            base = tsp.get((model, link, p, r["C"], r["source"])) or tsp.get((model, link, p, r["C"], other))
-            if base:
-                lines[(r["variant"], r["source"])].append((r["C"], base / r["ttft_s"]))
-        for (variant, source), pts in sorted(lines.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])):
-            pts.sort()
-            ax.plot([C for C, _ in pts], [s for _, s in pts], label=f"{variant} ({source})"
-                    if variant != "ideal" else "ideal: one process / p", **_style(variant, source))
-        ax.axhline(1, color="#c44e52", lw=1, label="TSP")
-        _context_axis(ax, sorted({r["C"] for r in rs}))
-        ax.set_ylabel("speed-up over TSP (TSP TTFT / TTFT)")
-        ax.set_title(f"{model}, p = {p}, {link}", fontsize=9)
-    _finish(fig, axes, title or f"Speed-up over TSP vs context ({_legend_note(rows)})", out_png)
-
-
-def _finish(fig, axes, title, out_png):
-    """One legend for all subplots, below them; the title, wrapped, above."""
-    handles = {}
-    for ax in axes:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, h)
-    ncol = min(len(handles), 4 if fig.get_figwidth() > 8 else 3)
-    rows = (len(handles) + ncol - 1) // ncol
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    text = textwrap.fill(title, width=int(fig.get_figwidth() * 11))
-    fig.suptitle(text, fontsize=9)
-    h = fig.get_figheight()
-    fig.tight_layout(rect=(0, (0.1 + 0.2 * rows) / h, 1, 1 - (0.1 + 0.16 * text.count("\n")) / h))
-    _save(fig, out_png)
-
-
-def _order(variant):
-    return VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS)
-
+# ----------------------------------------------------------------------------- TTFT vs context, measured here
 
 def measure_ttft(p, Cs, repeats=1, threads=1):
     """Rows for plot_ttft from real runs of the built-in model here: the fastest of `repeats` runs
@@ -415,23 +283,16 @@ def _ratio(spec, C):
     return _fmt(c + [C - sum(c)])
 
 
-def _save(fig, out_png):
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=DPI)
-    plt.close(fig)
-    print(f"wrote {_rel(os.path.abspath(out_png))} ({os.path.getsize(out_png) // 1024} KB)")
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = cli.Parser(description=__doc__.splitlines()[0])
     ap.add_argument("what", nargs="?", default="all", choices=["all", "attention", "timeline", "ttft", "example"])
-    ap.add_argument("--C", type=int, help="attention/example: prompt tokens (9); timeline: (3072)")
-    ap.add_argument("-p", type=int, help="ranks (attention/example: 3, timeline: 3, ttft: 2)")
+    ap.add_argument("--C", type=cli.at_least(1), help="attention/example: prompt tokens (9); timeline: (3072)")
+    ap.add_argument("-p", type=cli.at_least(1), help="ranks (attention/example: 3, timeline: 3, ttft: 2)")
     ap.add_argument("--partition", help="attention/example: KV-Runahead's chunks (4,3,2); timeline: runahead.py's --partition, "
                          "several separated by ';', a:b:c for proportions (default: even and 5:4:3)")
     ap.add_argument("--traces", nargs="+", help="timeline: draw these --trace files instead of running")
-    ap.add_argument("--contexts", default="512,1024,2048,4096", help="ttft: the C values to measure")
-    ap.add_argument("--repeats", type=int, default=1, help="ttft: runs per point (the fastest is kept)")
+    ap.add_argument("--contexts", type=cli.ints(1), default=[512, 1024, 2048, 4096], help="ttft: the C values to measure")
+    ap.add_argument("--repeats", type=cli.at_least(1), default=1, help="ttft: runs per point (the fastest is kept)")
     ap.add_argument("--rows", help="ttft: draw these rows (JSON list) instead of measuring")
     ap.add_argument("--out", help="the PNG to write (default: figures/<name>.png)")
     a = ap.parse_args(argv)
@@ -459,14 +320,14 @@ def main(argv=None):
                 with open(a.rows) as f:
                     rows = json.load(f)
             else:
-                rows = measure_ttft(a.p or 2, [int(x) for x in a.contexts.split(",")], a.repeats)
+                rows = measure_ttft(a.p or 2, a.contexts, a.repeats)
                 with open(os.path.join(FIGURES, "ttft_cpu.json"), "w") as f:
                     json.dump(rows, f, indent=1)
             runs = rows[0].get("runs", 1)
             cpu = ("CPU measurements of the built-in model (runahead.py, tsp.py --threads 1), "
                    f"fastest of {runs} run{'s' if runs > 1 else ''} per point")
-            plot_ttft(rows, a.out or os.path.join(FIGURES, "ttft.png"), f"Time to first token vs context: {cpu}")
-            plot_speedup(rows, os.path.join(os.path.dirname(a.out or os.path.join(FIGURES, "x")), "speedup.png"),
+            plots.plot_ttft(rows, a.out or os.path.join(FIGURES, "ttft.png"), f"Time to first token vs context: {cpu}")
+            plots.plot_speedup(rows, os.path.join(os.path.dirname(a.out or os.path.join(FIGURES, "x")), "speedup.png"),
                          f"Speed-up over TSP vs context: {cpu}")
 
 

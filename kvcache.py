@@ -7,6 +7,11 @@ not repeated for their query group. Both live in one preallocated buffer per lay
 import torch
 
 
+def bytes_per_token(cfg, dtype):
+    """Bytes of one token's K and V in one layer: what the chain and the all-gather move per token."""
+    return 2 * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
+
+
 class KVCache:
     """Per-layer K/V storage; `update` appends a chunk and returns everything cached so far.
 

@@ -1,8 +1,9 @@
 """Hugging Face checkpoints into model.py, and SentencePiece tokenizers.
 
-A checkpoint directory holds config.json and weights in one of four forms: model.safetensors,
-sharded safetensors with model.safetensors.index.json, pytorch_model.bin, or sharded .bin with
-pytorch_model.bin.index.json. Every tensor is checked against what the config implies, and all
+config.json becomes model.Config (config_from_hf): HF's field names and defaults per family, and a
+clear refusal, naming the field, of anything model.py does not compute. The weights come in one
+of four forms: model.safetensors, sharded safetensors with model.safetensors.index.json,
+pytorch_model.bin, or sharded .bin with pytorch_model.bin.index.json. Every tensor is checked against what the config implies, and all
 problems are reported at once. `.bin` files are unpickled with weights_only=True, so a checkpoint
 cannot run code on load.
 """
@@ -10,13 +11,95 @@ import json
 import os
 import re
 
+import sentencepiece as spm
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from model import Config, Transformer
 
 
 class LoadError(ValueError):
-    pass
+    """A checkpoint directory we cannot read as it claims to be."""
+
+
+class ConfigError(ValueError):
+    """A config.json asking for something model.py does not compute."""
+
+
+def config_from_hf(d):
+    """Read a Hugging Face config.json dict; refuse what we do not implement, naming the field."""
+    kind = d.get("model_type")
+    if kind == "llama":
+        return _llama_config(d)
+    if kind == "falcon":
+        return _falcon_config(d)
+    raise ConfigError(f"config.json: unknown model_type {kind!r} (supported: 'llama', 'falcon')")
+
+
+def _rope_params(d):
+    """HF's rope_parameters, or the legacy rope_theta + rope_scaling keys folded into that form."""
+    rope = dict(d.get("rope_parameters") or {})
+    if not rope:
+        rope = dict(d.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+    rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type") or "default"
+    if rope["rope_type"] not in ("default", "linear", "dynamic", "llama3"):
+        raise ConfigError(f"config.json: rope_type {rope['rope_type']!r} is not supported "
+                          "(default, linear, dynamic, llama3)")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("config.json: partial_rotary_factor != 1 is not supported")
+    return rope
+
+
+def _llama_config(d):
+    if d.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (silu)")
+    nh = d.get("num_attention_heads", 32)
+    dim = d.get("hidden_size", 4096)
+    return Config(
+        arch="llama", vocab_size=d.get("vocab_size", 32000), dim=dim,
+        n_layers=d.get("num_hidden_layers", 32), n_heads=nh,
+        n_kv_heads=d.get("num_key_value_heads") or nh, head_dim=d.get("head_dim") or dim // nh,
+        ffn_dim=d.get("intermediate_size", 11008), norm_eps=d.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=d.get("max_position_embeddings", 2048), rope=_rope_params(d),
+        attn_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
+        tie_embeddings=d.get("tie_word_embeddings", False),
+        bos_token_id=d.get("bos_token_id", 1), eos_token_id=d.get("eos_token_id", 2))
+
+
+def _falcon_config(d):
+    for old in ("n_head", "n_layer", "n_head_kv"):
+        if old in d:
+            raise ConfigError(f"config.json: RW-era field {old!r} is not read by transformers; "
+                              "convert the config to FalconConfig names first")
+    if d.get("activation", "gelu") != "gelu":
+        raise ConfigError(f"config.json: activation {d['activation']!r} is not supported (gelu)")
+    nh = d.get("num_attention_heads", 71)
+    dim = d.get("hidden_size") or d.get("n_embed", 4544)
+    new_arch = d.get("new_decoder_architecture", False)
+    parallel = d.get("parallel_attn", True)
+    if new_arch:
+        if not parallel:
+            raise ConfigError("config.json: new_decoder_architecture needs parallel_attn=true")
+        layout, n_kv = "grouped", d.get("num_kv_heads") or nh
+        mlp_norm = (d.get("num_ln_in_parallel_attn") or 2) == 2
+        if nh % n_kv:
+            raise ConfigError(f"config.json: num_attention_heads {nh} is not a multiple of num_kv_heads {n_kv}")
+    elif d.get("multi_query", True):
+        layout, n_kv, mlp_norm = "mq", 1, not parallel
+    else:
+        layout, n_kv, mlp_norm = "per_head", nh, not parallel
+    bias = d.get("bias", False)
+    return Config(
+        arch="falcon", vocab_size=d.get("vocab_size", 65024), dim=dim,
+        n_layers=d.get("num_hidden_layers", 32), n_heads=nh, n_kv_heads=n_kv, head_dim=dim // nh,
+        ffn_dim=d.get("ffn_hidden_size") or 4 * dim, norm_eps=d.get("layer_norm_epsilon", 1e-5),
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        rope=None if d.get("alibi", False) else _rope_params(d), alibi=d.get("alibi", False),
+        attn_bias=bias, mlp_bias=bias, qkv_layout=layout, parallel_attn=parallel or new_arch,
+        mlp_norm=mlp_norm, tie_embeddings=d.get("tie_word_embeddings", True),
+        bos_token_id=d.get("bos_token_id", 11), eos_token_id=d.get("eos_token_id", 11))
 
 
 # HF name -> our name, per family. Our names are the parameter names in model.py.
@@ -53,7 +136,7 @@ def our_name(arch, hf_name):
 def read_config(path):
     try:
         with open(os.path.join(path, "config.json")) as f:
-            return Config.from_hf(json.load(f))
+            return config_from_hf(json.load(f))
     except FileNotFoundError:
         raise LoadError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)") from None
     except json.JSONDecodeError as e:
@@ -78,8 +161,6 @@ def read_tensors(file):
     if not os.path.exists(file):
         raise LoadError(f"{file}: named by the index but missing")
     if file.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
             return load_file(file)
         except (SafetensorError, OSError, ValueError) as e:
@@ -128,7 +209,6 @@ class Tokenizer:
     """tokenizer.model through sentencepiece, with BOS prepended like Llama's tokenizer."""
 
     def __init__(self, path):
-        import sentencepiece as spm
         file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
         if not os.path.exists(file):
             raise LoadError(f"{path}: no tokenizer.model")

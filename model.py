@@ -1,13 +1,15 @@
 """Llama and Falcon decoders, written by hand, computing exactly what Hugging Face computes.
 
 Read top to bottom: the config, RoPE and ALiBi, attention (the one function every mode shares),
-the two decoder blocks, the model, and greedy generation on one process.
+the two decoder blocks, the model, the models we build without a checkpoint (a small random one,
+and the paper's 7B shapes), and greedy generation on one process.
 
 The one idea the rest of the project builds on: a layer never owns its keys and values. It computes
 K/V for its own tokens and hands them to `kv.update(layer, k, v)`, which returns the K/V of every
 position the tokens may attend to, 0..Lk-1. A KV cache appends (kvcache.py); KV-Runahead receives the
 prefix from the left rank, appends, and sends it on (runahead.py); TSP all-gathers (tsp.py).
-Bit-for-bit agreement with HF needs HF's op order and casts; ../shared/hf-notes.md says which.
+Bit-for-bit agreement with HF needs HF's op order and dtype casts: the comments say where one matters,
+and tests/test_model.py checks every variant against transformers' own models.
 """
 import math
 import time
@@ -17,10 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
-
-
-class ConfigError(ValueError):
-    pass
 
 
 @dataclass
@@ -45,81 +43,6 @@ class Config:
     tie_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
-
-    @staticmethod
-    def from_hf(d):
-        """Read a Hugging Face config.json dict; refuse what we do not implement, naming the field."""
-        kind = d.get("model_type")
-        if kind == "llama":
-            return _llama_config(d)
-        if kind == "falcon":
-            return _falcon_config(d)
-        raise ConfigError(f"config.json: unknown model_type {kind!r} (supported: 'llama', 'falcon')")
-
-
-def _rope_params(d):
-    """HF's rope_parameters, or the legacy rope_theta + rope_scaling keys folded into that form."""
-    rope = dict(d.get("rope_parameters") or {})
-    if not rope:
-        rope = dict(d.get("rope_scaling") or {})
-        rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
-    rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type") or "default"
-    if rope["rope_type"] not in ("default", "linear", "dynamic", "llama3"):
-        raise ConfigError(f"config.json: rope_type {rope['rope_type']!r} is not supported "
-                          "(default, linear, dynamic, llama3)")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigError("config.json: partial_rotary_factor != 1 is not supported")
-    return rope
-
-
-def _llama_config(d):
-    if d.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (silu)")
-    nh = d.get("num_attention_heads", 32)
-    dim = d.get("hidden_size", 4096)
-    return Config(
-        arch="llama", vocab_size=d.get("vocab_size", 32000), dim=dim,
-        n_layers=d.get("num_hidden_layers", 32), n_heads=nh,
-        n_kv_heads=d.get("num_key_value_heads") or nh, head_dim=d.get("head_dim") or dim // nh,
-        ffn_dim=d.get("intermediate_size", 11008), norm_eps=d.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=d.get("max_position_embeddings", 2048), rope=_rope_params(d),
-        attn_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
-        tie_embeddings=d.get("tie_word_embeddings", False),
-        bos_token_id=d.get("bos_token_id", 1), eos_token_id=d.get("eos_token_id", 2))
-
-
-def _falcon_config(d):
-    for old in ("n_head", "n_layer", "n_head_kv"):
-        if old in d:
-            raise ConfigError(f"config.json: RW-era field {old!r} is not read by transformers; "
-                              "convert the config to FalconConfig names first")
-    if d.get("activation", "gelu") != "gelu":
-        raise ConfigError(f"config.json: activation {d['activation']!r} is not supported (gelu)")
-    nh = d.get("num_attention_heads", 71)
-    dim = d.get("hidden_size") or d.get("n_embed", 4544)
-    new_arch = d.get("new_decoder_architecture", False)
-    parallel = d.get("parallel_attn", True)
-    if new_arch:
-        if not parallel:
-            raise ConfigError("config.json: new_decoder_architecture needs parallel_attn=true")
-        layout, n_kv = "grouped", d.get("num_kv_heads") or nh
-        mlp_norm = (d.get("num_ln_in_parallel_attn") or 2) == 2
-        if nh % n_kv:
-            raise ConfigError(f"config.json: num_attention_heads {nh} is not a multiple of num_kv_heads {n_kv}")
-    elif d.get("multi_query", True):
-        layout, n_kv, mlp_norm = "mq", 1, not parallel
-    else:
-        layout, n_kv, mlp_norm = "per_head", nh, not parallel
-    bias = d.get("bias", False)
-    return Config(
-        arch="falcon", vocab_size=d.get("vocab_size", 65024), dim=dim,
-        n_layers=d.get("num_hidden_layers", 32), n_heads=nh, n_kv_heads=n_kv, head_dim=dim // nh,
-        ffn_dim=d.get("ffn_hidden_size") or 4 * dim, norm_eps=d.get("layer_norm_epsilon", 1e-5),
-        max_position_embeddings=d.get("max_position_embeddings", 2048),
-        rope=None if d.get("alibi", False) else _rope_params(d), alibi=d.get("alibi", False),
-        attn_bias=bias, mlp_bias=bias, qkv_layout=layout, parallel_attn=parallel or new_arch,
-        mlp_norm=mlp_norm, tie_embeddings=d.get("tie_word_embeddings", True),
-        bos_token_id=d.get("bos_token_id", 11), eos_token_id=d.get("eos_token_id", 11))
 
 
 # ----------------------------------------------------------------------------- positions
@@ -423,6 +346,39 @@ def builtin(arch="llama", seed=0, dtype=torch.float32):
             else:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
     return model.to(dtype).eval()
+
+
+DIMS = {  # the paper's models, with random weights: timing needs their shapes, not their values
+    "llama7b": dict(arch="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                    head_dim=128, ffn_dim=11008),
+    "falcon7b": dict(arch="falcon", vocab_size=65024, dim=4544, n_layers=32, n_heads=71, n_kv_heads=1,
+                     head_dim=64, ffn_dim=18176, qkv_layout="mq", parallel_attn=True, mlp_norm=False,
+                     tie_embeddings=True),
+}
+
+
+def dims_model(name, dtype=torch.float16, device="cuda", n_layers=None):
+    """Llama-2-7B or Falcon-7B shapes ("llama7b", "falcon7b") with random weights, or "builtin:llama".
+
+    Built on `device` in `dtype` directly (7B fp32 on a CPU first would take 28 GB). Layers are
+    identical, so a model of n_layers=4 times a layer as well as 32 do: KernelTable uses that.
+    """
+    if name.startswith("builtin:"):
+        return builtin(name.split(":")[1], dtype=dtype).to(device)
+    cfg = Config(**DIMS[name], max_position_embeddings=16384)
+    cfg.n_layers = n_layers or cfg.n_layers
+    with torch.device("meta"):                         # shapes only; storage comes with to_empty
+        m = Transformer(cfg).to(dtype)
+    m = m.to_empty(device=device)
+    if cfg.tie_embeddings:
+        m.lm_head.weight = m.embed.weight
+    with torch.no_grad():
+        for pname, p in m.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+            else:                                      # norm weights 1, biases 0
+                p.fill_(0.0 if pname.endswith("bias") else 1.0)
+    return m.eval()
 
 
 # ----------------------------------------------------------------------------- generation

@@ -1,4 +1,6 @@
-"""How to split a prompt of C tokens over p ranks: KV-Runahead's load balancing (paper §4, §5).
+"""How to split a prompt of C tokens over p ranks: the load balancing of KV-Runahead (Cho, Rastegari
+and Naik, "KV-Runahead: Scalable Causal LLM Inference by Parallel Key-Value Cache Generation", ICML
+2024: its cost analysis, and its context-level load balancing with KVR-E, KVR-S and KVR-P).
 
 A partition is a list `c` of p chunk lengths: c[0] for rank 0, the front of the chain, up to c[p-1]
 for the last rank, which ends with the full KV cache and emits the first token. S[i] = c[0]+..+c[i]
@@ -6,22 +8,22 @@ is where rank i's chunk ends, so S[p-1] = C and S[0..p-2] are the partition's p-
 
 Rank i attends c[i] queries to S[i] keys, so a token costs more the further back it sits in the
 chain: the even split (KVR-E) overloads the back, and good partitions are front-loaded. Read on for
-  validate, even, parse   well-formed partitions
+  validate, even, parse   well-formed partitions; tsp_layout, the baselines' splits
   CostModel               predicted per-rank times and TTFT, KV-Runahead and TSP; calibration
   searched                the hierarchical grid search over boundaries (KVR-S)
   Table, predicted        the lookup table of searched partitions and its interpolation (KVR-P)
   choose, main            what runahead.py runs; python partition.py searched --C 4096 -p 8
 """
-import argparse
 import itertools
 import json
 import math
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+import cli
 
 
 class PartitionError(ValueError):
@@ -70,6 +72,21 @@ def parse(spec, C, p):
     return validate(c, C, p)
 
 
+def tsp_layout(C, p, zigzag=False):
+    """TSP's split, per rank its spans of positions [(start, length), ...], and the rank that emits
+    the first token. Plain TSP: the even split, one span each, the last rank emits. Zigzag: 2p even
+    chunks, rank r holds chunks r and 2p-1-r (early and late tokens: balanced causal work), so rank 0
+    holds the last token and emits."""
+    if not zigzag:
+        c = even(C, p)
+        return [[(sum(c[:r]), c[r])] for r in range(p)], p - 1
+    if C < 2 * p:
+        raise PartitionError(f"--zigzag needs at least 2 tokens per rank: {C} tokens for {p} ranks")
+    c = even(C, 2 * p)
+    start = prefix_sums([0] + c[:-1])
+    return [[(start[r], c[r]), (start[2 * p - 1 - r], c[2 * p - 1 - r])] for r in range(p)], 0
+
+
 def prefix_sums(c):
     """S[i] = c[0] + .. + c[i]."""
     return list(itertools.accumulate(c))
@@ -80,7 +97,7 @@ def from_boundaries(b, C):
     return [v - u for u, v in zip([0, *b], [*b, C])]
 
 
-# ----------------------------------------------------------------------------- counting (paper §2)
+# ----------------------------------------------------------------------------- counting (the paper's worked example)
 
 def dot_products(c):
     """QK^T dot products per rank as the paper counts them: c[i] * S[i].
@@ -101,14 +118,15 @@ def tsp_kv_tokens(C, p):
     return 2 * sum(C - ci for ci in even(C, p))
 
 
-# ----------------------------------------------------------------------------- cost model (paper §4)
+# ----------------------------------------------------------------------------- cost model
 
 @dataclass
 class CostModel:
     """Predicted prefill time of a partition. Every coefficient is for the whole model, all layers.
 
-    Defaults: Llama-2-7B in bf16 on H100s linked at 300 GB/s, from paper.md §7. With p = 1 they give
-    TTFT 0.10 s at 4k, 0.49 s at 16k, 1.22 s at 32k, as measured there.
+    Defaults: Llama-2-7B in bf16 on H100s linked at 300 GB/s (the paper's NVLink). With p = 1 they
+    give TTFT 0.10 s at 4k, 0.49 s at 16k, 1.22 s at 32k: what one H100 measured for us with PyTorch
+    SDPA (about 59% of bf16 peak; BENCHMARKS.md).
     """
     lin: float = 2.24e-5           # s per token: QKV, o-proj, MLP (1.30e10 flop at 5.8e14 flop/s)
     attn: float = 4.5e-10          # s per query-key dot product (QK^T and PV), counted as in
@@ -155,7 +173,7 @@ class CostModel:
         return self.rank_times(c)[-1] + self.head + self.fixed
 
     def ttft_tsp(self, C, p):
-        """The TSP baseline (paper §3) on the even split: every layer ends in an all-gather, a
+        """The TSP baseline (the paper's tensor/sequence parallel prefill) on the even split: every layer ends in an all-gather, a
         barrier, so TTFT is the slowest rank's compute, lin c_i + attn c_i C (dense attention over
         all C keys, then masked), plus the gather: C - c_i tokens in over p - 1 ring steps.
         """
@@ -199,44 +217,7 @@ def calibrate(measure, points, **fields):
     return CostModel(**{**fields, "fixed": fixed, "lin": lin, "attn": attn})
 
 
-def calibrate_model(model, device="cpu", dtype=None, max_len=4096, repeats=3, **fields):
-    """Time real chunks of `model` (model.py's Transformer) and fit a CostModel to them.
-
-    For six (c, S) pairs up to S = max_len (>= 8), fill a fresh KVCache with the S - c prefix
-    tokens (untimed), then time one forward of c more tokens at positions S - c .. S - 1, keeping
-    the fastest of `repeats` after a warm-up. n_layers comes from model.cfg; the other **fields as
-    in calibrate. On a CPU shared with other work, timings spike: set torch threads to free cores.
-    """
-    import torch
-    from kvcache import KVCache
-
-    dtype = dtype or next(model.parameters()).dtype
-    tokens = torch.randint(model.cfg.vocab_size, (1, max_len), device=device)
-    points = [(c, prev + c) for c in (max_len // 8, max_len // 4, max_len // 2)
-              for prev in (0, max_len // 2)]
-
-    def sync():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-
-    @torch.inference_mode()
-    def measure(c, S):
-        kv, times = KVCache(model.cfg, 1, S, dtype, device), []
-        for _ in range(1 + repeats):                 # the first run warms up and is not counted
-            kv.reset()
-            if S > c:
-                model(tokens[:, :S - c], kv, 0, last_only=True)
-            sync()
-            t0 = time.perf_counter()
-            model(tokens[:, S - c:S], kv, S - c, last_only=True)
-            sync()
-            times.append(time.perf_counter() - t0)
-        return min(times[1:])
-
-    return calibrate(measure, points, **{"n_layers": model.cfg.n_layers, **fields})
-
-
-# ----------------------------------------------------------------------------- KVR-S (paper §5)
+# ----------------------------------------------------------------------------- KVR-S: searched
 
 def _stretch(b, j, x, C):
     """Boundaries b with b[j] moved to x and the rest stretched with it: the chunks before it
@@ -295,7 +276,7 @@ def searched(C, p, score, steps=8, levels=3, history=None):
     return validate(from_boundaries(b, C), C, p)
 
 
-# ----------------------------------------------------------------------------- KVR-P (paper §5)
+# ----------------------------------------------------------------------------- KVR-P: predicted
 
 class Table:
     """Searched partitions keyed by model name, p and C, kept as a JSON file."""
@@ -415,11 +396,11 @@ def explain(spec, C, p, model="", table=None, cost=None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Print a partition c0,c1,... of C prompt tokens over p "
+    ap = cli.Parser(description="Print a partition c0,c1,... of C prompt tokens over p "
                                              "ranks; stderr says where it came from.")
     ap.add_argument("how", choices=["even", "searched", "predicted"])
-    ap.add_argument("--C", type=int, required=True, help="prompt tokens")
-    ap.add_argument("-p", type=int, required=True, help="ranks")
+    ap.add_argument("--C", type=cli.at_least(1), required=True, help="prompt tokens")
+    ap.add_argument("-p", type=cli.at_least(1), required=True, help="ranks")
     ap.add_argument("--table", help=f"lookup table JSON of searched partitions (default: {TABLE} if present)")
     ap.add_argument("--model", default="", help="model name in the table (runahead.py's job.model_key)")
     ap.add_argument("--cost", help="CostModel JSON (default: --model's entry in calibration.json, "

@@ -14,13 +14,18 @@ import statistics
 import sys
 import time
 
-import torch
-from mpi4py import MPI
+import cli
 
-import partition
-from comm import abort_on_error, cli, report, say, setup
-from kvcache import KVCache
-from model import sync
+if __name__ == "__main__":                             # --help and bad options answer before torch loads
+    ARGS = cli.runahead().parse_args()
+
+import torch  # noqa: E402
+
+import partition  # noqa: E402
+from kvcache import KVCache  # noqa: E402
+from model import sync  # noqa: E402
+from profiling import calibrate_model  # noqa: E402
+from program import abort_on_error, report, say, setup  # noqa: E402
 
 
 class ChainKV:
@@ -70,7 +75,7 @@ def prefill(job, c, decode_room=0, math_path=False):
 def calibrate(job):
     """Measure this machine for the cost model: rank 0 times prefill chunks, ranks 0 and 1 the link."""
     t = job.transport
-    cost = partition.calibrate_model(job.model, job.device, job.dtype,
+    cost = calibrate_model(job.model, job.device, job.dtype,
                                      max_len=min(4096, max(64, job.tokens.shape[1]))) if job.rank == 0 else None
     t.barrier()                                        # the others wait politely meanwhile
     if job.size > 1 and job.rank < 2:                  # one layer's K/V of n tokens, there and back
@@ -99,7 +104,7 @@ def calibrate(job):
 
 def pick_partition(job, spec):
     """Rank 0 picks the partition (calibrating first if it must), every rank gets the same one."""
-    comm, C, p = job.transport.comm, job.tokens.shape[1], job.size
+    comm, C, p = job.comm, job.tokens.shape[1], job.size
     if job.rank == 0:
         table = partition.Table.load(partition.TABLE) if os.path.exists(partition.TABLE) else partition.Table()
         known = table.get(job.model_key, p, C) or (spec == "predicted" and table.contexts(job.model_key, p))
@@ -125,7 +130,7 @@ def pick_partition(job, spec):
 def live_search(job, args):
     """KVR-S measured live: rank 0 runs the grid search, and every candidate it scores is a real
     prefill by all ranks (median TTFT of --repeats). The best goes into the table."""
-    comm, C, p = job.transport.comm, job.tokens.shape[1], job.size
+    comm, C, p = job.comm, job.tokens.shape[1], job.size
 
     def measure(c):                                    # every rank runs this for every candidate
         ts = [prefill(job, c)[2] for _ in range(args.repeats)]
@@ -152,29 +157,19 @@ def live_search(job, args):
             measure(c)
 
 
-def main(argv=None):
-    ap = cli("KV-Runahead parallel prefill (run under mpirun)")
-    ap.add_argument("--partition", default="even",
-                    help="even | searched | predicted | c0,c1,... (one chunk per rank, summing to the prompt)")
-    ap.add_argument("--search-live", action="store_true",
-                    help="instead of one run: search the partition by measured TTFT, store it in the table")
-    ap.add_argument("--search-steps", type=int, default=4)
-    ap.add_argument("--search-levels", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3, help="runs per candidate in --search-live")
-    args = ap.parse_args(argv)
+def main(args):
     job = setup(args, prepare=lambda job: pick_partition(job, args.partition))
-    comm = MPI.COMM_WORLD
     if args.search_live:
-        with abort_on_error(comm):
+        with abort_on_error(job.comm):
             live_search(job, args)
         return
-    with abort_on_error(comm):
+    with abort_on_error(job.comm):
         logits, cache, ttft = prefill(job, job.c, args.max_new_tokens, args.math)
         job.transport.finish()
         job.transport.barrier()                        # a polite wait, not gather's spin
-        stats = comm.gather(job.transport.stats, root=job.size - 1)
+        stats = job.comm.gather(job.transport.stats, root=job.size - 1)
         if args.trace:
-            job.trace.write(comm, args.trace)
+            job.trace.write(job.comm, args.trace)
         if job.rank == job.size - 1:
             report(job, args, "KV-Runahead", job.rank, job.c, stats,
                    [f"partition ({args.partition}): {','.join(map(str, job.c))}  [{job.c_source}]"],
@@ -182,4 +177,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(ARGS))

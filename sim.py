@@ -1,197 +1,34 @@
-"""A trace-driven simulator of KV-Runahead and TSP: time every rank's real work on one device, then
-replay the ranks' dependencies over a modelled network.
+"""A trace-driven simulator of KV-Runahead and TSP: replay the ranks' measured work against each
+other over a modelled network. Pure Python: no torch, no device; profiling.py measures what it replays.
 
 A rank's compute does not depend on the other ranks, only *when* it may go on does. So one device can
-time what each of p ranks computes, and a few lines of Python can then play the p ranks against each
-other over any network, in microseconds instead of GPU-hours:
+time what each of p ranks computes (profiling.py), and a few lines of Python can then play the p ranks
+against each other over any network, in microseconds instead of GPU-hours. A rank's work comes in
+L+1 segments, cut exactly where a real rank waits for other ranks, the K/V point of each layer (the
+recv of the chain, TSP's all-gather):
+    0       embedding; layer 0 up to its K/V (norm, QKV, RoPE)
+    l       the rest of layer l-1 (attention, o-proj, MLP); layer l up to its K/V
+    L       the rest of the last layer; final norm; LM head on the last token
 
-  1. profile  Run one rank's forward alone (TimedKV stands in for the K/V it would receive) and time
-              it in L+1 segments, cut exactly where a real rank waits for other ranks, the K/V point
-              of each layer (the recv of the chain, TSP's all-gather):
-                0       embedding; layer 0 up to its K/V (norm, QKV, RoPE)
-                l       the rest of layer l-1 (attention, o-proj, MLP); layer l up to its K/V
-                L       the rest of the last layer; final norm; LM head on the last token
-  2. replay   Play the ranks' segments against each other: the chain's per-layer messages to the
-              right neighbour (asynchronous sends, one message at a time per link) or TSP's per-layer
-              all-gather (a barrier), over Links of given bandwidth, latency and jitter; each rank
-              on a device of its own, or all sharing a few (several ranks on one GPU or core).
-  3. scale    KernelTable: segment times on a grid of (chunk, prefix), interpolated, so that a KVR-S
-              search scores thousands of partitions in seconds; build_table makes the KVR-P table.
+  replay   Play the ranks' segments against each other: the chain's per-layer messages to the
+           right neighbour (asynchronous sends, one message at a time per link) or TSP's per-layer
+           all-gather (a barrier), over Links of given bandwidth, latency and jitter; each rank
+           on a device of its own, or all sharing a few (several ranks on one GPU or core).
+  scale    KernelTable: segment times on a grid of (chunk, prefix), interpolated, so that a KVR-S
+           search scores thousands of partitions in seconds; build_table makes the KVR-P table.
 
-    python sim.py profile --model llama7b --dtype float16 --device cuda --out kernels.json
-    python sim.py table --kernels kernels.json --ps 2,4,8 --Cs 1024,2048,4096,8192,16384
+    python profiling.py --model llama7b --dtype float16 --device cuda --kernels kernels.json
+    python sim.py --kernels kernels.json --ps 2,4,8 --Cs 1024,2048,4096,8192,16384
 """
-import argparse
 import bisect
 import json
-import platform
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-import torch
-
+import cli
 import partition
-from kvcache import KVCache
-from model import Config, Transformer, builtin, sync
-
-# ----------------------------------------------------------------------------- models at paper scale
-
-DIMS = {  # the paper's models, with random weights: timing needs their shapes, not their values
-    "llama7b": dict(arch="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-                    head_dim=128, ffn_dim=11008),
-    "falcon7b": dict(arch="falcon", vocab_size=65024, dim=4544, n_layers=32, n_heads=71, n_kv_heads=1,
-                     head_dim=64, ffn_dim=18176, qkv_layout="mq", parallel_attn=True, mlp_norm=False,
-                     tie_embeddings=True),
-}
-
-
-def dims_model(name, dtype=torch.float16, device="cuda", n_layers=None):
-    """Llama-2-7B or Falcon-7B shapes ("llama7b", "falcon7b") with random weights, or "builtin:llama".
-
-    Built on `device` in `dtype` directly (7B fp32 on a CPU first would take 28 GB). Layers are
-    identical, so a model of n_layers=4 times a layer as well as 32 do: KernelTable uses that.
-    """
-    if name.startswith("builtin:"):
-        return builtin(name.split(":")[1], dtype=dtype).to(device)
-    cfg = Config(**DIMS[name], max_position_embeddings=16384)
-    cfg.n_layers = n_layers or cfg.n_layers
-    with torch.device("meta"):                         # shapes only; storage comes with to_empty
-        m = Transformer(cfg).to(dtype)
-    m = m.to_empty(device=device)
-    if cfg.tie_embeddings:
-        m.lm_head.weight = m.embed.weight
-    with torch.no_grad():
-        for pname, p in m.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.02)
-            else:                                      # norm weights 1, biases 0
-                p.fill_(0.0 if pname.endswith("bias") else 1.0)
-    return m.eval()
-
-
-def bytes_per_token(cfg, dtype):
-    """Bytes of one token's K and V in one layer: what the chain and the all-gather move."""
-    return 2 * cfg.n_kv_heads * cfg.head_dim * dtype.itemsize
-
-
-# ----------------------------------------------------------------------------- 1. profile
-
-class Clock:
-    """Marks in time: host clock on a CPU, CUDA events on a GPU (recorded on the stream, no host sync
-    until `read`, so the GPU runs as it would unobserved)."""
-
-    def __init__(self, device):
-        self.cuda, self.marks = torch.device(device).type == "cuda", []
-
-    def mark(self):
-        if self.cuda:
-            self.marks.append(torch.cuda.Event(enable_timing=True))
-            self.marks[-1].record()
-        else:
-            self.marks.append(time.perf_counter())
-
-    def read(self):
-        """Seconds between consecutive marks; forgets them."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            d = [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
-        else:
-            d = [b - a for a, b in zip(self.marks, self.marks[1:])]
-        self.marks = []
-        return d
-
-
-class TimedKV:
-    """Stands in for ChainKV / GatherKV while one rank is profiled: does the rank's own K/V work,
-    communicates nothing, and marks the clock where the real rank would meet the other ranks.
-
-    Chain (`inbox`: random K/V of the S_{i-1} prefix tokens, as if received): append the prefix and
-    the own K/V to the cache, then mark: here the real rank has its K/V [0, S_i) and sends them.
-    (It waits just before the prefix append; marking after it keeps the send after the copy.)
-    All-gather (`gathered`: random K/V of all C tokens): stack own K and V, mark (the real rank
-    enters the all-gather), then what follows it: copy out the gathered K/V, zigzag's reordering,
-    the emitter's cache append. With neither: a plain KV cache, marked after each append.
-    """
-
-    def __init__(self, clock, cache=None, inbox=None, gathered=None, order=None, dense=False):
-        self.clock, self.cache, self.inbox, self.gathered, self.order = clock, cache, inbox, gathered, order
-        self.dense = dense
-
-    def reset(self):
-        if self.cache is not None:
-            self.cache.reset()
-
-    def update(self, layer, k, v):
-        if self.gathered is None:
-            if self.inbox is not None:
-                self.cache.update(layer, self.inbox[0], self.inbox[1])
-            k, v = self.cache.update(layer, k, v)
-            self.clock.mark()
-            return k, v
-        torch.stack((k, v))                            # what GatherKV hands to the all-gather
-        self.clock.mark()
-        kv = self.gathered.clone()                     # (2, B, n_kv, C, hs)
-        if self.order is not None:
-            kv = kv[:, :, :, self.order]
-        return self.cache.update(layer, kv[0], kv[1]) if self.cache is not None else (kv[0], kv[1])
-
-
-def _where(model):
-    p = next(model.parameters())
-    return p.device, p.dtype
-
-
-@torch.inference_mode()
-def _time(model, n, kv, start, repeats, warmup):
-    """Segment durations (L+1 floats, s) of a forward of n tokens at `start`: median of `repeats`."""
-    tokens, runs = torch.randint(model.cfg.vocab_size, (1, n), device=_where(model)[0]), []
-    for r in range(warmup + repeats):
-        kv.reset()
-        sync(tokens.device)
-        kv.clock.mark()
-        model(tokens, kv, start, last_only=True)       # every rank runs the LM head on its last token
-        kv.clock.mark()
-        d = kv.clock.read()
-        if r >= warmup:
-            runs.append(d)
-    return [statistics.median(col) for col in zip(*runs)]
-
-
-def profile_chunk(model, c, prefix, repeats=3, warmup=1):
-    """One KV-Runahead rank: c tokens after a prefix of `prefix` tokens. L+1 segment times (s)."""
-    (device, dtype), cfg = _where(model), model.cfg
-    cache = KVCache(cfg, 1, prefix + c, dtype, device)
-    inbox = torch.randn((2, 1, cfg.n_kv_heads, prefix, cfg.head_dim), dtype=dtype, device=device) if prefix else None
-    return _time(model, c, TimedKV(Clock(device), cache, inbox), prefix, repeats, warmup)
-
-
-def profile_kvr(model, c, repeats=3, warmup=1):
-    """Every rank of KV-Runahead with partition c: per rank, L+1 segment times (s)."""
-    S = partition.prefix_sums(c)
-    return [profile_chunk(model, ci, Si - ci, repeats, warmup) for ci, Si in zip(c, S)]
-
-
-def profile_single(model, C, repeats=3, warmup=1):
-    """One process prefilling C tokens: [L+1 segment times]; replay it as a chain of one rank."""
-    return [profile_chunk(model, C, 0, repeats, warmup)]
-
-
-def profile_tsp(model, C, p, zigzag=False, repeats=3, warmup=1):
-    """Every rank of TSP (dense masked attention) or zigzag TSP: per rank, L+1 segment times (s)."""
-    from tsp import layout                             # imported here: tsp.py starts MPI
-    (device, dtype), cfg = _where(model), model.cfg
-    spans, emitter = layout(C, p, zigzag)
-    gathered = torch.randn((2, 1, cfg.n_kv_heads, C, cfg.head_dim), dtype=dtype, device=device)
-    order = torch.cat([torch.arange(a, a + n) for s in spans for a, n in s]).argsort().to(device) if zigzag else None
-    out = []
-    for r, mine in enumerate(spans):
-        cache = KVCache(cfg, 1, C, dtype, device) if r == emitter else None
-        kv = TimedKV(Clock(device), cache, gathered=gathered, order=order, dense=not zigzag)
-        out.append(_time(model, sum(n for _, n in mine), kv, mine, repeats, warmup))
-    return out
-
 
 def expand(segs, n_layers):
     """A rank's L+1 segments stretched to n_layers: first, n_layers-1 middles (their median: the
@@ -200,7 +37,7 @@ def expand(segs, n_layers):
     return [segs[0]] + [statistics.median(segs[1:-1])] * (n_layers - 1) + [segs[-1]]
 
 
-# ----------------------------------------------------------------------------- 2. links and replays
+# ----------------------------------------------------------------------------- links and replays
 
 @dataclass
 class Link:
@@ -305,7 +142,7 @@ def replay_chain(segs, c, links, bytes_per_token, devices=None, seed=0):
     start = max(sent, link free), arrival = start + link.time(S_i * bytes_per_token).
 
     links: one Link for every hop or a list (link i from rank i to i+1). segs: per rank, L+1 segment
-    times (profile_kvr). devices: see _run; seed: of the links' jitter. Returns a Replay; TTFT is
+    times (profiling.profile_kvr). devices: see _run; seed: of the links' jitter. Returns a Replay; TTFT is
     the last rank's finish.
     """
     p, S = len(c), partition.prefix_sums(c)
@@ -333,7 +170,7 @@ def replay_allgather(segs, counts, links, bytes_per_token, emitter, devices=None
     """TSP: every layer ends in an all-gather, a barrier: it completes for all ranks at the latest
     arrival plus the gather time. The gather is a ring: p-1 steps, each moving the largest rank's
     chunk, max(counts) tokens, over all p links at once; a step lasts as long as its slowest link.
-    counts and emitter: from tsp.layout; links: one Link or a list of p (the ring, link r from rank r
+    counts and emitter: from partition.tsp_layout; links: one Link or a list of p (the ring, link r from rank r
     to r+1 mod p); devices and seed as in replay_chain. Returns a Replay; TTFT is the emitter's finish.
     """
     p = len(segs)
@@ -355,22 +192,8 @@ def replay_allgather(segs, counts, links, bytes_per_token, emitter, devices=None
     return Replay(finish, finish[emitter], timeline)
 
 
-def simulate_kvr(model, c, links, devices=None, repeats=3):
-    """Profile KV-Runahead's ranks for partition c, then replay them: what `mpirun runahead.py` would do."""
-    return replay_chain(profile_kvr(model, c, repeats), c, links, bytes_per_token(model.cfg, _where(model)[1]),
-                        devices)
-
-
-def simulate_tsp(model, C, p, links, zigzag=False, devices=None, repeats=3):
-    """Profile TSP's ranks (or zigzag's), then replay them: what `mpirun tsp.py` would do."""
-    from tsp import layout
-    spans, emitter = layout(C, p, zigzag)
-    return replay_allgather(profile_tsp(model, C, p, zigzag, repeats), [sum(n for _, n in s) for s in spans],
-                            links, bytes_per_token(model.cfg, _where(model)[1]), emitter, devices)
-
-
 def write_trace(replay, path):
-    """The replay as Chrome trace JSON, like comm.Trace writes a real run (open in Perfetto)."""
+    """The replay as Chrome trace JSON, like program.Trace writes a real run (open in Perfetto)."""
     events = [dict(name="thread_name", ph="M", pid=0, tid=r, args={"name": f"rank {r}"})
               for r in range(len(replay.timeline))]
     events += [dict(name=name, ph="X", pid=0, tid=r, args={"layer": layer}, ts=round(a * 1e6, 1),
@@ -389,7 +212,7 @@ def compare(real, simulated):
     return rows, text
 
 
-# ----------------------------------------------------------------------------- 3. at scale
+# ----------------------------------------------------------------------------- at scale
 
 def _lerp(xs, ys, x):
     """Piecewise linear through (xs, ys), xs ascending: below xs[0] the first value (small work is
@@ -422,24 +245,6 @@ class KernelTable:
             cs.insert(0, c)
             ts.insert(0, tuple(map(min, t, ts[0])) if ts else t)
 
-    @classmethod
-    def measure(cls, model, cs, prefixes, max_len=None, layers=None, repeats=5, warmup=1):
-        """Profile one rank at every (c, P) with P + c <= max_len (default max(cs)). `layers`: how many
-        layers segments() gives (default the model's; a 4-layer model can stand in for 32)."""
-        (device, dtype), cfg = _where(model), model.cfg
-        profile_chunk(model, max(cs), 0, 1, 1)         # wake the device up: clocks, libraries
-        grid = {}
-        for P in prefixes:
-            for c in cs:
-                if P + c <= (max_len or max(cs)):
-                    s = profile_chunk(model, c, P, repeats, warmup)
-                    grid[c, P] = (s[0], statistics.median(s[1:-1]), s[-1])
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-        meta = dict(cfg=asdict(cfg), dtype=str(dtype).split(".")[1], device=name, device_type=device.type,
-                    torch=torch.__version__, layers=layers or cfg.n_layers,
-                    bytes_per_token=bytes_per_token(cfg, dtype), repeats=repeats)
-        return cls(grid, meta)
-
     def save(self, path):
         with open(path, "w") as f:
             json.dump(dict(meta=self.meta, grid=[[c, P, *t] for (c, P), t in sorted(self.grid.items())]), f, indent=1)
@@ -452,7 +257,7 @@ class KernelTable:
 
     @property
     def model_key(self):
-        """The key runahead.py files partitions under (comm.py's job.model_key), at `layers` layers."""
+        """The key runahead.py files partitions under (program.py's job.model_key), at `layers` layers."""
         m = self.meta["cfg"]
         return (f"{m['arch']}-d{m['dim']}-L{self.meta['layers']}-h{m['n_heads']}-kv{m['n_kv_heads']}"
                 f"-{self.meta['dtype']}-{self.meta['device_type']}")
@@ -489,35 +294,20 @@ def build_table(table, Cs, ps, links, key=None, steps=8, levels=3):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="profile: measure a KernelTable; table: KVR-S partitions on one")
-    ap.add_argument("cmd", choices=["profile", "table"])
-    ap.add_argument("--kernels", default="kernels.json", help="the KernelTable profile writes and table reads")
-    ap.add_argument("--model", default="llama7b", help="llama7b | falcon7b | builtin:llama | builtin:falcon")
-    ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--layers", type=int, default=4, help="layers of a 7B model to time (the table gives 32)")
-    ap.add_argument("--cs", default="128,256,512,1024,2048,4096,8192,16384")
-    ap.add_argument("--prefixes", default="0,1024,2048,4096,8192,12288")
-    ap.add_argument("--repeats", type=int, default=10, help="timed runs per grid point (median)")
-    ap.add_argument("--ps", default="2,4,8")
-    ap.add_argument("--Cs", default="1024,2048,4096,8192,12288,16384")
-    ap.add_argument("--bandwidth", type=float, default=300e9, help="bytes/s per link (paper: 300e9, 10e9)")
-    ap.add_argument("--out", default="partitions.json", help="where table writes the partition.Table")
+    ap = cli.Parser(description="KVR-S partitions searched on a KernelTable (profiling.py "
+                                             "measures one), saved as a partition.Table")
+    ap.add_argument("--kernels", default="kernels.json", help="the KernelTable JSON to read")
+    ap.add_argument("--ps", type=cli.ints(1), default=[2, 4, 8])
+    ap.add_argument("--Cs", type=cli.ints(1), default=[1024, 2048, 4096, 8192, 12288, 16384])
+    ap.add_argument("--bandwidth", type=cli.positive, default=300e9, help="bytes/s per link (paper: 300e9, 10e9)")
+    ap.add_argument("--out", default="partitions.json", help="where to write the partition.Table")
     a = ap.parse_args(argv)
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     t0 = time.perf_counter()
-    if a.cmd == "profile":
-        small = None if a.model.startswith("builtin:") else a.layers
-        m = dims_model(a.model, getattr(torch, a.dtype), a.device, small)
-        kt = KernelTable.measure(m, ints(a.cs), ints(a.prefixes), layers=small and DIMS[a.model]["n_layers"],
-                                 repeats=a.repeats)
-        kt.save(a.kernels)
-        return print(f"wrote {a.kernels} in {time.perf_counter() - t0:.1f} s")
     kt, link = KernelTable.load(a.kernels), Link(a.bandwidth)
-    table = build_table(kt, ints(a.Cs), ints(a.ps), link)
+    table = build_table(kt, a.Cs, a.ps, link)
     table.save(a.out)
-    for p in ints(a.ps):
-        for C in ints(a.Cs):
+    for p in a.ps:
+        for C in a.Cs:
             c = table.get(kt.model_key, p, C)
             print(f"p={p} C={C}: {','.join(map(str, c))}  simulated TTFT {predict(kt, c, link).ttft * 1e3:.1f} ms, "
                   f"even split {predict(kt, partition.even(C, p), link).ttft * 1e3:.1f} ms")

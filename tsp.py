@@ -1,4 +1,5 @@
-"""TSP, the paper's baseline: split the prompt evenly, all-gather every layer's K/V on every rank.
+"""TSP (tensor/sequence parallel), the paper's baseline: split the prompt evenly, all-gather every
+layer's K/V on every rank.
 
 Each rank computes Q/K/V for its C/p tokens; every layer all ranks all-gather K and V (one collective,
 a global synchronisation point), so each holds all C keys; each computes a dense (C/p x C) QK^T and
@@ -12,13 +13,17 @@ r and 2p-1-r (early and late tokens: balanced causal work), and attention skips 
 import sys
 import time
 
-import torch
-from mpi4py import MPI
+import cli
 
-from comm import abort_on_error, cli, report, setup
-from kvcache import KVCache
-from model import sync
-from partition import even
+if __name__ == "__main__":                             # --help and bad options answer before torch loads
+    ARGS = cli.tsp().parse_args()
+
+import torch  # noqa: E402
+
+from kvcache import KVCache  # noqa: E402
+from model import sync  # noqa: E402
+from partition import tsp_layout  # noqa: E402
+from program import abort_on_error, report, setup  # noqa: E402
 
 
 class GatherKV:
@@ -39,23 +44,11 @@ class GatherKV:
         return kv[0], kv[1]
 
 
-def layout(C, p, zigzag):
-    """Per rank: its spans of positions [(start, length), ...]; and the rank emitting the first token."""
-    if not zigzag:
-        c = even(C, p)
-        return [[(sum(c[:r]), c[r])] for r in range(p)], p - 1
-    if C < 2 * p:
-        raise ValueError(f"--zigzag needs at least 2 tokens per rank: {C} tokens for {p} ranks")
-    c = even(C, 2 * p)
-    start = [sum(c[:j]) for j in range(2 * p)]
-    return [[(start[r], c[r]), (start[2 * p - 1 - r], c[2 * p - 1 - r])] for r in range(p)], 0
-
-
 @torch.no_grad()
 def prefill(job, zigzag, decode_room=0, math_path=False):
     """This rank's part of TSP. Returns (logits of its last token, cache or None, seconds, emitting rank)."""
     C = job.tokens.shape[1]
-    spans, emitter = layout(C, job.size, zigzag)
+    spans, emitter = tsp_layout(C, job.size, zigzag)
     mine = spans[job.rank]
     positions = torch.cat([torch.arange(a, a + n) for s in spans for a, n in s])   # in rank order
     order = None if not zigzag else positions.argsort().to(job.device)
@@ -76,20 +69,16 @@ def prefill(job, zigzag, decode_room=0, math_path=False):
     return logits, cache, time.perf_counter() - t0, emitter
 
 
-def main(argv=None):
-    ap = cli("TSP baseline: sequence-split prefill that all-gathers K/V (run under mpirun)")
-    ap.add_argument("--zigzag", action="store_true", help="load-balanced zigzag split, masked work skipped")
-    args = ap.parse_args(argv)
-    job = setup(args, prepare=lambda job: layout(job.tokens.shape[1], job.size, args.zigzag))
-    comm = MPI.COMM_WORLD
-    with abort_on_error(comm):
+def main(args):
+    job = setup(args, prepare=lambda job: tsp_layout(job.tokens.shape[1], job.size, args.zigzag))
+    with abort_on_error(job.comm):
         logits, cache, ttft, emitter = prefill(job, args.zigzag, args.max_new_tokens, args.math)
         job.transport.barrier()                        # a polite wait, not gather's spin
-        stats = comm.gather(job.transport.stats, root=emitter)
+        stats = job.comm.gather(job.transport.stats, root=emitter)
         if args.trace:
-            job.trace.write(comm, args.trace)
+            job.trace.write(job.comm, args.trace)
         if job.rank == emitter:
-            spans = layout(job.tokens.shape[1], job.size, args.zigzag)[0]
+            spans = tsp_layout(job.tokens.shape[1], job.size, args.zigzag)[0]
             report(job, args, "TSP" + (" (zigzag)" if args.zigzag else ""), emitter,
                    [sum(n for _, n in s) for s in spans], stats,
                    ["split: " + " | ".join("+".join(f"[{a},{a + n})" for a, n in s) for s in spans)],
@@ -97,4 +86,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(ARGS))

@@ -14,8 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from kvcache import KVCache
-from load_weights import LoadError, load_model
-from model import ConfigError
+from load_weights import ConfigError, LoadError, load_model
 
 
 @pytest.fixture
@@ -97,15 +96,31 @@ def write_bin(d, obj):
     torch.save(obj, d / "pytorch_model.bin")
 
 
-def test_pickle_payload_never_runs(ckpt, tmp_path):
-    """A .bin holding an object whose unpickling runs code is refused and the code does not run;
-    the same file under a plain torch.load(weights_only=False) does run it (so the check is live)."""
+@pytest.fixture
+def unsafe_torch_default(monkeypatch):
+    """torch.load's default is weights_only=True since torch 2.6, so dropping load_weights.py's explicit
+    weights_only=True would change nothing by default. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (read by
+    torch.load on every call) turns the default off, but only where the caller does not pass
+    weights_only: with it, only the explicit argument protects. TORCH_FORCE_WEIGHTS_ONLY_LOAD must be
+    unset, or torch.load raises for both being set (which read_tensors would report as a refusal)."""
+    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+
+def test_pickle_payload_never_runs(ckpt, tmp_path, unsafe_torch_default):
+    """A .bin holding an object whose unpickling runs code is refused and the code does not run, even
+    with torch's default forced unsafe; the same file under that default torch.load(), and under a
+    plain torch.load(weights_only=False), does run it (so the check is live)."""
     d, sd = ckpt
     marker = tmp_path / "pwned"
     write_bin(d, {**sd, "model.norm.weight": Payload(str(marker))})
     with pytest.raises(LoadError, match=r"pytorch_model\.bin: refused to unpickle"):
         load_model(str(d))
     assert not marker.exists()
+    with pytest.warns(UserWarning, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):  # the env var is live
+        torch.load(d / "pytorch_model.bin")["model.norm.weight"].close()
+    assert marker.exists()
+    marker.unlink()
     torch.load(d / "pytorch_model.bin", weights_only=False)["model.norm.weight"].close()
     assert marker.exists()
 
@@ -155,7 +170,7 @@ def test_no_weights(ckpt):
 
 def test_tied_config_with_stored_lm_head(checkpoint, tmp_path):
     """Bitwise: when tie_word_embeddings is true but the file holds lm_head.weight anyway, HF 5.24
-    uses the stored head (hf-notes §2); so must we. Compared with HF from_pretrained on the same dir."""
+    uses the stored head (checked against transformers 5.24); so must we. Compared with HF from_pretrained on the same dir."""
     d = tmp_path / "ckpt"
     shutil.copytree(checkpoint("llama_tied"), d)
     sd = load_file(d / "model.safetensors")

@@ -23,9 +23,10 @@ from model import Config, generate
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-# HF's dynamic RoPE recomputes its base from the longest position seen so far, so on a prompt longer
-# than max_position_embeddings a chunk's RoPE depends on how the prompt was cut (by design, hf-notes
-# §1; 6.5e-4 apart here): for that variant the oracle is a fresh HF model fed the same chunks.
+# HF's dynamic RoPE recomputes its base from the longest position seen so far (state kept across
+# calls), so on a prompt longer than max_position_embeddings a chunk's RoPE depends on how the prompt
+# was cut (by design; 6.5e-4 apart here): for that variant the oracle is a fresh HF model fed the
+# same chunks.
 CHUNK_DEPENDENT = {"llama_dynamic_long"}
 SCHEDULES = {"chunked": [5, 1, 7, 1, 10], "decode": [6] + [1] * 18}  # chunk lengths, summing to T
 
@@ -71,7 +72,10 @@ def test_checkpoint_formats_are_what_they_claim(checkpoint):
 def test_full_prefill_bitwise(checkpoint, name, fmt, dtype):
     """Bitwise: full prefill from position 0 gives HF sdpa's logits and K/V exactly (torch.equal).
 
-    Our code copies HF's op order and casts (hf-notes §6), so nothing but identical bits is expected,
+    Our code copies HF's op order and casts (RMSNorm in fp32 with rsqrt, then cast back, then the
+    weight; inv_freq as an fp32 pow; RoPE angles and cos/sin in fp32; the scale multiplied, not
+    divided; Falcon's bias added after the matmul; ALiBi rounded to bf16; HF's "fp64" Llama keeps these
+    fp32 steps), so nothing but identical bits is expected,
     from every checkpoint format, in fp32 and fp64. llama_dynamic_long (T 24 > max_pos 16) is included:
     a fresh HF model and ours both stretch the RoPE base for this one prompt length.
     """
@@ -100,6 +104,7 @@ def test_incremental_matches_full_prefill(checkpoint, name, schedule, dtype):
     model = load_model(checkpoint(name), dtype)
     logits, cache = run_chunks(model, dtype, schedule)
     torch.testing.assert_close(logits, ref_logits, atol=ATOL[dtype], rtol=0)
+    assert len(ref_kv) == model.cfg.n_layers == len(cache.kv)      # the loop below covers every layer
     for i, (hk, hv) in enumerate(ref_kv):
         k, v = cache.layer(i)
         torch.testing.assert_close(ours(model, k), hk, atol=ATOL[dtype], rtol=0)
@@ -114,7 +119,8 @@ def test_math_path(checkpoint, name, schedule, dtype):
     against HF eager fed the same chunks through its cache. Llama eager runs softmax in fp32 even in
     fp64 (so does our math path); that rounding step puts HF eager's own chunked and full prefill up
     to ~7e-7 apart in fp64 on these models (eager vs sdpa likewise), so the oracle must be eager with
-    the same chunking. Falcon-RW is compared with HF sdpa: HF 5.24's eager adds ALiBi twice (hf-notes §2)."""
+    the same chunking. Falcon-RW is compared with HF sdpa: HF 5.24's eager adds ALiBi twice (a bug in
+transformers: eager and sdpa differ by 6e-3 to 1e-1 there)."""
     attn = "sdpa" if VARIANTS[name][1].get("alibi") else "eager"
     ref_logits, _ = hf_run(name, dtype, attn, schedule)
     model = load_model(checkpoint(name), dtype)
@@ -179,4 +185,5 @@ def test_fuse_compiles_pre_and_post_without_changing_results(checkpoint, name):
     assert all(type(b.pre).__name__ != "method" for b in model.layers)
     fused_logits, fused_cache = run_chunks(model, torch.float32, (9, 1, 14))
     assert torch.equal(logits, fused_logits)
-    assert all(torch.equal(a, b) for a, b in zip(cache.kv, fused_cache.kv))
+    assert len(cache.kv) == len(fused_cache.kv) == model.cfg.n_layers
+    assert all(torch.equal(a, b) for a, b in zip(cache.kv, fused_cache.kv, strict=True))

@@ -10,8 +10,10 @@ Claims, each tested below:
   bytes are the paper's formulas for the partition used;
 - failures: bad input exits non-zero on every rank with one line; a dead rank ends the job.
 """
+import glob
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,7 +112,8 @@ def test_runahead_is_bitwise_chunked_prefill(tmp_path, checkpoints, arch, c):
     logits, kv, gen = chunked_reference(load_model(checkpoints[arch]), PROMPT, c, 5)
     assert d["partition"] == c
     assert torch.equal(d["logits"], logits)
-    for (k, v), (rk, rv) in zip(d["past_key_values"], kv):
+    assert len(d["past_key_values"]) == len(kv) == 2   # hf_model's 2 layers: none left out of the zip
+    for (k, v), (rk, rv) in zip(d["past_key_values"], kv, strict=True):
         assert k.shape == (1, load_model(checkpoints[arch]).cfg.n_kv_heads, 23, 8)
         assert torch.equal(k, rk) and torch.equal(v, rv)
     assert d["generated_ids"] == gen and d["first_token"] == gen[0]
@@ -142,7 +145,8 @@ def test_matches_hf(tmp_path, checkpoints, arch, dtype, tol, program, n, extra):
                      "--dtype", dtype, "--max-new-tokens", "6", *extra)
     logits, kv, gen = hf_prefill(checkpoints[arch], arch, getattr(torch, dtype), 6)
     torch.testing.assert_close(d["logits"], logits, atol=tol, rtol=0)
-    for (k, v), (hk, hv) in zip(d["past_key_values"], kv):
+    assert len(d["past_key_values"]) == len(kv) == 2
+    for (k, v), (hk, hv) in zip(d["past_key_values"], kv, strict=True):
         g = hk.shape[1] // k.shape[1]                  # falcon-40b: HF repeats each KV head
         torch.testing.assert_close(k.repeat_interleave(g, 1), hk, atol=tol, rtol=0)
         torch.testing.assert_close(v.repeat_interleave(g, 1), hv, atol=tol, rtol=0)
@@ -154,11 +158,17 @@ def test_matches_hf(tmp_path, checkpoints, arch, dtype, tol, program, n, extra):
 def test_dynamic_rope_stretched_for_the_whole_prompt(tmp_path, checkpoints, program, extra):
     """Dynamic NTK RoPE stretches its base for the prompt's length (23 > max_pos 16). Every rank must
     use the whole prompt's base, not its own last position's, to give HF's one-shot prefill (fp64)."""
-    d, _ = run_saved(tmp_path, 3, program, "--model", checkpoints["llama_dynamic"], "--prompt-ids", IDS,
-                     "--dtype", "float64")
+    d, out = run_saved(tmp_path, 3, program, "--model", checkpoints["llama_dynamic"], "--prompt-ids", IDS,
+                       "--dtype", "float64", *extra)
+    # the run is the one asked for: 23 tokens on 3 ranks as 5,11,7; TSP's even 8,8,7; zigzag's
+    # 6 chunks of even(23, 6) = 4,4,4,4,4,3, rank r holding chunks r and 5-r: 4+3, 4+4, 4+4
+    want = {"runahead.py": [5, 11, 7], "tsp.py": [7, 8, 8] if extra else [8, 8, 7]}[program]
+    assert d["partition"] == want
+    assert ("TSP (zigzag):" in out) == ("--zigzag" in extra)
     logits, kv, _ = hf_prefill(checkpoints["llama_dynamic"], "llama", torch.float64, 1)
     torch.testing.assert_close(d["logits"], logits, atol=1e-10, rtol=0)
-    for (k, v), (hk, hv) in zip(d["past_key_values"], kv):
+    assert len(d["past_key_values"]) == len(kv) == 2
+    for (k, v), (hk, hv) in zip(d["past_key_values"], kv, strict=True):
         torch.testing.assert_close(k, hk, atol=1e-10, rtol=0)
         torch.testing.assert_close(v, hv, atol=1e-10, rtol=0)
 
@@ -172,13 +182,16 @@ def test_chain_messages(tmp_path, checkpoints, c):
                      "--prompt-ids", IDS, "--partition", ",".join(map(str, c)))
     L, per_token = 2, 2 * 2 * 8 * 4                    # layers; K+V x 2 KV heads x hs 8 x float32
     S = [sum(c[:i + 1]) for i in range(len(c))]
+    assert d["partition"] == c and len(d["messages"]) == len(c)   # one record per rank
     for i, m in enumerate(d["messages"]):
         assert m["sends"] == (L if i < len(c) - 1 else 0)
         assert m["recvs"] == (L if i > 0 else 0)
         assert m["allgathers"] == 0
         assert m["bytes_sent"] == (L * S[i] * per_token if i < len(c) - 1 else 0)
+        assert m["bytes_recv"] == (L * S[i - 1] * per_token if i > 0 else 0)   # the prefix before it
     total = sum(m["bytes_sent"] for m in d["messages"])
     assert total == L * chain_kv_tokens(c) * per_token // 2   # chain_kv_tokens counts K and V
+    assert sum(m["bytes_recv"] for m in d["messages"]) == total  # every byte sent is received
 
 
 @pytest.mark.parametrize("n,zigzag", [(3, False), (4, True)])
@@ -187,11 +200,17 @@ def test_tsp_messages(tmp_path, checkpoints, n, zigzag):
     d, _ = run_saved(tmp_path, n, "tsp.py", "--model", checkpoints["llama_gqa"], "--prompt-ids", IDS,
                      *(["--zigzag"] if zigzag else []))
     L, per_token = 2, 2 * 2 * 8 * 4
+    # tokens per rank, by hand: even(23, 3) = 8,8,7; zigzag on 4 ranks: even(23, 8) = 3 x 7 then 2,
+    # rank r holding chunks r and 7-r: 3+2, 3+3, 3+3, 3+3
+    assert d["partition"] == ([5, 6, 6, 6] if zigzag else [8, 8, 7])
+    assert len(d["messages"]) == n                     # one record per rank
     for r, m in enumerate(d["messages"]):
         assert (m["allgathers"], m["sends"], m["recvs"]) == (L, 0, 0)
         assert m["bytes_recv"] == L * (23 - d["partition"][r]) * per_token
+        assert m["bytes_sent"] == L * d["partition"][r] * per_token   # its own chunk, once per layer
     total = sum(m["bytes_recv"] for m in d["messages"])
     assert total == L * tsp_kv_tokens(23, n) * per_token // 2
+    assert sum(m["bytes_sent"] for m in d["messages"]) == L * 23 * per_token   # the whole cache once
 
 
 # ---------------------------------------------------------------- the command line and its failures
@@ -214,9 +233,8 @@ def test_searched_and_predicted_partitions_run(tmp_path):
 
 def test_live_search_measures_and_stores(tmp_path):
     """--search-live scores real prefills, stores the winner, and `searched` then reads it back."""
-    import shutil
-    for f in ("runahead.py", "partition.py", "comm.py", "model.py", "kvcache.py", "load_weights.py"):
-        shutil.copy(os.path.join(ROOT, f), tmp_path)   # its own table and calibration files
+    for f in glob.glob(os.path.join(ROOT, "*.py")):
+        shutil.copy(f, tmp_path)                       # its own table and calibration files
     cmd = [MPIRUN, "-n", "2", sys.executable, "runahead.py", "--threads", "1", "--prompt-len", "64"]
     r = subprocess.run(cmd + ["--search-live", "--repeats", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -235,6 +253,8 @@ def test_live_search_measures_and_stores(tmp_path):
     (2, ["--model", "/nonexistent"], "config.json"),
     (2, ["--model", "builtin:gpt2"], "builtin:llama"),
     (2, ["--prompt-ids", "1,99999"], "outside the vocabulary"),
+    (3, ["--max-new-tokens", "0"], "argument --max-new-tokens: 0 is out of range"),
+    (2, ["--threads", "0"], "argument --threads: 0 is out of range"),
 ])
 def test_bad_input_fails_on_every_rank(n, args, message):
     t = time.time()
@@ -256,9 +276,10 @@ def test_exception_on_one_rank_aborts_the_job(tmp_path):
     script = tmp_path / "boom.py"
     script.write_text(
         "import sys; sys.path.insert(0, %r)\n"
-        "from mpi4py import MPI\nimport torch\nfrom comm import Transport, abort_on_error\n"
-        "t = Transport(MPI.COMM_WORLD, 'cpu', polite=True)\n"
-        "with abort_on_error():\n"
+        "from mpi4py import MPI\nimport torch\nimport transport\nfrom program import abort_on_error\n"
+        "comm, _ = transport.init('cpu')\n"
+        "t = transport.Transport(comm, 'cpu', polite=True)\n"
+        "with abort_on_error(comm):\n"
         "    if t.rank == 1: raise RuntimeError('boom')\n"
         "    t.recv(torch.empty(4), 1, tag=0)\n" % ROOT)
     t = time.time()

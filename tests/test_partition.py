@@ -5,7 +5,6 @@ import re
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -153,33 +152,6 @@ def test_calibrate_keeps_coefficients_non_negative():
     assert got.fixed == 0 and got.lin > 0 and got.attn > 0
 
 
-def test_calibrate_model_times_each_chunk_after_its_prefix(monkeypatch):
-    torch = pytest.importorskip("torch")
-    calls = []
-
-    class FakeKV:
-        def __init__(self, cfg, batch, capacity, dtype, device):
-            self.capacity, self.n = capacity, 0
-
-        def reset(self):
-            self.n = 0
-
-    class FakeModel:
-        cfg = SimpleNamespace(n_layers=3, vocab_size=50)
-
-        def __call__(self, tokens, kv, start, last_only=False):
-            assert start == kv.n and start + tokens.shape[1] <= kv.capacity
-            kv.n += tokens.shape[1]
-            calls.append((start, tokens.shape[1], kv.capacity))
-
-    monkeypatch.setitem(sys.modules, "kvcache", SimpleNamespace(KVCache=FakeKV))
-    cost = P.calibrate_model(FakeModel(), "cpu", torch.float32, max_len=64, repeats=2, head=0.5)
-    assert (cost.n_layers, cost.head) == (3, 0.5)
-    timed = [(start, T) for start, T, capacity in calls if start + T == capacity]
-    assert sorted(set(timed)) == sorted((prev, c) for c in (8, 16, 32) for prev in (0, 32))
-    assert len(timed) == 6 * (1 + 2)                         # a warm-up, then `repeats` timed
-
-
 # ----------------------------------------------------------------------------- KVR-S: search
 
 @pytest.mark.parametrize("p, target", [
@@ -190,7 +162,7 @@ def test_calibrate_model_times_each_chunk_after_its_prefix(monkeypatch):
 def test_searched_finds_the_optimum_of_a_synthetic_score(p, target):
     C = 16384
     target = target or sorted(random.Random(p).sample(range(1, C), p - 1))
-    score = lambda c: sum((S - t) ** 2 for S, t in zip(boundaries(c), target))  # noqa: E731
+    score = lambda c: sum((S - t) ** 2 for S, t in zip(boundaries(c), target, strict=True))  # noqa: E731
     assert boundaries(P.searched(C, p, score)) == target
 
 
@@ -245,10 +217,29 @@ def test_predicted_returns_entries_exactly(table):
 
 def test_predicted_interpolates_fractions(table):
     b = boundaries(P.predicted(1500, 4, table, "m"))
-    for got, f in zip(b, (0.35, 0.65, 0.875)):
+    for got, f in zip(b, (0.35, 0.65, 0.875), strict=True):
         assert abs(got - f * 1500) <= 1
     assert P.predicted(500, 4, table, "m") == [200, 150, 100, 50]       # below: nearest's fractions
     assert P.predicted(4000, 4, table, "m") == [1200, 1200, 1000, 600]  # above
+
+
+def test_predicted_interpolates_off_the_midpoint(table):
+    """At the midpoint w and 1 - w are both 1/2, so only an off-midpoint C tells them apart.
+    Worked by hand from the table fixture (fractions .4 .7 .9 at C=1000, .3 .6 .85 at C=2000):
+      C = 1250: w = (1250 - 1000) / (2000 - 1000) = 0.25, so f = 0.75 * f(1000) + 0.25 * f(2000)
+        0.75 * .4 + 0.25 * .3  = .375   -> .375  * 1250 =  468.75  -> 469
+        0.75 * .7 + 0.25 * .6  = .675   -> .675  * 1250 =  843.75  -> 844
+        0.75 * .9 + 0.25 * .85 = .8875  -> .8875 * 1250 = 1109.375 -> 1109
+        chunks 469, 844 - 469 = 375, 1109 - 844 = 265, 1250 - 1109 = 141
+      C = 1750: w = 0.75, so f = 0.25 * f(1000) + 0.75 * f(2000)
+        0.25 * .4 + 0.75 * .3  = .325   -> .325  * 1750 =  568.75  -> 569
+        0.25 * .7 + 0.75 * .6  = .625   -> .625  * 1750 = 1093.75  -> 1094
+        0.25 * .9 + 0.75 * .85 = .8625  -> .8625 * 1750 = 1509.375 -> 1509
+        chunks 569, 1094 - 569 = 525, 1509 - 1094 = 415, 1750 - 1509 = 241
+    (With the weights swapped, C = 1250 would get 1750's fractions: boundaries 406, 781, 1078.)
+    No product lands within 0.1 of a rounding tie (x.5), so float error cannot move a boundary."""
+    assert P.predicted(1250, 4, table, "m") == [469, 375, 265, 141]
+    assert P.predicted(1750, 4, table, "m") == [569, 525, 415, 241]
 
 
 def test_predicted_is_always_valid(table):
@@ -281,8 +272,21 @@ def test_choose(table, tmp_path):
     assert P.choose("even", 10, 3) == [4, 3, 3]
     assert P.choose("searched", 1000, 4, "m", table=t) == [400, 300, 200, 100]
     assert P.choose("predicted", 1500, 4, "m", table=t) == P.predicted(1500, 4, table, "m")
+    # by hand (test_predicted_interpolates_off_the_midpoint): C = 1250 is 1/4 of the way to 2000
+    assert P.choose("predicted", 1250, 4, "m", table=t) == [469, 375, 265, 141]
     m = P.CostModel(lin=1e-6, attn=1e-9)
     assert P.choose("searched", 1500, 4, "m", t, m) == P.searched(1500, 4, m.ttft)
+    # No table entry for p = 2: searched and predicted fall back to searching the cost model. By hand,
+    # with attention only (lin 0, no links, head and fixed constant), a layer costs w0 = a c0^2 on
+    # rank 0 and w1 = a c1 C on rank 1 (a = attn / L), and TTFT = w0 + w1 + (L-1) max(w0, w1)
+    # (test_rank_times_matches_longest_path_closed_form; the j = 1 path, L w1, is never longer).
+    # Below the balance point c0^2 = c1 C, d/dc0 = a (2 c0 - L C) < 0; above it a (2 L c0 - C) > 0:
+    # the optimum is where c0^2 = (C - c0) C, c0 = C (sqrt(5) - 1) / 2 = 618.03 for C = 1000.
+    # Of the two integers: c0 = 618: 618^2 = 381924 < 382 * 1000 = 382000, TTFT/a = 381924 + 382000 L;
+    # c0 = 619: 619^2 = 383161 > 381000, TTFT/a = 383161 L + 381000, larger by 1161 L - 924 > 0.
+    golden = P.CostModel(lin=0.0, attn=1e-9, comm_per_token=0.0, latency=0.0)
+    assert P.choose("searched", 1000, 2, "m", t, golden) == [618, 382]
+    assert P.choose("predicted", 1000, 2, "m", t, golden) == [618, 382]
 
 
 def test_calibration_file_is_keyed_by_model(tmp_path):

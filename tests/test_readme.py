@@ -5,15 +5,17 @@ Commands: each line starting with `$ ` inside a ```console block is run with bas
 the repository (the files git tracks or would track: what a clone holds), with `python` and `mpirun`
 meaning this interpreter and the mpirun beside it (as `. .venv/bin/activate` arranges for a reader).
 It must exit 0 (a command that should fail says so itself: `...; echo "exit status $?"`). The lines
-after it, up to the next `$ ` or the block's end, must each be a whole line of its output (stdout and
-stderr together), in any order, with two wildcards:
+after it, up to the next `$ ` or the block's end, must be its whole output (stdout and stderr in one
+stream, as a terminal shows them; blank lines aside), line for line and in order, with two wildcards:
     ~840     any number (a timing: 840 is what it was when the README was written)
-    ...      any text; a line that is only `...` stands for lines left out, and is not checked.
+    ...      any text; a line that is only `...` stands for any number of lines left out.
+So a quote may leave lines out only where it says so.
 
 Code: a ```python block whose first line is `# file.py: name` quotes file.py. Its other lines, with
 lines that are only `...` marking gaps, must appear in the file in that order, each run of lines
 contiguous and with the same indentation relative to its first line.
 """
+import functools
 import os
 import re
 import shutil
@@ -51,10 +53,22 @@ def commands():
         for i, line in enumerate(lines):
             if line.startswith("$ "):
                 out.append([start + i, line[2:], []])
-            elif line.strip() and line.strip() != "...":
+            elif line.strip():
                 assert out and out[-1][0] >= start, f"README.md:{start + i}: output before any command"
                 out[-1][2].append(line.rstrip())
     return out
+
+
+def accounts_for(expected, got):
+    """True if the quoted lines `expected` (with `...` gap lines) are the output lines `got`, in order."""
+    @functools.cache
+    def match(i, j):                                   # expected[i:] against got[j:]
+        if i == len(expected):
+            return j == len(got)
+        if expected[i] == "...":
+            return match(i + 1, j) or (j < len(got) and match(i, j + 1))
+        return j < len(got) and bool(pattern(expected[i]).fullmatch(got[j])) and match(i + 1, j + 1)
+    return match(0, 0)
 
 
 def pattern(expected):
@@ -97,13 +111,14 @@ def test_readme_quotes_commands():
 def test_command(clone, line, command, expected):
     root, env = clone
     t = time.time()
-    r = subprocess.run(["bash", "-c", command], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    output = r.stdout + r.stderr
+    r = subprocess.run(["bash", "-c", command], cwd=root, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=300)
+    output = r.stdout
     assert r.returncode == 0, f"README.md:{line}: `{command}` exited {r.returncode}:\n{output}"
-    got = output.splitlines()
-    missing = [e for e in expected if not any(pattern(e).fullmatch(g.rstrip()) for g in got)]
-    assert not missing, (f"README.md:{line}: `{command}` ({time.time() - t:.1f} s) printed no line like\n  "
-                         + "\n  ".join(missing) + "\n--- it printed:\n" + output)
+    got = [g.rstrip() for g in output.splitlines() if g.strip()]
+    assert accounts_for(expected, got), (f"README.md:{line}: `{command}` ({time.time() - t:.1f} s) printed "
+                                         "other lines than quoted:\n  " + "\n  ".join(expected)
+                                         + "\n--- it printed:\n" + output)
 
 
 def snippets():
@@ -130,6 +145,7 @@ def test_readme_quotes_code():
 
 @pytest.mark.parametrize("line,path,runs", snippets(), ids=[f"README.md:{s[0]}" for s in snippets()])
 def test_code_is_quoted_verbatim(line, path, runs):
+    assert runs, f"README.md:{line}: the block names {path} but quotes no line of it"   # else vacuous
     text = open(os.path.join(ROOT, path)).read().splitlines()
     at = 0
     for run in runs:
@@ -146,3 +162,6 @@ def test_wildcards():
     assert not pattern("TTFT: ~840 ms").fullmatch("TTFT: fast ms")
     assert not pattern("partition (even): 3,3,3").fullmatch("partition (even): 3,3,4")
     assert pattern("wrote out/x.png (~60 KB)").fullmatch("wrote out/x.png (81 KB)")
+    assert accounts_for(["a", "...", "d"], ["a", "b", "c", "d"]) and accounts_for(["...", "b"], ["a", "b"])
+    assert not accounts_for(["a", "d"], ["a", "b", "d"])            # a line left out without `...`
+    assert not accounts_for(["b", "a"], ["a", "b"]) and not accounts_for(["a", "a"], ["a"])

@@ -1,8 +1,9 @@
-"""sim.py: replays computed by hand, agreement with partition.CostModel, links, the shared device,
-profiles of the built-in model, the kernel table, and the search on it."""
+"""sim.py and profiling.py: replays computed by hand, agreement with partition.CostModel, links, the
+shared device, profiles of the built-in model, the kernel table, the search on it, calibration."""
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import partition as P  # noqa: E402
+import profiling  # noqa: E402
 import sim  # noqa: E402
+from kvcache import bytes_per_token  # noqa: E402
+from model import dims_model  # noqa: E402
 
 UNIT = sim.Link(bandwidth=1.0, latency=0.5)            # with 1 byte per token: 0.5 + tokens seconds
 INSTANT = sim.Link(bandwidth=1e30, latency=0.0)
@@ -106,24 +110,24 @@ def test_allgather_matches_cost_model(C, p):
 
 @pytest.fixture(scope="module")
 def llama():
-    return sim.dims_model("builtin:llama", torch.float32, "cpu")
+    return dims_model("builtin:llama", torch.float32, "cpu")
 
 
 def test_profiles_give_positive_segments_per_rank(llama):
     L = llama.cfg.n_layers
-    for segs, p in [(sim.profile_kvr(llama, [20, 12, 8], 1, 1), 3), (sim.profile_tsp(llama, 40, 2, False, 1, 1), 2),
-                    (sim.profile_tsp(llama, 40, 2, True, 1, 1), 2), (sim.profile_single(llama, 40, 1, 1), 1)]:
+    for segs, p in [(profiling.profile_kvr(llama, [20, 12, 8], 1, 1), 3), (profiling.profile_tsp(llama, 40, 2, False, 1, 1), 2),
+                    (profiling.profile_tsp(llama, 40, 2, True, 1, 1), 2), (profiling.profile_single(llama, 40, 1, 1), 1)]:
         assert len(segs) == p and all(len(s) == L + 1 and min(s) > 0 for s in segs)
     assert sim.expand(segs[0], 32)[1:32] == [sorted(segs[0][1:L])[1]] * 31
-    r = sim.simulate_tsp(llama, 40, 2, sim.FAST, zigzag=True, repeats=1)
+    r = profiling.simulate_tsp(llama, 40, 2, sim.FAST, zigzag=True, repeats=1)
     assert r.ttft == r.finish[0] > 0                               # zigzag: rank 0 emits
-    assert sim.simulate_kvr(llama, [30, 10], sim.FAST, devices=1, repeats=1).ttft > 0
+    assert profiling.simulate_kvr(llama, [30, 10], sim.FAST, devices=1, repeats=1).ttft > 0
 
 
 def test_dims_model_shapes():
-    m = sim.dims_model("falcon7b", torch.bfloat16, "cpu", n_layers=1)
+    m = dims_model("falcon7b", torch.bfloat16, "cpu", n_layers=1)
     assert m.cfg.n_layers == 1 and m.cfg.n_kv_heads == 1 and m.lm_head.weight is m.embed.weight
-    assert sim.bytes_per_token(m.cfg, torch.bfloat16) == 2 * 64 * 2
+    assert bytes_per_token(m.cfg, torch.bfloat16) == 2 * 64 * 2
 
 
 # ----------------------------------------------------------------------------- kernel table, search
@@ -149,7 +153,7 @@ def test_kernel_table_interpolation():
 
 
 def test_kernel_table_measure_and_json(llama, tmp_path):
-    t = sim.KernelTable.measure(llama, [8, 16, 32], [0, 16], repeats=1, warmup=0, layers=6)
+    t = profiling.measure_table(llama, [8, 16, 32], [0, 16], repeats=1, warmup=0, layers=6)
     assert sorted(t.grid) == [(8, 0), (8, 16), (16, 0), (16, 16), (32, 0)]
     for c, pre in t.grid:                                         # the least time of chunks not shorter
         least = [min(t.grid[k][j] for k in t.grid if k[1] == pre and k[0] >= c) for j in range(3)]
@@ -176,3 +180,29 @@ def test_compare_and_trace(tmp_path):
     sim.write_trace(sim.replay_chain([[1, 1, 1], [1, 1, 1]], [2, 1], UNIT, 1), tmp_path / "t.json")
     names = {e["name"] for e in json.load(open(tmp_path / "t.json"))["traceEvents"]}
     assert names == {"thread_name", "compute", "send", "recv"}
+
+
+def test_calibrate_model_times_each_chunk_after_its_prefix(monkeypatch):
+    calls = []
+
+    class FakeKV:
+        def __init__(self, cfg, batch, capacity, dtype, device):
+            self.capacity, self.n = capacity, 0
+
+        def reset(self):
+            self.n = 0
+
+    class FakeModel:
+        cfg = SimpleNamespace(n_layers=3, vocab_size=50)
+
+        def __call__(self, tokens, kv, start, last_only=False):
+            assert start == kv.n and start + tokens.shape[1] <= kv.capacity
+            kv.n += tokens.shape[1]
+            calls.append((start, tokens.shape[1], kv.capacity))
+
+    monkeypatch.setattr(profiling, "KVCache", FakeKV)
+    cost = profiling.calibrate_model(FakeModel(), "cpu", torch.float32, max_len=64, repeats=2, head=0.5)
+    assert (cost.n_layers, cost.head) == (3, 0.5)
+    timed = [(start, T) for start, T, capacity in calls if start + T == capacity]
+    assert sorted(set(timed)) == sorted((prev, c) for c in (8, 16, 32) for prev in (0, 32))
+    assert len(timed) == 6 * (1 + 2)                         # a warm-up, then `repeats` timed

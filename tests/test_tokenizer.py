@@ -1,8 +1,11 @@
 """load_weights.Tokenizer against HF AutoTokenizer on SentencePiece models trained here (BPE, unigram).
 
 Claim: exact equality of ids (with BOS) and of decoded text. The reference is
-AutoTokenizer(add_bos_token=True): a bare tokenizer.model gets no BOS by default, and LlamaTokenizer
-disagrees with sentencepiece on leading spaces and cannot do unigram (hf-notes §5).
+AutoTokenizer(add_bos_token=True), as transformers 5.24 has it: a directory holding only
+tokenizer.model gets add_bos_token=False by default (real Llama-2 repositories turn it on in
+tokenizer_config.json); AutoTokenizer's tokenizers-backed class reproduces sentencepiece's dummy
+prefix ("  x" -> "▁▁x"), while LlamaTokenizer disagrees with sentencepiece on text that starts with a
+space and forces BPE on a unigram model. Reading tokenizer.model at all needs protobuf.
 """
 import io
 import random

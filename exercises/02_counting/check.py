@@ -1,4 +1,4 @@
-"""Exercise 2: the worked example of paper §2, then partition.py's counts on random partitions."""
+"""Exercise 2: the KV-Runahead paper's worked example, then partition.py's counts on random partitions."""
 import itertools
 import random
 

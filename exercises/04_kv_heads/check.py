@@ -14,7 +14,7 @@ PARTITION = [14, 11, 9, 6]
 
 
 class Mailbox:
-    """comm.Transport's isend and recv, for ranks that run one after another in this process."""
+    """transport.Transport's isend and recv, for ranks that run one after another in this process."""
 
     def __init__(self, rank, size, box):
         self.rank, self.size, self.box, self.bytes_sent = rank, size, box, 0

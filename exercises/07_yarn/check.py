@@ -11,10 +11,10 @@ from unittest import mock
 
 import torch
 
+import load_weights
 import model
 from grade import Fail, load
 from kvcache import KVCache
-from load_weights import load_model
 
 ROPES = [
     dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=512),
@@ -24,11 +24,11 @@ ROPES = [
 LLAMA = dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=32, max_position_embeddings=2048, rms_norm_eps=1e-5)
 
-_rope_params, _rope = model._rope_params, model.rope   # as model.py has them
+_rope_params, _rope = load_weights._rope_params, model.rope   # as the project has them
 
 
 def accept_yarn(d):
-    """model._rope_params, edited to let rope_type "yarn" through."""
+    """load_weights._rope_params, edited to let rope_type "yarn" through."""
     rope = dict(d.get("rope_parameters") or {})
     return rope if rope.get("rope_type") == "yarn" else _rope_params(d)
 
@@ -66,8 +66,8 @@ def check(path):
         want_inv, want_factor = ROPE_INIT_FUNCTIONS["yarn"](hf.config)
         with tempfile.TemporaryDirectory() as d:
             hf.save_pretrained(d)
-            with mock.patch.object(model, "_rope_params", accept_yarn):
-                ours = load_model(d)
+            with mock.patch.object(load_weights, "_rope_params", accept_yarn):
+                ours = load_weights.load_model(d)
         inv, factor = s.yarn(ours.cfg)
         if not isinstance(factor, (int, float)) or not math.isclose(factor, want_factor, rel_tol=1e-12):
             raise Fail(f"rope_parameters {rope}: attention_factor {factor!r}, expected {want_factor!r}")

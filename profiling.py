@@ -1,0 +1,222 @@
+"""Timing what each rank computes, on a real device: the measurements sim.py replays and the cost
+model is fitted to.
+
+A rank is profiled alone: TimedKV stands in for the K/V it would receive or gather, and a Clock marks
+the L+1 segments sim.py replays (its docstring draws them). Host clock on a CPU, CUDA events on a GPU.
+
+    python profiling.py --model llama7b --dtype float16 --device cuda --kernels kernels.json
+"""
+import platform
+import statistics
+import time
+from dataclasses import asdict
+
+import torch
+
+import cli
+import partition
+import sim
+from kvcache import KVCache, bytes_per_token
+from model import DIMS, dims_model, sync
+
+class Clock:
+    """Marks in time: host clock on a CPU, CUDA events on a GPU (recorded on the stream, no host sync
+    until `read`, so the GPU runs as it would unobserved)."""
+
+    def __init__(self, device):
+        self.cuda, self.marks = torch.device(device).type == "cuda", []
+
+    def mark(self):
+        if self.cuda:
+            self.marks.append(torch.cuda.Event(enable_timing=True))
+            self.marks[-1].record()
+        else:
+            self.marks.append(time.perf_counter())
+
+    def read(self):
+        """Seconds between consecutive marks; forgets them."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            d = [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        else:
+            d = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        self.marks = []
+        return d
+
+
+class TimedKV:
+    """Stands in for ChainKV / GatherKV while one rank is profiled: does the rank's own K/V work,
+    communicates nothing, and marks the clock where the real rank would meet the other ranks.
+
+    Chain (`inbox`: random K/V of the S_{i-1} prefix tokens, as if received): append the prefix and
+    the own K/V to the cache, then mark: here the real rank has its K/V [0, S_i) and sends them.
+    (It waits just before the prefix append; marking after it keeps the send after the copy.)
+    All-gather (`gathered`: random K/V of all C tokens): stack own K and V, mark (the real rank
+    enters the all-gather), then what follows it: copy out the gathered K/V, zigzag's reordering,
+    the emitter's cache append. With neither: a plain KV cache, marked after each append.
+    """
+
+    def __init__(self, clock, cache=None, inbox=None, gathered=None, order=None, dense=False):
+        self.clock, self.cache, self.inbox, self.gathered, self.order = clock, cache, inbox, gathered, order
+        self.dense = dense
+
+    def reset(self):
+        if self.cache is not None:
+            self.cache.reset()
+
+    def update(self, layer, k, v):
+        if self.gathered is None:
+            if self.inbox is not None:
+                self.cache.update(layer, self.inbox[0], self.inbox[1])
+            k, v = self.cache.update(layer, k, v)
+            self.clock.mark()
+            return k, v
+        torch.stack((k, v))                            # what GatherKV hands to the all-gather
+        self.clock.mark()
+        kv = self.gathered.clone()                     # (2, B, n_kv, C, hs)
+        if self.order is not None:
+            kv = kv[:, :, :, self.order]
+        return self.cache.update(layer, kv[0], kv[1]) if self.cache is not None else (kv[0], kv[1])
+
+
+def _where(model):
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+@torch.inference_mode()
+def _time(model, n, kv, start, repeats, warmup):
+    """Segment durations (L+1 floats, s) of a forward of n tokens at `start`: median of `repeats`."""
+    tokens, runs = torch.randint(model.cfg.vocab_size, (1, n), device=_where(model)[0]), []
+    for r in range(warmup + repeats):
+        kv.reset()
+        sync(tokens.device)
+        kv.clock.mark()
+        model(tokens, kv, start, last_only=True)       # every rank runs the LM head on its last token
+        kv.clock.mark()
+        d = kv.clock.read()
+        if r >= warmup:
+            runs.append(d)
+    return [statistics.median(col) for col in zip(*runs)]
+
+
+def profile_chunk(model, c, prefix, repeats=3, warmup=1):
+    """One KV-Runahead rank: c tokens after a prefix of `prefix` tokens. L+1 segment times (s)."""
+    (device, dtype), cfg = _where(model), model.cfg
+    cache = KVCache(cfg, 1, prefix + c, dtype, device)
+    inbox = torch.randn((2, 1, cfg.n_kv_heads, prefix, cfg.head_dim), dtype=dtype, device=device) if prefix else None
+    return _time(model, c, TimedKV(Clock(device), cache, inbox), prefix, repeats, warmup)
+
+
+def profile_kvr(model, c, repeats=3, warmup=1):
+    """Every rank of KV-Runahead with partition c: per rank, L+1 segment times (s)."""
+    S = partition.prefix_sums(c)
+    return [profile_chunk(model, ci, Si - ci, repeats, warmup) for ci, Si in zip(c, S)]
+
+
+def profile_single(model, C, repeats=3, warmup=1):
+    """One process prefilling C tokens: [L+1 segment times]; replay it as a chain of one rank."""
+    return [profile_chunk(model, C, 0, repeats, warmup)]
+
+
+def profile_tsp(model, C, p, zigzag=False, repeats=3, warmup=1):
+    """Every rank of TSP (dense masked attention) or zigzag TSP: per rank, L+1 segment times (s)."""
+    (device, dtype), cfg = _where(model), model.cfg
+    spans, emitter = partition.tsp_layout(C, p, zigzag)
+    gathered = torch.randn((2, 1, cfg.n_kv_heads, C, cfg.head_dim), dtype=dtype, device=device)
+    order = torch.cat([torch.arange(a, a + n) for s in spans for a, n in s]).argsort().to(device) if zigzag else None
+    out = []
+    for r, mine in enumerate(spans):
+        cache = KVCache(cfg, 1, C, dtype, device) if r == emitter else None
+        kv = TimedKV(Clock(device), cache, gathered=gathered, order=order, dense=not zigzag)
+        out.append(_time(model, sum(n for _, n in mine), kv, mine, repeats, warmup))
+    return out
+
+
+def measure_table(model, cs, prefixes, max_len=None, layers=None, repeats=5, warmup=1):
+    """A sim.KernelTable: one rank profiled at every (c, P) with P + c <= max_len (default max(cs)).
+    `layers`: how many layers its segments() give (default the model's; a 4-layer model can stand in
+    for 32)."""
+    (device, dtype), cfg = _where(model), model.cfg
+    profile_chunk(model, max(cs), 0, 1, 1)             # wake the device up: clocks, libraries
+    grid = {}
+    for P in prefixes:
+        for c in cs:
+            if P + c <= (max_len or max(cs)):
+                s = profile_chunk(model, c, P, repeats, warmup)
+                grid[c, P] = (s[0], statistics.median(s[1:-1]), s[-1])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    meta = dict(cfg=asdict(cfg), dtype=str(dtype).split(".")[1], device=name, device_type=device.type,
+                torch=torch.__version__, layers=layers or cfg.n_layers,
+                bytes_per_token=bytes_per_token(cfg, dtype), repeats=repeats)
+    return sim.KernelTable(grid, meta)
+
+
+def simulate_kvr(model, c, links, devices=None, repeats=3):
+    """Profile KV-Runahead's ranks for partition c, then replay them: what `mpirun runahead.py` would do."""
+    return sim.replay_chain(profile_kvr(model, c, repeats), c, links, bytes_per_token(model.cfg, _where(model)[1]),
+                        devices)
+
+
+def simulate_tsp(model, C, p, links, zigzag=False, devices=None, repeats=3):
+    """Profile TSP's ranks (or zigzag's), then replay them: what `mpirun tsp.py` would do."""
+    spans, emitter = partition.tsp_layout(C, p, zigzag)
+    return sim.replay_allgather(profile_tsp(model, C, p, zigzag, repeats), [sum(n for _, n in s) for s in spans],
+                                links, bytes_per_token(model.cfg, _where(model)[1]), emitter, devices)
+
+
+
+def calibrate_model(model, device="cpu", dtype=None, max_len=4096, repeats=3, **fields):
+    """Time real chunks of `model` (model.py's Transformer) and fit a CostModel to them.
+
+    For six (c, S) pairs up to S = max_len (>= 8), fill a fresh KVCache with the S - c prefix
+    tokens (untimed), then time one forward of c more tokens at positions S - c .. S - 1, keeping
+    the fastest of `repeats` after a warm-up. n_layers comes from model.cfg; the other **fields as
+    in calibrate. On a CPU shared with other work, timings spike: set torch threads to free cores.
+    """
+    dtype = dtype or next(model.parameters()).dtype
+    tokens = torch.randint(model.cfg.vocab_size, (1, max_len), device=device)
+    points = [(c, prev + c) for c in (max_len // 8, max_len // 4, max_len // 2)
+              for prev in (0, max_len // 2)]
+
+    @torch.inference_mode()
+    def measure(c, S):
+        kv, times = KVCache(model.cfg, 1, S, dtype, device), []
+        for _ in range(1 + repeats):                 # the first run warms up and is not counted
+            kv.reset()
+            if S > c:
+                model(tokens[:, :S - c], kv, 0, last_only=True)
+            sync(device)
+            t0 = time.perf_counter()
+            model(tokens[:, S - c:S], kv, S - c, last_only=True)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    return partition.calibrate(measure, points, **{"n_layers": model.cfg.n_layers, **fields})
+
+
+
+def main(argv=None):
+    ap = cli.Parser(description="Measure a sim.KernelTable: one KV-Runahead rank's segment "
+                                             "times on a grid of (chunk, prefix)")
+    ap.add_argument("--kernels", default="kernels.json", help="where to write the KernelTable")
+    ap.add_argument("--model", default="llama7b", help="llama7b | falcon7b | builtin:llama | builtin:falcon")
+    ap.add_argument("--dtype", default="float16", choices=["float32", "float64", "float16", "bfloat16"])
+    ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    ap.add_argument("--layers", type=cli.at_least(2), default=4, help="layers of a 7B model to time (the table gives 32)")
+    ap.add_argument("--cs", type=cli.ints(1), default=[128, 256, 512, 1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--prefixes", type=cli.ints(0), default=[0, 1024, 2048, 4096, 8192, 12288])
+    ap.add_argument("--repeats", type=cli.at_least(1), default=10, help="timed runs per grid point (median)")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    small = None if a.model.startswith("builtin:") else a.layers
+    m = dims_model(a.model, getattr(torch, a.dtype), a.device, small)
+    kt = measure_table(m, a.cs, a.prefixes, layers=small and DIMS[a.model]["n_layers"],
+                       repeats=a.repeats)
+    kt.save(a.kernels)
+    print(f"wrote {a.kernels} in {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

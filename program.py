@@ -1,0 +1,195 @@
+"""What runahead.py and tsp.py share around their algorithms: setting a rank up, its timeline,
+failing cleanly, and reporting the result.
+
+  setup           MPI, the model, the prompt and the checks, on every rank; bad input is one line
+                  on every rank and exit 2, before any rank can wait on another
+  Trace           a rank's timeline of compute and communication spans (--trace)
+  abort_on_error  an exception on any rank ends the whole job (MPI Abort), never a hang
+  report          on the rank holding the whole cache: decode, print, --save
+"""
+import array
+import fcntl
+import json
+import os
+import stat
+import sys
+import termios
+import time
+from contextlib import contextmanager
+
+import torch
+
+import transport
+from cli import say
+from load_weights import Tokenizer, load_model
+from model import DIMS, builtin, decode, dims_model
+
+
+class Job:
+    """Everything a rank needs to run: model, prompt, device, transport. Built by `setup`."""
+
+
+def setup(args, prepare=None):
+    """Start MPI, load model and prompt on every rank, then `prepare(job)` (a program's own checks)."""
+    comm, device = transport.init(args.device)
+    job, error = Job(), None
+    try:
+        _setup(job, args, comm, device)
+        if prepare:
+            prepare(job)
+    except Exception as e:                             # whatever it is, no rank may be left waiting
+        error = str(e).splitlines()[0] if str(e) else type(e).__name__
+    errors = comm.allgather(error)
+    if any(errors):
+        first = next(r for r, e in enumerate(errors) if e)
+        where = "" if all(e == errors[first] for e in errors) else f" (rank {first})"
+        say(f"error{where}: {errors[first]}")
+        sys.exit(2)
+    return job
+
+
+def load(args, device):
+    """(description, model, key) for --model, built on `device` in --dtype. The key names the model,
+    dtype and device kind: partitions and calibrations are filed under it."""
+    dtype = getattr(torch, args.dtype)
+    if args.model.startswith("dims:"):                 # a paper-scale model with random weights
+        if args.model[5:] not in DIMS:
+            raise ValueError(f"--model {args.model}: known dims are " + ", ".join("dims:" + k for k in DIMS))
+        name, model = f"{args.model[5:]} dimensions, random weights", dims_model(args.model[5:], dtype, device)
+    elif args.model.startswith("builtin:"):
+        arch = args.model.split(":", 1)[1]
+        if arch not in ("llama", "falcon"):
+            raise ValueError(f"--model {args.model}: the built-in models are builtin:llama and builtin:falcon")
+        name = f"built-in {arch} (random weights: its tokens are noise)"
+        model = builtin(arch, seed=0, dtype=dtype).to(device)
+    else:
+        name, model = args.model, load_model(args.model, dtype, device)
+    if args.fuse:
+        model.fuse()
+    cfg = model.cfg
+    key = (f"{cfg.arch}-d{cfg.dim}-L{cfg.n_layers}-h{cfg.n_heads}-kv{cfg.n_kv_heads}"
+           f"-{args.dtype}-{device.type}")
+    return name, model, key
+
+
+def _setup(job, args, comm, device):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    local = transport.local_comm(comm)
+    cores = len(os.sched_getaffinity(0))
+    job.rank, job.size, job.local_rank, job.local_size = comm.rank, comm.size, local.rank, local.size
+    job.comm, job.device, job.dtype = comm, device, getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads or max(1, cores // local.size))
+    job.polite = local.size > cores
+    job.name, job.model, job.model_key = load(args, device)
+    cfg = job.model.cfg
+    if args.prompt is not None:
+        if args.model.startswith(("builtin:", "dims:")):
+            raise ValueError("--prompt needs a checkpoint with tokenizer.model; use --prompt-ids or --prompt-len")
+        ids = Tokenizer(args.model).encode(args.prompt)
+    elif args.prompt_ids is not None:
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",")]
+        except ValueError:
+            raise ValueError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
+    else:
+        n = 2048 if args.prompt_len is None else args.prompt_len
+        ids = torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{cfg.vocab_size - 1})")
+    if comm.size > len(ids):
+        raise ValueError(f"{comm.size} ranks but only {len(ids)} prompt tokens: every rank needs at least one")
+    if len(ids) > cfg.max_position_embeddings and comm.rank == 0:
+        say(f"warning: prompt of {len(ids)} tokens is longer than the model's "
+            f"max_position_embeddings ({cfg.max_position_embeddings})")
+    job.tokens = torch.tensor([ids], device=job.device)     # (1, C)
+    job.trace = Trace(comm.rank, job.device, bool(args.trace))
+    job.transport = transport.Transport(comm, job.device, job.polite)
+
+
+class Trace:
+    """A rank's timeline: consecutive spans (compute, recv, send, allgather) tagged by layer.
+
+    Each `add(name, layer)` closes the span that began at the previous call. Written as Chrome trace
+    JSON, which Perfetto (ui.perfetto.dev) and chrome://tracing open. Off, it costs nothing.
+    """
+
+    def __init__(self, rank, device, on):
+        self.rank, self.device, self.on, self.events = rank, torch.device(device), on, []
+
+    def now(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()                         # only when tracing: spans need real ends
+        return time.perf_counter()
+
+    def start(self):
+        if self.on:
+            self.t0 = self.last = self.now()
+
+    def add(self, name, layer):
+        if not self.on:
+            return
+        t = self.now()
+        self.events.append(dict(name=name, ph="X", pid=0, tid=self.rank, args={"layer": layer},
+                                ts=round((self.last - self.t0) * 1e6, 1), dur=round((t - self.last) * 1e6, 1)))
+        self.last = t
+
+    def write(self, comm, path):
+        """Gather every rank's spans; rank 0 writes one file."""
+        events = comm.gather(self.events, root=0)
+        if comm.rank == 0:
+            names = [dict(name="thread_name", ph="M", pid=0, tid=r, args={"name": f"rank {r}"})
+                     for r in range(comm.size)]
+            with open(path, "w") as f:
+                json.dump({"traceEvents": names + [e for ev in events for e in ev]}, f)
+
+
+@contextmanager
+def abort_on_error(comm):
+    """An exception on any rank takes the whole job down, instead of leaving the others waiting."""
+    try:
+        yield
+    except Exception as e:
+        say(f"error (rank {comm.rank}): {type(e).__name__}: {e}")
+        _wait_until_stderr_read()
+        comm.Abort(1)
+
+
+def _wait_until_stderr_read(timeout=2.0):
+    """Return once the launcher has read what this rank wrote to stderr (at most `timeout` s).
+
+    Under MPICH's Hydra a rank's stderr is a pipe to its proxy, and Abort a message on another
+    socket to the same proxy, which serves that socket first when both are ready: mpiexec would exit
+    on the abort before the error line reached it. Once the pipe is empty (FIONREAD 0), the proxy
+    has read the line and passed it on, so it arrives before the abort.
+    """
+    try:
+        mode = os.fstat(2).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            return                                     # a file or a terminal: nothing in flight
+        unread, deadline = array.array("i", [0]), time.monotonic() + timeout
+        while fcntl.ioctl(2, termios.FIONREAD, unread) == 0 and unread[0] and time.monotonic() < deadline:
+            time.sleep(0.001)
+    except OSError:                                    # stderr closed: abort at once all the same
+        pass
+
+
+def report(job, args, title, emitter, partition, stats, lines, logits, cache, ttft):
+    """On the rank that holds the whole cache: decode on from it, print the result, --save it."""
+    C = job.tokens.shape[1]
+    prompt_kv = [tuple(t.clone().cpu() for t in cache.layer(i)) for i in range(job.model.cfg.n_layers)]
+    t0 = time.perf_counter()
+    tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1)[0].tolist()
+    tpot = (time.perf_counter() - t0) / max(1, len(tokens) - 1)
+    cores = len(os.sched_getaffinity(0))
+    print(f"{title}: {job.size} ranks, {job.name}, {C} prompt tokens, {args.dtype} on {job.device}")
+    for line in lines + [f"decode: {tpot * 1e3:.2f} ms per output token after the first"]:
+        print(line)
+    print(f"transport: {job.transport.path}; waits: "
+          + (f"polite ({job.local_size} ranks on {cores} cores)" if job.polite else "blocking"))
+    print(f"TTFT: {ttft * 1e3:.2f} ms (rank {emitter}, barrier to first token id)")
+    print(f"tokens: {tokens}", flush=True)
+    if args.save:
+        torch.save(dict(logits=logits.cpu(), past_key_values=prompt_kv, partition=partition, ttft_s=ttft,
+                        first_token=tokens[0], generated_ids=tokens, messages=stats), args.save)
