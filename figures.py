@@ -157,7 +157,7 @@ def read_trace(path):
         events = json.load(f)["traceEvents"]
     spans = defaultdict(list)
     for e in events:
-        if e.get("ph") == "X":
+        if e.get("ph") == "X" and e.get("pid", 0) == 0:   # pid 1: a GPU's staging copies
             spans[e["tid"]].append((e["name"], e.get("args", {}).get("layer"), e["ts"] / 1e3, e["dur"] / 1e3))
     return dict(spans)
 

@@ -76,11 +76,12 @@ def _setup(job, args, comm, device):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
     local = transport.local_comm(comm)
-    cores = len(os.sched_getaffinity(0))
+    mine = os.sched_getaffinity(0)                     # the cores this rank may run on
+    job.cores = len(set().union(*local.allgather(mine)))   # ... and all the node's ranks together
     job.rank, job.size, job.local_rank, job.local_size = comm.rank, comm.size, local.rank, local.size
     job.comm, job.device, job.dtype = comm, device, getattr(torch, args.dtype)
-    torch.set_num_threads(args.threads or max(1, cores // local.size))
-    job.polite = local.size > cores
+    torch.set_num_threads(args.threads or max(1, min(len(mine), job.cores // local.size)))
+    job.polite = device.type == "cpu" and local.size > job.cores   # a GPU rank never sleeps in a wait
     job.name, job.model, job.model_key = load(args, device)
     cfg = job.model.cfg
     if args.prompt is not None:
@@ -105,18 +106,19 @@ def _setup(job, args, comm, device):
             f"max_position_embeddings ({cfg.max_position_embeddings})")
     job.tokens = torch.tensor([ids], device=job.device)     # (1, C)
     job.trace = Trace(comm.rank, job.device, bool(args.trace))
-    job.transport = transport.Transport(comm, job.device, job.polite)
+    job.transport = transport.Transport(comm, job.device, job.polite, trace=job.trace)
 
 
 class Trace:
-    """A rank's timeline: consecutive spans (compute, recv, send, allgather) tagged by layer.
+    """A rank's timeline: consecutive spans (compute, recv, send, allgather) tagged by layer, and on a
+    GPU the staging copies of the transport's side streams (d2h, h2d) in a row of their own.
 
     Each `add(name, layer)` closes the span that began at the previous call. Written as Chrome trace
     JSON, which Perfetto (ui.perfetto.dev) and chrome://tracing open. Off, it costs nothing.
     """
 
     def __init__(self, rank, device, on):
-        self.rank, self.device, self.on, self.events = rank, torch.device(device), on, []
+        self.rank, self.device, self.on, self.events, self.copies = rank, torch.device(device), on, [], []
 
     def now(self):
         if self.device.type == "cuda":
@@ -126,6 +128,13 @@ class Trace:
     def start(self):
         if self.on:
             self.t0 = self.last = self.now()
+            if self.device.type == "cuda":
+                self.e0 = torch.cuda.Event(enable_timing=True)   # the GPU's clock at t0
+                self.e0.record()
+
+    def gpu(self, name, layer, begin, end):
+        """A span between two CUDA events (timed) on a side stream: resolved when written."""
+        self.copies.append((name, layer, begin, end))
 
     def add(self, name, layer):
         if not self.on:
@@ -136,11 +145,18 @@ class Trace:
         self.last = t
 
     def write(self, comm, path):
-        """Gather every rank's spans; rank 0 writes one file."""
+        """Gather every rank's spans; rank 0 writes one file (copies: pid 1, one row per rank)."""
+        if self.copies:
+            torch.cuda.synchronize()
+        for name, layer, a, b in self.copies:
+            start = self.e0.elapsed_time(a) * 1e3          # us since t0
+            self.events.append(dict(name=name, ph="X", pid=1, tid=self.rank, args={"layer": layer},
+                                    ts=round(start, 1), dur=round(a.elapsed_time(b) * 1e3, 1)))
+        self.copies = []
         events = comm.gather(self.events, root=0)
         if comm.rank == 0:
-            names = [dict(name="thread_name", ph="M", pid=0, tid=r, args={"name": f"rank {r}"})
-                     for r in range(comm.size)]
+            names = [dict(name="thread_name", ph="M", pid=pid, tid=r, args={"name": f"rank {r}{what}"})
+                     for r in range(comm.size) for pid, what in ((0, ""), (1, " copies"))]
             with open(path, "w") as f:
                 json.dump({"traceEvents": names + [e for ev in events for e in ev]}, f)
 
@@ -182,12 +198,11 @@ def report(job, args, title, emitter, partition, stats, lines, logits, cache, tt
     t0 = time.perf_counter()
     tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1)[0].tolist()
     tpot = (time.perf_counter() - t0) / max(1, len(tokens) - 1)
-    cores = len(os.sched_getaffinity(0))
     print(f"{title}: {job.size} ranks, {job.name}, {C} prompt tokens, {args.dtype} on {job.device}")
     for line in lines + [f"decode: {tpot * 1e3:.2f} ms per output token after the first"]:
         print(line)
     print(f"transport: {job.transport.path}; waits: "
-          + (f"polite ({job.local_size} ranks on {cores} cores)" if job.polite else "blocking"))
+          + (f"polite ({job.local_size} ranks on {job.cores} cores)" if job.polite else "blocking"))
     print(f"TTFT: {ttft * 1e3:.2f} ms (rank {emitter}, barrier to first token id)")
     print(f"tokens: {tokens}", flush=True)
     if args.save:

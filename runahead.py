@@ -37,13 +37,13 @@ class ChainKV:
         self.cache, self.t, self.prefix, self.trace = cache, transport, prefix, trace
         self.last = transport.rank == transport.size - 1
         B, n_kv, hs = cache.kv[0].shape[1], cache.kv[0].shape[2], cache.kv[0].shape[4]
-        self.inbox = cache.kv[0].new_empty((2, B, n_kv, prefix, hs))   # K and V of [0, S_{i-1})
+        self.inbox = (2, B, n_kv, prefix, hs)         # K and V of [0, S_{i-1}): the shape to receive
 
     def update(self, layer, k, v):
         self.trace.add("compute", layer)
         if self.prefix:                                # wait for the left neighbour's layer
-            self.t.recv(self.inbox, self.t.rank - 1, tag=layer)
-            self.cache.update(layer, self.inbox[0], self.inbox[1])
+            kv = self.t.recv(self.inbox, self.cache.kv[0].dtype, self.t.rank - 1, tag=layer)
+            self.cache.update(layer, kv[0], kv[1])
             self.trace.add("recv", layer)
         k_all, v_all = self.cache.update(layer, k, v)  # (B, n_kv, S_i, hs)
         if not self.last:                              # the cache holds exactly S_i tokens: send it all
@@ -89,9 +89,9 @@ def calibrate(job):
                 if job.rank == 0:
                     t.isend(buf, 1, tag=n)
                     t.finish()
-                    t.recv(ack, 1, tag=n)
+                    t.recv(ack.shape, ack.dtype, 1, tag=n)
                 else:
-                    t.recv(buf, 0, tag=n)
+                    t.recv(buf.shape, buf.dtype, 0, tag=n)
                     t.isend(ack, 0, tag=n)
                     t.finish()
                 best = min(best, time.perf_counter() - t0)

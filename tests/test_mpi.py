@@ -281,7 +281,7 @@ def test_exception_on_one_rank_aborts_the_job(tmp_path):
         "t = transport.Transport(comm, 'cpu', polite=True)\n"
         "with abort_on_error(comm):\n"
         "    if t.rank == 1: raise RuntimeError('boom')\n"
-        "    t.recv(torch.empty(4), 1, tag=0)\n" % ROOT)
+        "    t.recv((4,), torch.float32, 1, tag=0)\n" % ROOT)
     t = time.time()
     r = subprocess.run([MPIRUN, "-n", "2", sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "error (rank 1): RuntimeError: boom" in r.stderr

@@ -23,15 +23,15 @@ class Mailbox:
         self.box[self.rank, dest, tag] = t.clone()
         self.bytes_sent += t.numel() * t.element_size()
 
-    def recv(self, out, source, tag):
+    def recv(self, shape, dtype, source, tag):
         msg = self.box.pop((source, self.rank, tag), None)
         if msg is None:
             raise Fail(f"rank {self.rank} waits for layer {tag} from rank {source}, which never sent it: "
                        "under MPI this rank would hang")
-        if msg.shape != out.shape:
+        if msg.shape != torch.Size(shape) or msg.dtype != dtype:
             raise Fail(f"rank {self.rank}, layer {tag}: rank {source} sent K/V of shape {list(msg.shape)} "
-                       f"into an inbox of shape {list(out.shape)}; sender and receiver must agree")
-        out.copy_(msg)
+                       f"({msg.dtype}) where {list(shape)} ({dtype}) was expected; sender and receiver must agree")
+        return msg
 
 
 @torch.no_grad()

@@ -17,12 +17,12 @@ class ChainKV:
         self.last = transport.rank == transport.size - 1
         self.g = cfg.n_heads // cfg.n_kv_heads         # query heads per KV head
         B = cache.kv[0].shape[1]
-        self.inbox = cache.kv[0].new_empty((2, B, cfg.n_heads, prefix, cfg.head_dim))  # K, V of [0, S_{i-1})
+        self.inbox = (2, B, cfg.n_heads, prefix, cfg.head_dim)   # the shape of K, V of [0, S_{i-1})
 
     def update(self, layer, k, v):
         if self.prefix:                                # wait for the left neighbour's layer
-            self.t.recv(self.inbox, self.t.rank - 1, tag=layer)
-            kv = self.inbox[:, :, ::self.g]            # one copy of each KV head
+            kv = self.t.recv(self.inbox, self.cache.kv[0].dtype, self.t.rank - 1, tag=layer)
+            kv = kv[:, :, ::self.g]                    # one copy of each KV head
             self.cache.update(layer, kv[0], kv[1])
         k_all, v_all = self.cache.update(layer, k, v)  # (B, n_kv, S_i, hs)
         if not self.last:                              # the cache holds exactly S_i tokens: send it all

@@ -15,12 +15,12 @@ class ChainKV:
         self.cache, self.t, self.prefix = cache, transport, prefix
         self.last = transport.rank == transport.size - 1
         B = cache.kv[0].shape[1]
-        self.inbox = cache.kv[0].new_empty((2, B, cfg.n_kv_heads, prefix, cfg.head_dim))  # K, V of [0, S_{i-1})
+        self.inbox = (2, B, cfg.n_kv_heads, prefix, cfg.head_dim)   # the shape of K, V of [0, S_{i-1})
 
     def update(self, layer, k, v):
         if self.prefix:                                # wait for the left neighbour's layer
-            self.t.recv(self.inbox, self.t.rank - 1, tag=layer)
-            self.cache.update(layer, self.inbox[0], self.inbox[1])
+            kv = self.t.recv(self.inbox, self.cache.kv[0].dtype, self.t.rank - 1, tag=layer)
+            self.cache.update(layer, kv[0], kv[1])
         k_all, v_all = self.cache.update(layer, k, v)  # (B, n_kv, S_i, hs)
         if not self.last:                              # the cache holds exactly S_i tokens: send it all
             self.t.isend(self.cache.kv[layer], self.t.rank + 1, tag=layer)
