@@ -7,6 +7,9 @@ commands (bench_sim.py makes the simulated ones).
     mpirun -n P python bench.py ranks [--C 1024 2048 4096] [--model builtin:llama] [--device cpu]
         P real ranks: one process, TSP, TSP-zigzag, KVR-E, KVR-S and KVR-P on each context length,
         the variants alternated within each repeat; TTFT medians; optional per-rank traces.
+    mpirun -n 2 python bench.py link [--device cuda]
+        the link between two ranks: GB/s of one message of 1 MiB .. 256 MiB on each route (direct
+        if the MPI is CUDA-aware, staged through pinned host memory)
     python bench.py plot FILE.json ...
         the PNG plots of a results file (TTFT vs context, speedup over TSP, timelines).
 
@@ -27,8 +30,9 @@ import figures
 import partition
 import plots
 import runahead
+import transport
 import tsp
-from kvcache import KVCache
+from kvcache import KVCache, bytes_per_token
 from model import DIMS, Config, dims_model, sync
 from program import abort_on_error, setup
 
@@ -237,6 +241,64 @@ def ranks(a):
                for r in rows], ["C", "p", "variant", "ttft_ms", "speedup", "partition"])
 
 
+# ----------------------------------------------------------------------------- the link
+
+KV_MARKS = {(n, C): bytes_per_token(Config(**DIMS[n]), torch.float16) * C     # one layer's K/V, fp16
+            for n in DIMS for C in (4096, 16384)}
+
+
+def link(a):
+    """Two ranks, rank 0 sending to rank 1, on every route this MPI offers (on GPUs: direct if it is
+    CUDA-aware, and staged). Latency: half a round trip of 1 byte. Bandwidth, as osu_bw measures
+    it: --window messages of one size sent back to back, then a 1-byte reply; one message's time is
+    (that time - the latency) / window, GB/s = size / that. Medians of --repeats."""
+    comm, device = transport.init(a.device)
+    if comm.size != 2:
+        raise SystemExit("bench.py link runs on exactly 2 ranks: mpirun -n 2 python bench.py link")
+    routes = {"host": True} if device.type == "cpu" else {"staged": False}
+    if device.type == "cuda" and transport.cuda_aware_mpi():
+        routes = {"direct": True, **routes}
+    rows = []
+    for route, direct in routes.items():
+        t = transport.Transport(comm, device, polite=False, direct=direct)
+
+        def timed(n, window):
+            x, ts = torch.ones(n, dtype=torch.uint8, device=device), []
+            for r in range(a.repeats + 1):             # the first warms up: buffers, IPC handles
+                t.barrier()
+                t0 = time.perf_counter()
+                if comm.rank == 0:
+                    for w in range(window):
+                        t.isend(x, 1, tag=w)
+                    t.finish()
+                    t.recv((1,), torch.uint8, 1, tag=window)
+                else:
+                    for w in range(window):
+                        t.recv((n,), torch.uint8, 0, tag=w)
+                    sync(device)                       # the bytes are where a kernel can read them
+                    t.isend(x[:1], 0, tag=window)
+                    t.finish()
+                if r:
+                    ts.append(time.perf_counter() - t0)
+            return statistics.median(ts)
+
+        latency = timed(1, 1) / 2
+        for mib in a.mib:
+            one = (timed(mib << 20, a.window) - latency) / a.window
+            marks = [f"{n} K/V of {C // 1024}k tokens" for (n, C), b in KV_MARKS.items() if b == mib << 20]
+            rows.append(dict(route=route, MiB=mib, GBps=(mib << 20) / one / 1e9, one_way_ms=one * 1e3,
+                             latency_us=latency * 1e6, window=a.window, note=", ".join(marks)))
+            if comm.rank == 0:
+                print(f"{route} {mib} MiB: {rows[-1]['GBps']:.1f} GB/s", flush=True)
+    if comm.rank == 0:
+        save(a.out, dict(machine(), command="mpirun -n 2 python " + " ".join(sys.argv), path=t.path,
+                         mpi=transport.MPI.Get_library_version().splitlines()[0].strip("\x00"),
+                         repeats=a.repeats, window=a.window), rows)
+        table([dict(r, GBps=f"{r['GBps']:.1f}", one_way_ms=f"{r['one_way_ms']:.3f}",
+                    latency_us=f"{r['latency_us']:.1f}") for r in rows],
+              ["route", "MiB", "GBps", "one_way_ms", "latency_us", "note"])
+
+
 # ----------------------------------------------------------------------------- plots
 
 def plot(a):
@@ -273,12 +335,18 @@ def main(argv=None):
     r.add_argument("--repeats", type=cli.at_least(1), default=5)
     r.add_argument("--trace-dir", help="also write one traced TSP and KVR-S run at the largest C here")
     r.add_argument("--out", default="results/ranks.json")
+    lk = sub.add_parser("link", help="2 ranks: GB/s of one message, 1 MiB .. 256 MiB, each route")
+    lk.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    lk.add_argument("--mib", nargs="+", type=cli.at_least(1), default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+    lk.add_argument("--window", type=cli.at_least(1), default=8, help="messages sent back to back per timing")
+    lk.add_argument("--repeats", type=cli.at_least(1), default=10)
+    lk.add_argument("--out", default="results/link.json")
     pl = sub.add_parser("plot", help="PNG plots of results files")
     pl.add_argument("files", nargs="*")
     pl.add_argument("--traces", nargs="*", help="trace JSON files to draw as one timeline figure")
     pl.add_argument("--timeline", default="results/timeline.png")
     a = ap.parse_args(argv)
-    {"single": single, "ranks": ranks, "plot": plot}[a.cmd](a)
+    {"single": single, "ranks": ranks, "link": link, "plot": plot}[a.cmd](a)
 
 
 if __name__ == "__main__":

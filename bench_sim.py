@@ -107,7 +107,16 @@ def simulate(a):
 
         Cs = sorted({r["C"] for r in prof["rows"]})
         ps = sorted({r["p"] for r in prof["rows"] if r["p"] > 1})
-        for link, kw in LINKS.items():
+        links = dict(LINKS)
+        for path2 in a.measured_link:                   # a link bench.py link measured, per route
+            with open(path2) as f:
+                lrows = json.load(f)["rows"]
+            for route in dict.fromkeys(r["route"] for r in lrows):
+                mine = [r for r in lrows if r["route"] == route]
+                fit = sim.fit_link([r["MiB"] * 2**20 for r in mine], [r["one_way_ms"] / 1e3 for r in mine])
+                links[f"{fit.bandwidth / 1e9:.0f} GB/s (measured, {route})"] = dict(bandwidth=fit.bandwidth,
+                                                                                  latency=fit.latency)
+        for link, kw in links.items():
             for p in ps:
                 net = sim.network(p, **kw)
                 searched = {C: sim.search(C, p, kt, net, steps=a.steps, levels=a.levels)
@@ -231,6 +240,8 @@ def main(argv=None):
     si.add_argument("--table-C", nargs="+", type=cli.at_least(1), default=list(range(1024, 16385, 1024)),
                     help="contexts KVR-S is searched for to make KVR-P's table (the C predicted is left out)")
     si.add_argument("--jitter", type=cli.at_least(0.0, float), default=0.5, help="noisy network: each message up to this much slower")
+    si.add_argument("--measured-link", nargs="*", default=[],
+                    help="results of bench.py link: each route's fitted link is replayed too")
     si.add_argument("--direct", nargs="*", default=[], help="profile-partitions files: KVR-S/KVR-P measured")
     si.add_argument("--out", default="results/simulated.json")
     pp = sub.add_parser("profile-partitions", help="GPU: direct profiles of a simulate run's KVR-S/KVR-P")

@@ -58,6 +58,15 @@ class Link:
 FAST, SLOW = Link(300e9), Link(10e9)                   # the paper's NVLink and its throttled setting
 
 
+def fit_link(sizes, seconds):
+    """The Link through measured one-way times of messages (bytes, s): least squares of
+    latency + n / bandwidth. bench.py link measures them (its rows' MiB and one_way_ms)."""
+    mx, my = sum(sizes) / len(sizes), sum(seconds) / len(seconds)
+    slope = (sum((x - mx) * (y - my) for x, y in zip(sizes, seconds))
+             / sum((x - mx) ** 2 for x in sizes))
+    return Link(bandwidth=1 / slope, latency=max(0.0, my - slope * mx))
+
+
 def network(p, bandwidth=300e9, latency=10e-6, jitter=0.0, slow=None):
     """p links, link r from rank r to rank (r+1) % p: the chain uses links 0..p-2, the all-gather's
     ring all p. slow = {r: bandwidth} makes some links slower: a non-uniform network."""

@@ -206,3 +206,9 @@ def test_calibrate_model_times_each_chunk_after_its_prefix(monkeypatch):
     timed = [(start, T) for start, T, capacity in calls if start + T == capacity]
     assert sorted(set(timed)) == sorted((prev, c) for c in (8, 16, 32) for prev in (0, 32))
     assert len(timed) == 6 * (1 + 2)                         # a warm-up, then `repeats` timed
+
+
+def test_fit_link_recovers_latency_and_bandwidth():
+    sizes = [2**20 * k for k in (1, 4, 16, 64)]
+    link = sim.fit_link(sizes, [20e-6 + n / 50e9 for n in sizes])
+    assert link.bandwidth == pytest.approx(50e9) and link.latency == pytest.approx(20e-6)
