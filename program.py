@@ -29,6 +29,22 @@ class Job:
     """Everything a rank needs to run: model, prompt, device, transport. Built by `setup`."""
 
 
+class Done(Exception):
+    """Raised by a K/V exchange after its last layer on a rank that does not emit the first token:
+    what that rank would compute afterwards (the layer's attention and MLP, the final norm, the LM
+    head) reaches nobody, so it is not computed."""
+
+
+def forward(job, tokens, kv, start, math_path=False):
+    """A rank's part of a parallel prefill: its last position's logits, or None on a rank whose
+    exchange ended it early (Done). Dynamic-NTK RoPE stretches for the whole prompt on every rank."""
+    try:
+        return job.model(tokens, kv, start, last_only=True, math_path=math_path,
+                         rope_len=job.tokens.shape[1])[0, -1]
+    except Done:
+        return None
+
+
 def setup(args, prepare=None):
     """Start MPI, load model and prompt on every rank, then `prepare(job)` (a program's own checks)."""
     comm, device = transport.init(args.device)

@@ -25,7 +25,7 @@ import partition  # noqa: E402
 from kvcache import KVCache  # noqa: E402
 from model import sync  # noqa: E402
 from profiling import calibrate_model  # noqa: E402
-from program import abort_on_error, report, say, setup  # noqa: E402
+from program import Done, abort_on_error, forward, report, say, setup  # noqa: E402
 
 
 class ChainKV:
@@ -49,12 +49,16 @@ class ChainKV:
         if not self.last:                              # the cache holds exactly S_i tokens: send it all
             self.t.isend(self.cache.kv[layer], self.t.rank + 1, tag=layer)
             self.trace.add("send", layer)
+            if layer == len(self.cache.kv) - 1:        # this rank's part of the first token is sent
+                self.t.finish()
+                raise Done
         return k_all, v_all
 
 
 @torch.no_grad()
 def prefill(job, c, decode_room=0, math_path=False):
-    """This rank's part of the prefill. Returns (last-position logits, cache, seconds since barrier)."""
+    """This rank's part of the prefill. Returns (last-position logits, cache, seconds since barrier);
+    logits only on the last rank, the others stop once their last layer's K/V is sent."""
     S_prev, S_i = sum(c[:job.rank]), sum(c[:job.rank + 1])
     last = job.rank == job.size - 1
     cache = KVCache(job.model.cfg, 1, S_i + (decode_room if last else 0), job.dtype, job.device)
@@ -63,10 +67,9 @@ def prefill(job, c, decode_room=0, math_path=False):
     sync(job.device)
     job.trace.start()
     t0 = time.perf_counter()
-    logits = job.model(job.tokens[:, S_prev:S_i], kv, S_prev, last_only=True, math_path=math_path,
-                       rope_len=job.tokens.shape[1])[0, -1]
-    job.trace.add("compute", "head")
+    logits = forward(job, job.tokens[:, S_prev:S_i], kv, S_prev, math_path)
     if last:
+        job.trace.add("compute", "head")
         logits.argmax().item()                         # the first token id, known on the host
     sync(job.device)
     return logits, cache, time.perf_counter() - t0

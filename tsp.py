@@ -23,15 +23,15 @@ import torch  # noqa: E402
 from kvcache import KVCache  # noqa: E402
 from model import sync  # noqa: E402
 from partition import tsp_layout  # noqa: E402
-from program import abort_on_error, report, setup  # noqa: E402
+from program import Done, abort_on_error, forward, report, setup  # noqa: E402
 
 
 class GatherKV:
     """TSP's K/V exchange: all-gather every rank's K/V, put them in position order, attend over all."""
 
-    def __init__(self, transport, counts, order, dense, cache, trace):
+    def __init__(self, transport, counts, order, dense, cache, trace, n_layers):
         self.t, self.counts, self.order, self.dense = transport, counts, order, dense
-        self.cache, self.trace = cache, trace
+        self.cache, self.trace, self.last_layer = cache, trace, n_layers - 1
 
     def update(self, layer, k, v):
         self.trace.add("compute", layer)
@@ -41,12 +41,15 @@ class GatherKV:
         self.trace.add("allgather", layer)
         if self.cache is not None:                     # the emitting rank keeps the whole cache
             return self.cache.update(layer, kv[0], kv[1])
+        if layer == self.last_layer:                   # a rank that does not emit is done
+            raise Done
         return kv[0], kv[1]
 
 
 @torch.no_grad()
 def prefill(job, zigzag, decode_room=0, math_path=False):
-    """This rank's part of TSP. Returns (logits of its last token, cache or None, seconds, emitting rank)."""
+    """This rank's part of TSP. Returns (logits of its last token, cache, seconds, emitting rank); logits
+    and cache on the emitting rank only, the others stop after their last all-gather."""
     C = job.tokens.shape[1]
     spans, emitter = tsp_layout(C, job.size, zigzag)
     mine = spans[job.rank]
@@ -55,15 +58,16 @@ def prefill(job, zigzag, decode_room=0, math_path=False):
     cache = None
     if job.rank == emitter:
         cache = KVCache(job.model.cfg, 1, C + decode_room, job.dtype, job.device)
-    kv = GatherKV(job.transport, [sum(n for _, n in s) for s in spans], order, not zigzag, cache, job.trace)
+    kv = GatherKV(job.transport, [sum(n for _, n in s) for s in spans], order, not zigzag, cache, job.trace,
+                  job.model.cfg.n_layers)
     tokens = torch.cat([job.tokens[:, a:a + n] for a, n in mine], dim=1)
     job.transport.barrier()
     sync(job.device)
     job.trace.start()
     t0 = time.perf_counter()
-    logits = job.model(tokens, kv, mine, last_only=True, math_path=math_path, rope_len=C)[0, -1]
-    job.trace.add("compute", "head")
+    logits = forward(job, tokens, kv, mine, math_path)
     if job.rank == emitter:
+        job.trace.add("compute", "head")
         logits.argmax().item()
     sync(job.device)
     return logits, cache, time.perf_counter() - t0, emitter

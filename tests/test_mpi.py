@@ -11,6 +11,7 @@ Claims, each tested below:
 - failures: bad input exits non-zero on every rank with one line; a dead rank ends the job.
 """
 import glob
+import json
 import os
 import re
 import shutil
@@ -312,3 +313,22 @@ def test_killed_rank_ends_the_job(tmp_path):
     t = time.time()
     p.communicate(timeout=60)
     assert p.returncode != 0 and time.time() - t < 30
+
+
+@pytest.mark.parametrize("program,extra,emitter", [("runahead.py", ["--partition", "9,8,6"], 2), ("tsp.py", [], 2),
+                                                   ("tsp.py", ["--zigzag"], 0)])
+def test_no_dead_work_after_the_last_exchange(tmp_path, checkpoints, program, extra, emitter):
+    """A rank that does not emit the first token stops at its last layer's K/V exchange: its trace ends
+    there (no attention, MLP, norm or LM head after it); the emitting rank's trace ends with the head."""
+    trace = tmp_path / "trace.json"
+    r = mpirun(3, program, "--model", checkpoints["llama_gqa"], "--prompt-ids", IDS, "--trace", str(trace), *extra)
+    assert r.returncode == 0, r.stderr
+    spans = {}
+    for e in json.load(open(trace))["traceEvents"]:
+        if e.get("ph") == "X" and e["pid"] == 0:
+            spans.setdefault(e["tid"], []).append((e["ts"], e["name"], e["args"]["layer"]))
+    assert sorted(spans) == [0, 1, 2]
+    exchange = "send" if program == "runahead.py" else "allgather"
+    for rank, s in spans.items():
+        last = max(s)[1:]
+        assert last == (("compute", "head") if rank == emitter else (exchange, 1)), (rank, last)
