@@ -22,7 +22,7 @@ if __name__ == "__main__":                             # --help and bad options 
 import torch  # noqa: E402
 
 import partition  # noqa: E402
-from kvcache import KVCache  # noqa: E402
+from kvcache import KVCache, bytes_per_token  # noqa: E402
 from model import sync  # noqa: E402
 from profiling import calibrate_model  # noqa: E402
 from program import Done, abort_on_error, forward, report, say, setup  # noqa: E402
@@ -63,6 +63,7 @@ def prefill(job, c, decode_room=0, math_path=False):
     last = job.rank == job.size - 1
     cache = KVCache(job.model.cfg, 1, S_i + (decode_room if last else 0), job.dtype, job.device)
     kv = ChainKV(cache, job.transport, S_prev, job.trace)
+    job.transport.reserve(0 if last else S_i * bytes_per_token(job.model.cfg, job.dtype))   # one layer's K/V
     job.transport.barrier()
     sync(job.device)
     job.trace.start()
@@ -81,8 +82,9 @@ def calibrate(job):
     cost = calibrate_model(job.model, job.device, job.dtype,
                                      max_len=min(4096, max(64, job.tokens.shape[1]))) if job.rank == 0 else None
     t.barrier()                                        # the others wait politely meanwhile
+    cfg, times = job.model.cfg, {}
+    t.reserve(1024 * bytes_per_token(cfg, job.dtype))  # staged K/V goes by the route prefill takes
     if job.size > 1 and job.rank < 2:                  # one layer's K/V of n tokens, there and back
-        cfg, times = job.model.cfg, {}
         for n in (1, 1024):
             buf = torch.zeros((2, 1, cfg.n_kv_heads, n, cfg.head_dim), dtype=job.dtype, device=job.device)
             ack = torch.zeros(1, dtype=job.dtype, device=job.device)

@@ -20,7 +20,7 @@ if __name__ == "__main__":                             # --help and bad options 
 
 import torch  # noqa: E402
 
-from kvcache import KVCache  # noqa: E402
+from kvcache import KVCache, bytes_per_token  # noqa: E402
 from model import sync  # noqa: E402
 from partition import tsp_layout  # noqa: E402
 from program import Done, abort_on_error, forward, report, setup  # noqa: E402
@@ -61,6 +61,7 @@ def prefill(job, zigzag, decode_room=0, math_path=False):
     kv = GatherKV(job.transport, [sum(n for _, n in s) for s in spans], order, not zigzag, cache, job.trace,
                   job.model.cfg.n_layers)
     tokens = torch.cat([job.tokens[:, a:a + n] for a, n in mine], dim=1)
+    job.transport.reserve(tokens.shape[1] * bytes_per_token(job.model.cfg, job.dtype))   # one layer's K/V
     job.transport.barrier()
     sync(job.device)
     job.trace.start()

@@ -49,3 +49,57 @@ print(comm.rank, t.stats)
     out = sorted(run(code, n=2).strip().splitlines())
     assert out == ["0 {'sends': 1, 'recvs': 0, 'allgathers': 1, 'bytes_sent': 64, 'bytes_recv': 32}",
                    "1 {'sends': 0, 'recvs': 1, 'allgathers': 1, 'bytes_sent': 32, 'bytes_recv': 64}"]
+
+
+def test_staged_protocol_through_shared_slots():
+    """The staged route's slots, acks and all-gather, run on the CPU (direct=False): a chain of 7
+    layers through 2 slots per rank (so rank 0 must wait for acks to reuse them), then an all-gather,
+    twice; every message arrives intact and the bytes went through the sender's shared slot."""
+    code = """
+import torch, transport
+comm, dev = transport.init('cpu')
+t = transport.Transport(comm, dev, polite=True, direct=False)
+r, p = comm.rank, comm.size
+S = [5 * (i + 1) for i in range(p)]                  # rank i sends S[i] rows of 3 float64
+t.reserve(0 if r == p - 1 else S[r] * 24)
+for it in range(2):
+    for layer in range(7):
+        if r > 0:
+            x = t.recv((S[r - 1], 3), torch.float64, r - 1, tag=layer)
+            assert torch.equal(x, torch.full((S[r - 1], 3), 100. * (r - 1) + layer + it, dtype=torch.float64))
+            slot = (7 * it + layer) % 2                # round robin over the sender's two slots
+            assert torch.equal(t.arena[r - 1][slot * S[r - 1] * 24:][:S[r - 1] * 24].view(torch.float64), x.view(-1))
+        if r < p - 1:
+            t.isend(torch.full((S[r], 3), 100. * r + layer + it, dtype=torch.float64), r + 1, tag=layer)
+        g = t.allgather(torch.full((2, r + 1), float(r + layer)), [i + 1 for i in range(p)], dim=1)
+        assert torch.equal(g, torch.cat([torch.full((2, i + 1), float(i + layer)) for i in range(p)], 1))
+    t.barrier()
+assert t.window is not None and not t.readers and not t.owed
+rows = comm.gather((t.stats["sends"], t.stats["recvs"]))
+if r == 0:
+    print(rows)
+"""
+    assert run(code, n=3).strip() == "[(14, 0), (14, 14), (0, 14)]"
+
+
+def test_staged_all_gather_through_shared_slots():
+    """TSP's all-gather by slot: every rank's part fits its slot, so none goes through MPI."""
+    code = """
+import torch, transport
+comm, dev = transport.init('cpu')
+t = transport.Transport(comm, dev, polite=True, direct=False)
+r, p = comm.rank, comm.size
+t.reserve((r + 1) * 2 * 8)
+for layer in range(5):
+    x = torch.arange(2. * (r + 1), dtype=torch.float64).view(2, r + 1) + 10 * r + layer
+    g = t.allgather(x, [i + 1 for i in range(p)], dim=1)
+    want = torch.cat([torch.arange(2. * (i + 1), dtype=torch.float64).view(2, i + 1) + 10 * i + layer
+                      for i in range(p)], 1)
+    assert torch.equal(g, want), (g, want)
+    assert torch.equal(t.arena[r][layer % 2 * 16 * (r + 1):][:16 * (r + 1)].view(torch.float64), x.view(-1))
+t.barrier()
+rows = comm.gather((t.stats["allgathers"], t.stats["bytes_recv"]))
+if r == 0:
+    print(rows)
+"""
+    assert run(code, n=3).strip() == "[(5, 400), (5, 320), (5, 240)]"
