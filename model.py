@@ -125,6 +125,8 @@ def attend(q, k, v, start, cfg, dense=False, math_path=False):
         mask, causal = None, T > 1
     elif Lk <= start + 1:                              # one token (decode): every key is visible
         mask, causal = None, False
+    elif cudnn_blocks(q, k):                           # a chunk after a prefix, on a GPU
+        return _attend_blocks(q, k, v, start, scale)
     else:                                              # a chunk after a prefix: fused kernels take
         mask, causal = causal_lower_right(T, Lk), False   # this mask without materialising it
     # Shared KV heads: HF Llama passes enable_gqa (even for one KV head). HF Falcon's multi-query
@@ -133,6 +135,31 @@ def attend(q, k, v, start, cfg, dense=False, math_path=False):
     gqa = k.shape[1] < q.shape[1] and (q.is_cuda or not (cfg.arch == "falcon" and k.shape[1] == 1))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                           enable_gqa=gqa)
+
+
+def cudnn_blocks(q, k):
+    """Should cuDNN's fused kernel run a chunk after a prefix as two blocks? (fp16/bf16 on an Ampere
+    or later GPU, one KV head per query head, a head size it takes, and at least 16M query-key
+    pairs: below that the two calls and the merge cost more than they save, on an H200.)"""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.shape[1] == q.shape[1]
+            and q.shape[2] * k.shape[2] >= 1 << 24
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and torch.backends.cudnn.is_available()
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+def _attend_blocks(q, k, v, start, scale):
+    """A chunk after a prefix as two blocks at the full-prefill rate, merged like ring attention's:
+        ┌─────── prefix ───────┬─ own ─┐
+        │ a: no mask           │ b: ◣  │   out = (a e^lse_a + b e^lse_b) / (e^lse_a + e^lse_b)
+    cuDNN computes each block and its log-sum-exp (lse, fp32). PyTorch's path for the whole
+    lower-right-causal block is FlashAttention-2, at about half cuDNN's rate on Hopper; cuDNN's own
+    causal mask is aligned top-left, so it cannot take the whole block. Exact up to rounding."""
+    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
+    a, lse_a = cudnn(q, k[:, :, :start], v[:, :, :start], None, True, scale=scale)[:2]
+    b, lse_b = cudnn(q, k[:, :, start:], v[:, :, start:], None, True, is_causal=True, scale=scale)[:2]
+    lse_a, lse_b = lse_a.reshape(*a.shape[:3], 1), lse_b.reshape(*a.shape[:3], 1)   # (B, nh, T, 1)
+    lse = torch.logaddexp(lse_a, lse_b)
+    return (a * (lse_a - lse).exp() + b * (lse_b - lse).exp()).to(q.dtype)
 
 
 def _attend_math(q, k, v, mask, cfg, scale):
