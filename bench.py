@@ -9,7 +9,8 @@ commands (bench_sim.py makes the simulated ones).
         the variants alternated within each repeat; TTFT medians; optional per-rank traces.
     mpirun -n 2 python bench.py link [--device cuda]
         the link between two ranks: GB/s of one message of 1 MiB .. 256 MiB on each route (direct
-        if the MPI is CUDA-aware, staged through pinned host memory)
+        if the MPI is CUDA-aware; staged through the node's shared pinned slots; staged-mpi: through
+        MPI in private pinned buffers, the route between nodes)
     python bench.py plot FILE.json ...
         the PNG plots of a results file (TTFT vs context, speedup over TSP, timelines).
 
@@ -56,7 +57,9 @@ def flops(cfg, C):
 
 def machine():
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return dict(host=platform.node(), cpus=len(os.sched_getaffinity(0)), gpu=gpu, torch=torch.__version__)
+    return dict(host=platform.node(), cpus=len(os.sched_getaffinity(0)), gpu=gpu, torch=torch.__version__,
+                cudnn=torch.backends.cudnn.version(), transformers=getattr(transformers, "__version__", None),
+                mpi=transport.MPI.Get_library_version().splitlines()[0].strip("\x00"))
 
 
 def save(path, meta, rows):
@@ -211,16 +214,16 @@ def ranks(a):
                     t = comm.bcast(t, root=emitter)
                     if r:
                         times[v].append(t)
-            if a.trace_dir and C == max(a.C):           # one traced run of TSP and KVR-S
+            if a.trace_dir and C == max(a.C):           # one traced run of TSP, zigzag and KVR-S
                 os.makedirs(a.trace_dir, exist_ok=True)
                 job.trace.on = True
-                for v in ("TSP", "KVR-S"):
+                for v in [v for v in ("TSP", "TSP-zigzag", "KVR-S") if v in variants]:
                     job.trace.events = []
                     variants[v][0]()
                     job.transport.finish()
                     job.trace.write(comm, os.path.join(a.trace_dir, f"trace-{v}-p{p}-C{C}.json"))
                 job.trace.on = False
-            link = "shared memory" if job.device.type == "cpu" else "host-staged MPI, one GPU shared"
+            link = job.transport.path + ("" if job.device.type == "cpu" else "; one GPU shared")
             for v in names:
                 rows.append(dict(model=job.model_key, C=C, p=p, variant=v, ttft_s=statistics.median(times[v]),
                                  raw_s=times[v], partition=parts.get(v), source="measured", link=link))
@@ -255,12 +258,14 @@ def link(a):
     comm, device = transport.init(a.device)
     if comm.size != 2:
         raise SystemExit("bench.py link runs on exactly 2 ranks: mpirun -n 2 python bench.py link")
-    routes = {"host": True} if device.type == "cpu" else {"staged": False}
+    routes = {"host": True} if device.type == "cpu" else {"staged": False, "staged-mpi": False}
     if device.type == "cuda" and transport.cuda_aware_mpi():
         routes = {"direct": True, **routes}
     rows = []
     for route, direct in routes.items():
         t = transport.Transport(comm, device, polite=False, direct=direct)
+        if route == "staged":                          # the node's shared slots, as prefill has them
+            t.reserve(max(a.mib) << 20)
 
         def timed(n, window):
             x, ts = torch.ones(n, dtype=torch.uint8, device=device), []
@@ -286,12 +291,12 @@ def link(a):
         for mib in a.mib:
             one = (timed(mib << 20, a.window) - latency) / a.window
             marks = [f"{n} K/V of {C // 1024}k tokens" for (n, C), b in KV_MARKS.items() if b == mib << 20]
-            rows.append(dict(route=route, MiB=mib, GBps=(mib << 20) / one / 1e9, one_way_ms=one * 1e3,
+            rows.append(dict(route=route, path=t.path, MiB=mib, GBps=(mib << 20) / one / 1e9, one_way_ms=one * 1e3,
                              latency_us=latency * 1e6, window=a.window, note=", ".join(marks)))
             if comm.rank == 0:
                 print(f"{route} {mib} MiB: {rows[-1]['GBps']:.1f} GB/s", flush=True)
     if comm.rank == 0:
-        save(a.out, dict(machine(), command="mpirun -n 2 python " + " ".join(sys.argv), path=t.path,
+        save(a.out, dict(machine(), command="mpirun -n 2 python " + " ".join(sys.argv),
                          mpi=transport.MPI.Get_library_version().splitlines()[0].strip("\x00"),
                          repeats=a.repeats, window=a.window), rows)
         table([dict(r, GBps=f"{r['GBps']:.1f}", one_way_ms=f"{r['one_way_ms']:.3f}",
@@ -333,7 +338,7 @@ def main(argv=None):
     r.add_argument("--threads", type=cli.at_least(1))
     r.add_argument("--fuse", action="store_true", help="compile each layer's pre/post (GPU)")
     r.add_argument("--repeats", type=cli.at_least(1), default=5)
-    r.add_argument("--trace-dir", help="also write one traced TSP and KVR-S run at the largest C here")
+    r.add_argument("--trace-dir", help="also write one traced TSP, zigzag and KVR-S run at the largest C here")
     r.add_argument("--out", default="results/ranks.json")
     lk = sub.add_parser("link", help="2 ranks: GB/s of one message, 1 MiB .. 256 MiB, each route")
     lk.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
