@@ -54,7 +54,7 @@ def program(description):
                     help="HF checkpoint directory, builtin:llama / builtin:falcon (small, random weights), "
                          "or dims:llama7b / dims:falcon7b (the paper's sizes, random weights)")
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer.model)")
+    src.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer.json or tokenizer.model)")
     src.add_argument("--prompt-ids", help="comma-separated token ids")
     src.add_argument("--prompt-len", type=at_least(1), help="N synthetic token ids (seeded; default 2048)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints into model.py, and SentencePiece tokenizers.
+"""Hugging Face checkpoints into model.py, and their tokenizers (tokenizer.json or tokenizer.model).
 
 config.json becomes model.Config (config_from_hf): HF's field names and defaults per family, and a
 clear refusal, naming the field, of anything model.py does not compute. The weights come in one
@@ -12,6 +12,7 @@ import os
 import re
 
 import sentencepiece as spm
+import tokenizers
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -205,8 +206,40 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     return model.eval()
 
 
-class Tokenizer:
-    """tokenizer.model through sentencepiece, with BOS prepended like Llama's tokenizer."""
+def load_tokenizer(path):
+    """The checkpoint's tokenizer, picked as transformers' AutoTokenizer picks it: tokenizer.json if
+    there is one, else tokenizer.model; None if the directory has neither."""
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return JSONTokenizer(path)
+    if os.path.exists(os.path.join(path, "tokenizer.model")):
+        return SentencePieceTokenizer(path)
+    return None
+
+
+class JSONTokenizer:
+    """tokenizer.json (what HF checkpoints ship today) through the `tokenizers` library.
+
+    BOS and EOS are added by the file's own post-processor, as AutoTokenizer adds them (SmolLM2's adds
+    none); special tokens written in the text ("<|im_start|>") become their ids, as in transformers.
+    """
+
+    name = "tokenizer.json through tokenizers"
+
+    def __init__(self, path):
+        self.tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+
+    def encode(self, text):
+        return self.tok.encode(text).ids
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class SentencePieceTokenizer:
+    """tokenizer.model through sentencepiece, with BOS prepended as Llama's tokenizer does (what
+    AutoTokenizer(add_bos_token=True) gives; real Llama-2 checkpoints set that flag)."""
+
+    name = "tokenizer.model through sentencepiece"
 
     def __init__(self, path):
         file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path

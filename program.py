@@ -21,7 +21,7 @@ import torch
 
 import transport
 from cli import say
-from load_weights import Tokenizer, load_model
+from load_weights import load_model, load_tokenizer
 from model import DIMS, builtin, decode, dims_model
 
 
@@ -100,10 +100,14 @@ def _setup(job, args, comm, device):
     job.polite = device.type == "cpu" and local.size > job.cores   # a GPU rank never sleeps in a wait
     job.name, job.model, job.model_key = load(args, device)
     cfg = job.model.cfg
+    job.tokenizer = None                               # a given prompt's text is decoded in the report
+    if (args.prompt, args.prompt_ids) != (None, None) and not args.model.startswith(("builtin:", "dims:")):
+        job.tokenizer = load_tokenizer(args.model)
     if args.prompt is not None:
-        if args.model.startswith(("builtin:", "dims:")):
-            raise ValueError("--prompt needs a checkpoint with tokenizer.model; use --prompt-ids or --prompt-len")
-        ids = Tokenizer(args.model).encode(args.prompt)
+        if job.tokenizer is None:
+            raise ValueError("--prompt needs a checkpoint with tokenizer.json or tokenizer.model; "
+                             "use --prompt-ids or --prompt-len")
+        ids = job.tokenizer.encode(args.prompt)
     elif args.prompt_ids is not None:
         try:
             ids = [int(x) for x in args.prompt_ids.split(",")]
@@ -221,6 +225,8 @@ def report(job, args, title, emitter, partition, stats, lines, logits, cache, tt
           + (f"polite ({job.local_size} ranks on {job.cores} cores)" if job.polite else "blocking"))
     print(f"TTFT: {ttft * 1e3:.2f} ms (rank {emitter}, barrier to first token id)")
     print(f"tokens: {tokens}", flush=True)
+    if job.tokenizer:
+        print(f"text ({job.tokenizer.name}): {job.tokenizer.decode(job.tokens[0].tolist() + tokens)}", flush=True)
     if args.save:
         torch.save(dict(logits=logits.cpu(), past_key_values=prompt_kv, partition=partition, ttft_s=ttft,
                         first_token=tokens[0], generated_ids=tokens, messages=stats), args.save)

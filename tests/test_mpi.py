@@ -254,12 +254,13 @@ def test_live_search_measures_and_stores(tmp_path):
     (2, ["--model", "/nonexistent"], "config.json"),
     (2, ["--model", "builtin:gpt2"], "builtin:llama"),
     (2, ["--prompt-ids", "1,99999"], "outside the vocabulary"),
+    (2, ["--prompt", "Once upon a time"], "--prompt needs a checkpoint with tokenizer.json or tokenizer.model"),
     (3, ["--max-new-tokens", "0"], "argument --max-new-tokens: 0 is out of range"),
     (2, ["--threads", "0"], "argument --threads: 0 is out of range"),
 ])
 def test_bad_input_fails_on_every_rank(n, args, message):
     t = time.time()
-    prompt = [] if "--prompt-ids" in args else ["--prompt-len", "9"]
+    prompt = [] if {"--prompt-ids", "--prompt"} & set(args) else ["--prompt-len", "9"]
     r = mpirun(n, "runahead.py", *prompt, *args, timeout=60)
     assert r.returncode != 0
     lines = [x for x in r.stderr.splitlines() if x.startswith("error")]
