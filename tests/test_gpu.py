@@ -3,6 +3,7 @@ lent H200 (BENCHMARKS.md, "The GPU data path"). The CPU path and its bitwise equ
 tested everywhere else; here the claims are about the GPU's own kernels and copies.
 """
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+MPIRUN = MPIRUN if os.path.exists(MPIRUN) else shutil.which("mpirun")    # a GPU box's system MPI
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
