@@ -139,9 +139,9 @@ def attend(q, k, v, start, cfg, dense=False, math_path=False):
 
 def cudnn_blocks(q, k):
     """Should cuDNN's fused kernel run a chunk after a prefix as two blocks? (fp16/bf16 on an Ampere
-    or later GPU, one KV head per query head, a head size it takes, and at least 16M query-key
-    pairs: below that the two calls and the merge cost more than they save, on an H200.)"""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.shape[1] == q.shape[1]
+    or later GPU, query heads in whole groups per KV head, a head size it takes, and at least 16M
+    query-key pairs: below that the two calls and the merge cost more than they save, on an H200.)"""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[1] % k.shape[1] == 0
             and q.shape[2] * k.shape[2] >= 1 << 24
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and torch.backends.cudnn.is_available()
             and torch.cuda.get_device_capability(q.device) >= (8, 0))

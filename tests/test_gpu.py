@@ -22,16 +22,20 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("T,P", [(2048, 14336), (1024, 15360), (4096, 4096)])
-def test_cudnn_blocks_are_as_close_to_fp32_as_the_unsplit_kernel(T, P, dtype):
+@pytest.mark.parametrize("heads", [(32, 32, 128), (32, 8, 128), (71, 1, 64)], ids=["mha", "gqa", "falcon-mq"])
+def test_cudnn_blocks_are_as_close_to_fp32_as_the_unsplit_kernel(T, P, dtype, heads):
     """Bound, not bitwise: the two cuDNN blocks merged by log-sum-exp differ from the same attention
     in fp32 by at most twice what PyTorch's unsplit lower-right kernel differs, and attend() takes
-    the block path for these shapes."""
+    the block path for these shapes (Llama-7B's heads, grouped ones, Falcon-7B's one KV head)."""
+    nh, nkv, hs = heads
     g = torch.Generator(device="cuda").manual_seed(T + P)
-    q, k, v = (torch.randn(1, 32, n, 128, device="cuda", dtype=dtype, generator=g) for n in (T, P + T, P + T))
-    cfg = model.Config(arch="llama", dim=4096, n_heads=32, n_kv_heads=32, head_dim=128)
+    q = torch.randn(1, nh, T, hs, device="cuda", dtype=dtype, generator=g)
+    k, v = (torch.randn(1, nkv, P + T, hs, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+    cfg = model.Config(arch="llama", dim=nh * hs, n_heads=nh, n_kv_heads=nkv, head_dim=hs)
     assert model.cudnn_blocks(q, k)
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=causal_lower_right(T, P + T))
-    unsplit = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, P + T))
+    mask = causal_lower_right(T, P + T)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    unsplit = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     ours = model.attend(q, k, v, P, cfg)
     e_ours, e_unsplit = ((x.float() - ref).abs().max().item() for x in (ours, unsplit))
     assert e_ours <= 2 * e_unsplit, (e_ours, e_unsplit)
