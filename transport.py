@@ -137,9 +137,8 @@ class Transport:
             return
         self._drain()
         if self.window is not None:
-            for t in self.arena.values():
-                if self.cuda:
-                    torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(t.data_ptr()))
+            for t in self.arena.values() if self.cuda else ():
+                torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(t.data_ptr()))
             self.window.Free()
         self.window = MPI.Win.Allocate_shared(nbytes * slots, 1, comm=self.node)
         self.slots, self.slot_bytes, self.turn, self.arena = slots, sizes, 0, {}
@@ -245,7 +244,7 @@ class Transport:
 
     def _shared(self, sender, nbytes):
         """Does a staged message of nbytes from `sender` to this rank or from this rank go by slot?"""
-        return sender in self.arena and 0 < nbytes <= self.slot_bytes[sender] and self.window is not None
+        return sender in self.arena and 0 < nbytes <= self.slot_bytes[sender]
 
     def _view(self, sender, slot, nbytes):
         start = slot * self.slot_bytes[sender]
