@@ -11,6 +11,8 @@ commands (bench_sim.py makes the simulated ones).
         the link between two ranks: GB/s of one message of 1 MiB .. 256 MiB on each route (direct
         if the MPI is CUDA-aware; staged through the node's shared pinned slots; staged-mpi: through
         MPI in private pinned buffers, the route between nodes)
+    python bench.py merge RUN1.json RUN2.json ... --out FILE.json
+        independent runs of `ranks` as one file; the medians over the runs, ratios with their range
     python bench.py plot FILE.json ...
         the PNG plots of a results file (TTFT vs context, speedup over TSP, timelines).
 
@@ -20,9 +22,11 @@ Every command writes JSON with every raw figure (--out) and prints a table. Figu
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
+from collections import defaultdict
 
 import torch
 
@@ -43,7 +47,7 @@ except ImportError:
     transformers = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PEAK = {"bfloat16": 989e12, "float16": 989e12}         # H100 SXM dense tensor-core FLOP/s
+PEAK = {"bfloat16": 989e12, "float16": 989e12}         # H100 SXM / H200 dense tensor-core FLOP/s (same compute)
 
 
 def flops(cfg, C):
@@ -55,11 +59,32 @@ def flops(cfg, C):
     return 2 * cfg.n_layers * per_layer * C + 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * C * C
 
 
+LAUNCHERS = {"mpirun", "mpiexec", "mpiexec.hydra", "orterun", "prterun"}
+
+
+def launch_command():
+    """The command line that started this job, as typed: the nearest ancestor process that is an MPI
+    launcher (mpirun's own options included), else this process's."""
+    pid = os.getpid()
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [x.decode() for x in f.read().split(b"\0")[:-1]]
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+        if argv and os.path.basename(argv[0]) in LAUNCHERS:
+            return shlex.join(argv)
+    return shlex.join(["python", *sys.argv])
+
+
 def machine():
+    """What a results file's meta records: the hardware, the versions, the full command."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return dict(host=platform.node(), cpus=len(os.sched_getaffinity(0)), gpu=gpu, torch=torch.__version__,
                 cudnn=torch.backends.cudnn.version(), transformers=getattr(transformers, "__version__", None),
-                mpi=transport.MPI.Get_library_version().splitlines()[0].strip("\x00"))
+                mpi=transport.MPI.Get_library_version().splitlines()[0].strip("\x00"), command=launch_command())
 
 
 def save(path, meta, rows):
@@ -68,6 +93,15 @@ def save(path, meta, rows):
         with open(path, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
         print(f"wrote {path}")
+
+
+def spread(xs, fmt, ranged=True):
+    """The median of independent runs' values, and their range when there are several:
+    '1.53 (1.50-1.56)'."""
+    if not xs:
+        return "-"
+    m = fmt.format(statistics.median(xs))
+    return m + (f" ({fmt.format(min(xs))}-{fmt.format(max(xs))})" if ranged and len(xs) > 1 else "")
 
 
 def table(rows, cols):
@@ -116,7 +150,11 @@ def gpu_time(fn, repeats):
 
 
 def single(a):
-    """Our one-process prefill, eager then fused, and transformers' on the same GPU in the same run."""
+    """Our one-process prefill, eager then fused, and transformers' on the same GPU in the same run
+    (one after another: each holds its own 7B model). --rows FILE prints a run's tables again."""
+    if a.rows:
+        with open(a.rows) as f:
+            return single_tables(json.load(f)["rows"])
     rows = []
 
     def measure(name, dt, impl, model, call):
@@ -153,10 +191,33 @@ def single(a):
             measure(name, dt, "ours fused", ours.fuse(), prefill)
             ours = cache = None
             torch.cuda.empty_cache()
-    save(a.out, dict(machine(), command=" ".join(sys.argv), peak_flops=PEAK), rows)
-    table([dict(r, ttft_ms=f"{r['ttft_s'] * 1e3:.1f}" if r["ttft_s"] else "OOM",
-                mfu=f"{r['mfu']:.1%}" if r["mfu"] else "-") for r in rows],
-          ["model", "dtype", "C", "impl", "ttft_ms", "mfu"])
+    save(a.out, dict(machine(), peak_flops=PEAK), rows)
+    single_tables(rows)
+
+
+def single_tables(rows):
+    """`single`'s tables: per (model, dtype, C) each implementation's TTFT with the interquartile
+    range of its repeats, fused MFU and the speed-up over transformers; then Falcon over Llama."""
+    t = {(r["model"], r["dtype"], r["C"], r["impl"]): r for r in rows}
+
+    def ms(r):
+        if not r or not r["ttft_s"]:
+            return "out of memory"
+        q = statistics.quantiles(r["raw_s"], n=4) if len(r["raw_s"]) > 1 else [r["ttft_s"]] * 3
+        return f"{r['ttft_s'] * 1e3:.1f} ms ({q[0] * 1e3:.1f}-{q[2] * 1e3:.1f})"
+
+    out = []
+    for m, dt, C in dict.fromkeys(k[:3] for k in t):
+        hf, fused = t.get((m, dt, C, "transformers")), t[m, dt, C, "ours fused"]
+        out.append({"model": m, "dtype": dt, "C": C, "transformers": ms(hf), "ours eager": ms(t[m, dt, C, "ours eager"]),
+                    "ours fused": ms(fused), "fused MFU": f"{fused['mfu']:.1%}",
+                    "fused vs transformers": f"{hf['ttft_s'] / fused['ttft_s']:.2f}x" if hf and hf["ttft_s"] else "-"})
+    table(out, list(out[0]))
+    pairs = [(dt, C) for m, dt, C, i in t if m == "falcon7b" and i == "ours fused" and ("llama7b", dt, C, i) in t]
+    if pairs:
+        print()
+        table([{"dtype": dt, "C": C, "Falcon fused / Llama fused": f"{t['falcon7b', dt, C, 'ours fused']['ttft_s'] / t['llama7b', dt, C, 'ours fused']['ttft_s']:.3f}"}
+               for dt, C in pairs], ["dtype", "C", "Falcon fused / Llama fused"])
 
 
 # ----------------------------------------------------------------------------- real ranks
@@ -188,15 +249,19 @@ def ranks(a):
                 parts["KVR-P"] = partition.predicted(C, p, others, job.model_key)
 
             def one_process():                          # the last rank alone; the others wait
+                job.transport.barrier()                 # politely: a rank spinning in MPI beside
+                t = 0.0                                 # it would slow it (caches, memory, SMT)
+                if job.rank == p - 1:
+                    cache = KVCache(job.model.cfg, 1, C, job.dtype, job.device)
+                    sync(job.device)
+                    t0 = time.perf_counter()
+                    with torch.inference_mode():
+                        job.model(job.tokens, cache, 0, last_only=True)[0, -1].argmax().item()
+                    t = time.perf_counter() - t0
+                polite, job.transport.polite = job.transport.polite, job.transport.polite or job.rank != p - 1
                 job.transport.barrier()
-                if job.rank != p - 1:
-                    return 0.0
-                cache = KVCache(job.model.cfg, 1, C, job.dtype, job.device)
-                sync(job.device)
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    job.model(job.tokens, cache, 0, last_only=True)[0, -1].argmax().item()
-                return time.perf_counter() - t0
+                job.transport.polite = polite
+                return t
 
             variants = {"one process": (one_process, p - 1),
                         "TSP": (lambda: tsp.prefill(job, False)[2], p - 1)}
@@ -233,7 +298,7 @@ def ranks(a):
                                              f"(x{tsp_t / statistics.median(times[v]):.2f})" for v in names),
                       flush=True)
     if job.rank == 0:
-        meta = dict(machine(), command="mpirun -n %d python %s" % (p, " ".join(sys.argv)), ranks=p,
+        meta = dict(machine(), ranks=p,
                     model=job.name, model_arg=a.model, model_key=job.model_key, dtype=a.dtype,
                     device=a.device, threads=torch.get_num_threads(),
                     repeats=a.repeats, fused=a.fuse)
@@ -242,6 +307,27 @@ def ranks(a):
                     speedup=f"{next(x['ttft_s'] for x in rows if x['C'] == r['C'] and x['variant'] == 'TSP') / r['ttft_s']:.2f}",
                     partition=",".join(map(str, r["partition"])) if r["partition"] else "")
                for r in rows], ["C", "p", "variant", "ttft_ms", "speedup", "partition"])
+
+
+def merge(a):
+    """Independent runs of `ranks` (separate jobs) as one results file, every row with its run, and
+    their table: per variant the median of the runs' medians, and ratios with their range over runs."""
+    rows, metas = [], []
+    for run, path in enumerate(a.files, 1):
+        with open(path) as f:
+            d = json.load(f)
+        metas.append(dict(d["meta"], file=path))
+        rows += [dict(r, run=run) for r in d["rows"]]
+    save(a.out, dict(runs=metas), rows)
+    t, parts = defaultdict(list), defaultdict(list)
+    for r in rows:
+        t[r["C"], r["p"], r["variant"]].append(r["ttft_s"] * 1e3)
+        parts[r["C"], r["p"], r["variant"]].append(",".join(map(str, r["partition"] or [])))
+    table([dict(C=C, p=p, variant=v, ttft_ms=spread(xs, "{:.1f}"),
+                tsp_over=spread([x / y for x, y in zip(t[C, p, "TSP"], xs)], "{:.2f}"),
+                one_over=spread([x / y for x, y in zip(t[C, p, "one process"], xs)], "{:.2f}"),
+                partition=" / ".join(dict.fromkeys(parts[C, p, v])))
+           for (C, p, v), xs in t.items()], ["C", "p", "variant", "ttft_ms", "tsp_over", "one_over", "partition"])
 
 
 # ----------------------------------------------------------------------------- the link
@@ -296,9 +382,7 @@ def link(a):
             if comm.rank == 0:
                 print(f"{route} {mib} MiB: {rows[-1]['GBps']:.1f} GB/s", flush=True)
     if comm.rank == 0:
-        save(a.out, dict(machine(), command="mpirun -n 2 python " + " ".join(sys.argv),
-                         mpi=transport.MPI.Get_library_version().splitlines()[0].strip("\x00"),
-                         repeats=a.repeats, window=a.window), rows)
+        save(a.out, dict(machine(), repeats=a.repeats, window=a.window), rows)
         table([dict(r, GBps=f"{r['GBps']:.1f}", one_way_ms=f"{r['one_way_ms']:.3f}",
                     latency_us=f"{r['latency_us']:.1f}") for r in rows],
               ["route", "MiB", "GBps", "one_way_ms", "latency_us", "note"])
@@ -309,7 +393,7 @@ def link(a):
 def plot(a):
     for path in a.files:
         with open(path) as f:
-            rows = json.load(f)["rows"]
+            rows = plots.over_runs(json.load(f)["rows"])
         stem = os.path.splitext(path)[0]
         if rows and "variant" in rows[0]:
             plots.plot_ttft(rows, stem + "-ttft.png")
@@ -330,6 +414,7 @@ def main(argv=None):
     s.add_argument("--repeats", type=cli.at_least(1), default=5)
     s.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers")
     s.add_argument("--out", default="results/single.json")
+    s.add_argument("--rows", help="print the tables of this results file instead of measuring")
     r = sub.add_parser("ranks", help="real ranks under mpirun: every variant, alternated")
     r.add_argument("--model", default="builtin:llama")
     r.add_argument("--C", nargs="+", type=cli.at_least(1), default=[1024, 2048, 4096])
@@ -346,12 +431,15 @@ def main(argv=None):
     lk.add_argument("--window", type=cli.at_least(1), default=8, help="messages sent back to back per timing")
     lk.add_argument("--repeats", type=cli.at_least(1), default=10)
     lk.add_argument("--out", default="results/link.json")
+    mg = sub.add_parser("merge", help="independent runs of `ranks` as one file, and their table")
+    mg.add_argument("files", nargs="+")
+    mg.add_argument("--out", required=True)
     pl = sub.add_parser("plot", help="PNG plots of results files")
     pl.add_argument("files", nargs="*")
     pl.add_argument("--traces", nargs="*", help="trace JSON files to draw as one timeline figure")
     pl.add_argument("--timeline", default="results/timeline.png")
     a = ap.parse_args(argv)
-    {"single": single, "ranks": ranks, "link": link, "plot": plot}[a.cmd](a)
+    {"single": single, "ranks": ranks, "merge": merge, "link": link, "plot": plot}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,24 @@
 """The simulator's benchmarks: profile every rank's work on one GPU, replay it over the paper's
 links, and hold the replay against real runs. Every simulated table in BENCHMARKS.md comes from here.
 
-    python bench_sim.py profile [--dims llama7b falcon7b]
-        on a GPU: a KernelTable of one rank's segment times, and direct profiles of every rank of
-        one process, TSP, TSP-zigzag and KVR-E per (C, p)
-    python bench_sim.py simulate results/profiles-*.json [--direct results/partitions-*.json]
-        CPU: replay them over 300 and 10 GB/s links; KVR-S searched, KVR-P interpolated, the ideal
-    python bench_sim.py profile-partitions results/simulated.json
-        on a GPU: direct profiles of the KVR-S/KVR-P partitions simulate chose on the table
+    python bench_sim.py profile [--dims llama7b falcon7b] [--run 1]
+        on a GPU, one independent run: a KernelTable of one rank's segment times; on it, KVR-S's
+        shortlist and KVR-P for every link; then every variant of each (C, p) profiled directly,
+        interleaved: one process, TSP, TSP-zigzag, and KV-Runahead on every partition named
+    python bench_sim.py simulate results/profiles-*.json
+        CPU: replay every run over the links (300, 10, uneven, measured); KVR-S scored on the
+        direct profiles, KVR-P, the ideal; per run, then summarised over the runs
     python bench_sim.py validate results/ranks.json [--devices 1]
         the simulator against real runs of `bench.py ranks` on this machine
     python bench_sim.py summary results/simulated.json
-        the tables of a simulate run, again
+        the tables of a simulate run and the targets, again
 """
 import json
-import sys
+import multiprocessing
+import os
+import statistics
 import time
+from collections import defaultdict
 
 import torch
 
@@ -24,161 +27,227 @@ import partition
 import profiling
 import program
 import sim
-from bench import machine, save, table
+from bench import machine, save, spread, table
 from kvcache import bytes_per_token
 from model import DIMS, dims_model
 
 
+def links(p, measured=None, jitter=0.0):
+    """The networks every table is replayed on, for p ranks: the paper's 300 and 10 GB/s per hop; an
+    uneven one, 300 GB/s with the middle hop (link p//2 - 1, which the chain's largest message and
+    every ring step cross) at 10 GB/s; and the links bench.py link measured (label -> Link fields)."""
+    out = {"300 GB/s": sim.network(p, 300e9, jitter=jitter), "10 GB/s": sim.network(p, 10e9, jitter=jitter),
+           "300 GB/s, middle hop 10 GB/s": sim.network(p, 300e9, jitter=jitter, slow={p // 2 - 1: 10e9})}
+    for label, kw in (measured or {}).items():
+        out[label] = sim.network(p, **kw, jitter=jitter)
+    return out
+
+
+def measured_links(path, routes):
+    """label -> Link fields of each route of a bench.py link file, fitted by sim.fit_link."""
+    with open(path) as f:
+        lrows = json.load(f)["rows"]
+    out = {}
+    for route in routes:
+        mine = [r for r in lrows if r["route"] == route]
+        if not mine:
+            raise SystemExit(f"{path} has no route {route!r}")
+        fit = sim.fit_link([r["MiB"] * 2**20 for r in mine], [r["one_way_ms"] / 1e3 for r in mine])
+        out[f"{fit.bandwidth / 1e9:.0f} GB/s (measured, {route}, ranks on one GPU)"] = dict(bandwidth=fit.bandwidth, latency=fit.latency)
+    return out
+
+
+def _search(job):
+    """A worker process: KVR-S searched on the kernel table for one (C, p, network)."""
+    C, p, kt, net, steps, levels = job
+    return sim.search(C, p, kt, net, steps=steps, levels=levels)
+
+
+def shortlist(kt, name, Cs, ps, nets, table_C, steps, levels, pool):
+    """Per (link, p, C): the partition the kernel-table search picks (KVR-S's shortlist), and KVR-P
+    interpolated from the other contexts' picks (the C itself left out of its table)."""
+    table_C = sorted(set(table_C) | set(Cs))
+    keys = [(label, p, C) for p in ps for label in nets[p] for C in table_C]
+    best = dict(zip(keys, pool.map(_search, [(C, p, kt, nets[p][label], steps, levels) for label, p, C in keys])))
+    out = []
+    for label, p, C in keys:
+        if C in Cs:
+            others = partition.Table()
+            for K in table_C:
+                if K != C:
+                    others.add(name, best[label, p, K])
+            out.append(dict(link=label, p=p, C=C, searched=best[label, p, C], predicted=partition.predicted(
+                C, p, others, name) if len(table_C) > 1 else None))
+    return out
+
+
+def profile_block(m, C, p, parts, rounds, math_tsp=False):
+    """Every variant of one (C, p) profiled interleaved: each round runs each variant once, in an
+    order rotated every round, after one round of warm-up. Returns {(variant, partition): per rank,
+    the median of each segment over the rounds}."""
+    jobs = {("one process", None): lambda: profiling.profile_single(m, C, 1, 0),
+            ("TSP", None): lambda: profiling.profile_tsp(m, C, p, False, 1, 0),
+            ("TSP-zigzag", None): lambda: profiling.profile_tsp(m, C, p, True, 1, 0)}
+    if math_tsp:
+        jobs["TSP (math path)", None] = lambda: profiling.profile_tsp(m, C, p, False, 1, 0, math_path=True)
+    jobs.update({("KVR", c): (lambda c=c: profiling.profile_kvr(m, list(c), 1, 0)) for c in parts})
+    keys, runs = list(jobs), {k: [] for k in jobs}
+    for r in range(rounds + 1):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            segs = jobs[k]()
+            if r:
+                runs[k].append(segs)
+    return {k: [[statistics.median(x) for x in zip(*(run[i] for run in v))] for i in range(len(v[0]))]
+            for k, v in runs.items()}
+
+
 def profile(a):
-    """On a GPU: what the simulator replays. Per model: a KernelTable of one KVR rank's segment times
-    on a (chunk, prefix) grid, and direct profiles of every rank of TSP, TSP-zigzag, KVR-E and one
-    process for each (C, p). A 4-layer model stands in for 32 identical layers (sim.expand)."""
-    for name in a.dims:
-        dtype = getattr(torch, a.dtype)
-        m = dims_model(name, dtype, a.device, n_layers=a.layers)
-        if a.fuse:
-            m.fuse()
-        t0 = time.perf_counter()
-        layers = DIMS[name]["n_layers"] if name in DIMS else None   # builtin: all its layers timed
-        kt = profiling.measure_table(m, a.cs, a.prefixes, layers=layers, repeats=a.repeats)
-        direct = []
-        for C in a.C:
-            direct.append(dict(variant="one process", C=C, p=1, segs=profiling.profile_single(m, C, a.repeats, 2)))
-            for p in a.p:
-                for v, segs in [("TSP", lambda: profiling.profile_tsp(m, C, p, False, a.repeats, 2)),
-                                ("TSP-zigzag", lambda: profiling.profile_tsp(m, C, p, True, a.repeats, 2)),
-                                ("KVR-E", lambda: profiling.profile_kvr(m, partition.even(C, p), a.repeats, 2))]:
-                    direct.append(dict(variant=v, C=C, p=p, segs=segs()))
-            print(f"{name}: profiled C={C} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        out = a.out.format(model=name.replace(":", "-"))
-        save(out, dict(machine(), command=" ".join(sys.argv), model=name, dtype=a.dtype, fused=a.fuse,
-                       layers_timed=a.layers, kernels=dict(meta=kt.meta, grid=[[c, P, *t] for (c, P), t in
-                                                                                sorted(kt.grid.items())])), direct)
-
-
-def profile_partitions(a):
-    """On a GPU: direct profiles of the KVR-S and KVR-P partitions a `simulate` run chose on the
-    kernel table, so that a second `simulate --direct` replays them on measured, not interpolated,
-    segment times."""
-    with open(a.simulated) as f:
-        rows = [r for r in json.load(f)["rows"] if r["variant"] in ("KVR-S", "KVR-P")]
-    for name in dict.fromkeys(r["model"] for r in rows):
-        m = dims_model(name, getattr(torch, a.dtype), a.device, n_layers=a.layers)
-        if a.fuse:
-            m.fuse()
-        done, out = {}, []
-        for r in (r for r in rows if r["model"] == name):
-            c = tuple(r["partition"])
-            if c not in done:
-                done[c] = profiling.profile_kvr(m, list(c), a.repeats, 2)
-            out.append(dict(variant=r["variant"], C=r["C"], p=r["p"], link=r["link"], partition=list(c),
-                            segs=done[c]))
-        print(f"{name}: profiled {len(done)} partitions", flush=True)
-        save(a.out.format(model=name.replace(":", "-")), dict(machine(), command=" ".join(sys.argv), model=name, dtype=a.dtype,
-                                            fused=a.fuse, layers_timed=a.layers), out)
-
-
-LINKS = {"300 GB/s": dict(bandwidth=300e9), "10 GB/s": dict(bandwidth=10e9)}
+    """On a GPU, one independent run of what the simulator replays. Per model: a KernelTable of one
+    KVR rank's segment times on a (chunk, prefix) grid; KVR-S's shortlist and KVR-P searched on it for
+    every link; then, per (C, p), every variant profiled directly and interleaved (profile_block): one
+    process, TSP, TSP-zigzag and KV-Runahead on the even split and on every shortlisted partition. A
+    4-layer model stands in for 32 identical layers (sim.expand)."""
+    measured = {k: v for path in a.measured_link for k, v in measured_links(path, a.routes).items()}
+    nets = {p: links(p, measured) for p in a.p}
+    paper = {tuple(map(int, x.split(":"))) for x in a.paper_tsp}
+    pool = None                                        # started after the first table: its
+    try:                                               # imports would disturb the GPU's timings
+        for name in a.dims:
+            m = dims_model(name, getattr(torch, a.dtype), a.device, n_layers=a.layers)
+            if a.fuse or a.graphs:
+                m.fuse(graphs=a.graphs)
+            t0 = time.perf_counter()
+            layers = DIMS[name]["n_layers"] if name in DIMS else None   # builtin: all its layers timed
+            kt = profiling.measure_table(m, a.cs, a.prefixes, layers=layers, repeats=a.repeats)
+            pool = pool or multiprocessing.get_context("spawn").Pool(a.workers)
+            short = shortlist(kt, name, a.C, a.p, nets, a.table_C, a.steps, a.levels, pool)
+            print(f"{name}: kernel table and {len(short)} searches ({time.perf_counter() - t0:.0f} s)", flush=True)
+            rows = []
+            for C in a.C:
+                for p in a.p:
+                    parts = dict.fromkeys([tuple(partition.even(C, p))] + [tuple(s[k]) for s in short
+                                          if (s["C"], s["p"]) == (C, p) for k in ("searched", "predicted") if s[k]])
+                    for (v, c), segs in profile_block(m, C, p, parts, a.repeats, (C, p) in paper).items():
+                        rows.append(dict(variant=v, C=C, p=1 if v == "one process" else p,
+                                         partition=list(c) if c else None, segs=segs))
+                print(f"{name}: profiled C={C} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            save(a.out.format(model=name.replace(":", "-")), dict(
+                machine(), run=a.run, model=name, dtype=a.dtype, fused=a.fuse or a.graphs, graphs=a.graphs,
+                layers_timed=a.layers, rounds=a.repeats, links=measured, shortlist=short, search=dict(steps=a.steps, levels=a.levels),
+                kernels=dict(meta=kt.meta, grid=[[c, P, *t] for (c, P), t in sorted(kt.grid.items())])), rows)
+    finally:
+        if pool:
+            pool.terminate()
 
 
 def simulate(a):
-    """Replay the profiles over the paper's links: every variant's TTFT, KVR-S searched on the
-    KernelTable, KVR-P interpolated from the other contexts' KVR-S, the ideal, and TSP and KVR-S
-    on a noisy network. CPU only: seconds to minutes."""
+    """Replay each run's profiles over every link: TSP, TSP-zigzag, KVR-E, KVR-S, KVR-P, the ideal, and
+    TSP and KVR-S on a noisy network. KVR-S is the best of the profiled partitions (the even split and
+    the kernel-table search's shortlist for every link), scored by replaying their direct profiles:
+    the paper's search, scored by measured TTFT. CPU only: seconds."""
     rows = []
     for path in a.profiles:
         with open(path) as f:
             prof = json.load(f)
         meta = prof["meta"]
-        kt = sim.KernelTable({(c, P): tuple(t) for c, P, *t in meta["kernels"]["grid"]}, meta["kernels"]["meta"])
-        L, bpt, name = kt.meta["layers"], kt.meta["bytes_per_token"], meta["model"]
-        direct = {(r["variant"], r["C"], r["p"]): [sim.expand(s, L) for s in r["segs"]] for r in prof["rows"]}
-        for path2 in a.direct:                          # KVR-S / KVR-P partitions profiled directly
-            with open(path2) as f:
-                d2 = json.load(f)
-            if d2["meta"]["model"] == name:
-                direct.update({(tuple(r["partition"]), r["C"], r["p"]): [sim.expand(s, L) for s in r["segs"]]
-                               for r in d2["rows"]})
+        L, bpt, name, run = meta["kernels"]["meta"]["layers"], meta["kernels"]["meta"]["bytes_per_token"], \
+            meta["model"], meta["run"]
+        direct = {(r["variant"], r["C"], r["p"], tuple(r["partition"] or ())): [sim.expand(s, L) for s in r["segs"]]
+                  for r in prof["rows"]}
+        short = {(s["link"], s["p"], s["C"]): s for s in meta["shortlist"]}
+        for p in sorted({r["p"] for r in prof["rows"] if r["p"] > 1}):
+            noisy = links(p, meta["links"], a.jitter)
+            for label, net in links(p, meta["links"]).items():
+                for C in sorted({r["C"] for r in prof["rows"]}):
+                    def kvr(c, net=net, **kw):
+                        return sim.replay_chain(direct["KVR", C, p, tuple(c)], list(c), net, bpt, **kw).ttft
 
-        def kvr(c, net, **kw):                          # measured segments if profiled, else the table's
-            segs = direct.get((tuple(c), sum(c), len(c))) or [
-                kt.segments(ci, Si - ci) for ci, Si in zip(c, partition.prefix_sums(c))]
-            return sim.replay_chain(segs, c, net, bpt, **kw).ttft
+                    def tsp(v, net=net, **kw):
+                        spans, emitter = partition.tsp_layout(C, p, v == "TSP-zigzag")
+                        return sim.replay_allgather(direct[v, C, p, ()], [sum(n for _, n in s) for s in spans],
+                                                    net, bpt, emitter, **kw).ttft
 
-        Cs = sorted({r["C"] for r in prof["rows"]})
-        ps = sorted({r["p"] for r in prof["rows"] if r["p"] > 1})
-        links = dict(LINKS)
-        for path2 in a.measured_link:                   # a link bench.py link measured, per route
-            with open(path2) as f:
-                lrows = json.load(f)["rows"]
-            for route in dict.fromkeys(r["route"] for r in lrows):
-                mine = [r for r in lrows if r["route"] == route]
-                fit = sim.fit_link([r["MiB"] * 2**20 for r in mine], [r["one_way_ms"] / 1e3 for r in mine])
-                links[f"{fit.bandwidth / 1e9:.0f} GB/s (measured, {route})"] = dict(bandwidth=fit.bandwidth,
-                                                                                  latency=fit.latency)
-        for link, kw in links.items():
-            for p in ps:
-                net = sim.network(p, **kw)
-                searched = {C: sim.search(C, p, kt, net, steps=a.steps, levels=a.levels)
-                            for C in sorted(set(Cs) | set(a.table_C))}
-                for C in Cs:
-                    one = sum(direct["one process", C, 1][0])
-                    spans, emitter = partition.tsp_layout(C, p, False)
-                    zspans, zemitter = partition.tsp_layout(C, p, True)
-                    zcounts = [sum(n for _, n in s) for s in zspans]
-                    others = partition.Table()
-                    for K in searched:                  # KVR-P: C itself is not in its table
-                        if K != C:
-                            others.add(name, searched[K])
-                    cP = partition.predicted(C, p, others, name)
-                    res = {
-                        "one process": (one, None),
-                        "ideal": (one / p, None),
-                        "TSP": (sim.replay_allgather(direct["TSP", C, p], partition.even(C, p), net, bpt,
-                                                     emitter).ttft, None),
-                        "TSP-zigzag": (sim.replay_allgather(direct["TSP-zigzag", C, p], zcounts, net, bpt,
-                                                            zemitter).ttft, None),
-                        "KVR-E": (sim.replay_chain(direct["KVR-E", C, p], partition.even(C, p), net, bpt).ttft,
-                                  partition.even(C, p)),
-                        "KVR-E (table)": (sim.predict(kt, partition.even(C, p), net).ttft, partition.even(C, p)),
-                        "KVR-S": (kvr(searched[C], net), searched[C]),
-                        "KVR-P": (kvr(cP, net), cP),
-                    }
-                    noisy = sim.network(p, **kw, jitter=a.jitter)
-                    res["TSP noisy"] = (sim.replay_allgather(direct["TSP", C, p], partition.even(C, p), noisy,
-                                                             bpt, emitter, seed=C).ttft, None)
-                    res["KVR-S noisy"] = (kvr(searched[C], noisy, seed=C), searched[C])
+                    one, even, s = sum(direct["one process", C, 1, ()][0]), partition.even(C, p), short[label, p, C]
+                    best = list(min((c for v, K, q, c in direct if (v, K, q) == ("KVR", C, p)), key=kvr))
+                    res = {"one process": (one, None), "ideal": (one / p, None),
+                           "TSP": (tsp("TSP"), None), "TSP-zigzag": (tsp("TSP-zigzag"), None),
+                           "KVR-E": (kvr(even), even), "KVR-S": (kvr(best), best),
+                           "KVR-S (table)": (kvr(s["searched"]), s["searched"]),
+                           "TSP noisy": (tsp("TSP", noisy[label], seed=C), None),
+                           "KVR-S noisy": (kvr(best, noisy[label], seed=C), best)}
+                    if s["predicted"]:
+                        res["KVR-P"] = (kvr(s["predicted"]), s["predicted"])
+                    if ("TSP (math path)", C, p, ()) in direct:
+                        res["TSP (math path)"] = (tsp("TSP (math path)"), None)
                     for v, (t, c) in res.items():
-                        rows.append(dict(model=name, C=C, p=p, variant=v, ttft_s=t, partition=c,
-                                         source="simulated", link=link))
-                    print(f"{name} {link} p={p} C={C}: " + ", ".join(
-                        f"{v} {t * 1e3:.1f}" for v, (t, _) in res.items()), flush=True)
-    save(a.out, dict(machine(), command=" ".join(sys.argv), profiles=a.profiles, jitter=a.jitter,
-                     search=dict(steps=a.steps, levels=a.levels), table_C=a.table_C), rows)
+                        rows.append(dict(model=name, run=run, C=C, p=p, variant=v, ttft_s=t, partition=c,
+                                         source="simulated", link=label))
+        print(f"{path}: replayed", flush=True)
+    save(a.out, dict(machine(), profiles=a.profiles, jitter=a.jitter), rows)
     summary(rows)
 
 
 def summary(rows):
-    """The simulated tables of BENCHMARKS.md: TTFT (ms) per variant, and the ratios the targets name."""
-    t = {(r["model"], r["link"], r["p"], r["C"], r["variant"]): r["ttft_s"] * 1e3 for r in rows}
+    """The simulated tables of BENCHMARKS.md: TTFT (ms) per variant, the median of the independent
+    runs, and the ratios the targets name with their range over the runs; then the targets."""
+    t = defaultdict(list)
+    for r in rows:
+        t[r["model"], r["link"], r["p"], r["C"], r["variant"]].append(r["ttft_s"] * 1e3)
+    runs = len({r["run"] for r in rows})
+    ratios = {"TSP/KVR-S": ("TSP", "KVR-S"), "zigzag/KVR-S": ("TSP-zigzag", "KVR-S"),
+              "KVR-E/KVR-S": ("KVR-E", "KVR-S"), "KVR-S/ideal": ("KVR-S", "ideal"),
+              "KVR-P/KVR-S": ("KVR-P", "KVR-S"), "table/KVR-S": ("KVR-S (table)", "KVR-S")}
+
+    def ratio(key, x, y):
+        return [a / b for a, b in zip(t[(*key, x)], t[(*key, y)])]
+
     for model, link in dict.fromkeys((r["model"], r["link"]) for r in rows):
-        print(f"\n{model}, links {link} (simulated; ms)\n")
+        print(f"\n{model}, links {link} (simulated; ms; median of {runs} runs, ratios with their range)\n")
         out = []
-        for (m, lk, p, C, v) in t:
-            if (m, lk, v) == (model, link, "TSP"):
-                g = lambda v: t[model, link, p, C, v]  # noqa: E731
-                out.append(dict(p=p, C=C, **{k: f"{g(k):.1f}" for k in (
-                    "TSP", "TSP-zigzag", "KVR-E", "KVR-S", "KVR-P", "ideal")},
-                    **{"TSP/KVR-S": f"{g('TSP') / g('KVR-S'):.2f}", "zigzag/KVR-S": f"{g('TSP-zigzag') / g('KVR-S'):.2f}",
-                       "KVR-S/ideal": f"{g('KVR-S') / g('ideal'):.2f}", "KVR-P/KVR-S": f"{g('KVR-P') / g('KVR-S'):.3f}",
-                       "noisy TSP": f"{g('TSP noisy') / g('TSP') - 1:+.1%}",
-                       "noisy KVR-S": f"{g('KVR-S noisy') / g('KVR-S') - 1:+.1%}"}))
+        for key in dict.fromkeys(k[:4] for k in t if k[:2] == (model, link)):
+            out.append(dict(p=key[2], C=key[3], **{v: spread(t[(*key, v)], "{:.1f}", False) for v in (
+                "TSP", "TSP-zigzag", "KVR-E", "KVR-S", "KVR-P", "ideal")},
+                **{k: spread(ratio(key, x, y), "{:.2f}") for k, (x, y) in ratios.items()},
+                **{f"noisy {v}": spread([n / b - 1 for n, b in zip(t[(*key, v + " noisy")], t[(*key, v)])], "{:+.1%}")
+                   for v in ("TSP", "KVR-S")}))
         table(out, list(out[0]))
+    print("\nTargets (met: every run meets it; inconclusive: some runs do; missed: none does)\n")
+    for target, pick, (x, y), ok in TARGETS:
+        keys = [k[:4] for k in t if k[4] == "TSP" and pick(*k[:4])]
+        verdict = defaultdict(list)
+        for key in keys:
+            r = ratio(key, x, y)
+            if not r:
+                continue
+            verdict["met" if all(map(ok, r)) else "inconclusive" if any(map(ok, r)) else "missed"].append(
+                f"{key[0]} {key[1]} p={key[2]} C={key[3]}: {spread(r, '{:.3f}')}")
+        print(f"- {target}: " + ", ".join(f"{v} {len(c)}" for v, c in sorted(verdict.items())))
+        for v in ("missed", "inconclusive"):
+            for c in verdict.get(v, [])[:12]:
+                print(f"    {v}: {c}")
+
+
+TARGETS = [   # (what, which cells, ratio, test): issue 12's targets on the simulated tables
+    ("KVR-S <= 1.15x the ideal, 8 GPUs, 16k, 300 GB/s", lambda m, lk, p, C: (lk, p, C) == ("300 GB/s", 8, 16384),
+     ("KVR-S", "ideal"), lambda r: r <= 1.15),
+    ("KVR-S >= TSP-zigzag at C >= 2k", lambda m, lk, p, C: C >= 2048, ("TSP-zigzag", "KVR-S"), lambda r: r >= 1),
+    ("KVR-S >= KVR-E everywhere", lambda m, lk, p, C: True, ("KVR-E", "KVR-S"), lambda r: r >= 1),
+    ("KVR-P within 2% of KVR-S at C >= 4k", lambda m, lk, p, C: C >= 4096, ("KVR-P", "KVR-S"),
+     lambda r: abs(r - 1) <= 0.02),
+    ("Llama-7B, 4 GPUs, 12k, 300 GB/s: TSP / KVR-S >= 1.42x (paper)",
+     lambda m, lk, p, C: (m, lk, p, C) == ("llama7b", "300 GB/s", 4, 12288), ("TSP", "KVR-S"), lambda r: r >= 1.42),
+    ("Falcon-7B, 8 GPUs, 8k, 300 GB/s: TSP / KVR-S >= 1.63x (paper)",
+     lambda m, lk, p, C: (m, lk, p, C) == ("falcon7b", "300 GB/s", 8, 8192), ("TSP", "KVR-S"), lambda r: r >= 1.63),
+    ("the same, the paper's TSP (attention on the math path): TSP (math path) / KVR-S >= 1.63x",
+     lambda m, lk, p, C: (m, lk, p, C) == ("falcon7b", "300 GB/s", 8, 8192), ("TSP (math path)", "KVR-S"),
+     lambda r: r >= 1.63),
+]
 
 
 def validate(a):
     """The simulator against real runs: profile each real row's work on this device, replay it with
-    the link calibrated in the real run (calibration.json), and report the error. `--devices 1` when
+    the link calibrated in the real run (calibration.json) or one bench.py link measured
+    (--measured-link FILE --route R), and report the error. `--devices 1` when
     the real ranks shared one device, default: a device per rank."""
     out = []
     for path in a.real:
@@ -189,10 +258,13 @@ def validate(a):
                                           + ["--fuse"] * meta["fused"])
         torch.set_num_threads(meta["threads"])
         _, model, key = program.load(args, torch.device(meta["device"]))
-        cost = partition.load_calibration(key)
         L, bpt = model.cfg.n_layers, bytes_per_token(model.cfg, getattr(torch, meta["dtype"]))
-        per_token = cost.comm_per_token / L if cost and cost.comm_per_token else 0.0
-        link = sim.Link(bpt / per_token if per_token else 1e15, cost.latency / L if cost else 0.0)
+        if a.measured_link:                            # the link bench.py link measured on this route
+            link = sim.Link(**next(iter(measured_links(a.measured_link, [a.route]).values())))
+        else:                                          # the link the real run calibrated
+            cost = partition.load_calibration(key)
+            per_token = cost.comm_per_token / L if cost and cost.comm_per_token else 0.0
+            link = sim.Link(bpt / per_token if per_token else 1e15, cost.latency / L if cost else 0.0)
         for r in real["rows"]:
             C, p, v = r["C"], r["p"], r["variant"]
             if v == "one process":
@@ -210,7 +282,7 @@ def validate(a):
                             f"{link.latency * 1e6:.3g} us", devices=a.devices or p, real_file=path))
             print(f"{path} C={C} p={p} {v}: real {r['ttft_s'] * 1e3:.1f} ms, simulated {t * 1e3:.1f} ms, "
                   f"error {out[-1]['error']:+.1%}", flush=True)
-    save(a.out, dict(machine(), command=" ".join(sys.argv)), out)
+    save(a.out, machine(), out)
     table([dict(r, real_ms=f"{r['real_s'] * 1e3:.1f}", simulated_ms=f"{r['simulated_s'] * 1e3:.1f}",
                 error=f"{r['error']:+.1%}") for r in out],
           ["C", "p", "variant", "real_ms", "simulated_ms", "error", "link", "devices"])
@@ -219,48 +291,47 @@ def validate(a):
 def main(argv=None):
     ap = cli.Parser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    pr = sub.add_parser("profile", help="GPU: kernel table and direct profiles for the simulator")
+    pr = sub.add_parser("profile", help="GPU: one run of the kernel table, the search, and direct profiles")
     pr.add_argument("--dims", nargs="+", default=["llama7b", "falcon7b"],
                     choices=["llama7b", "falcon7b", "builtin:llama", "builtin:falcon"])
     pr.add_argument("--dtype", default="float16")
     pr.add_argument("--device", default="cuda")
     pr.add_argument("--fuse", action="store_true")
+    pr.add_argument("--graphs", action="store_true", help="--fuse, and CUDA graphs (Transformer.fuse)")
     pr.add_argument("--layers", type=cli.at_least(2), default=4, help="layers timed (identical layers: 4 stand for 32)")
     pr.add_argument("--C", nargs="+", type=cli.at_least(1), default=[1024, 2048, 4096, 8192, 12288, 16384])
-    pr.add_argument("-p", nargs="+", type=cli.at_least(1), default=[2, 4, 8])
-    pr.add_argument("--cs", nargs="+", type=cli.at_least(1), default=[128, 256, 512, 1024, 2048, 3072, 4096, 6144,
-                                                           8192, 12288, 16384])
+    pr.add_argument("-p", nargs="+", type=cli.at_least(2), default=[2, 4, 8])
+    pr.add_argument("--cs", nargs="+", type=cli.at_least(1), default=[128, 256, 384, 512, 768, 1024, 1536, 2048, 3072,
+                                                                      4096, 6144, 8192, 12288, 16384])
     pr.add_argument("--prefixes", nargs="+", type=cli.at_least(0), default=[0, 1024, 2048, 4096, 6144, 8192, 12288, 14336])
-    pr.add_argument("--repeats", type=cli.at_least(1), default=5)
-    pr.add_argument("--out", default="results/profiles-{model}.json")
-    si = sub.add_parser("simulate", help="replay profiles over the paper's links: the multi-GPU tables")
-    si.add_argument("profiles", nargs="+")
-    si.add_argument("--steps", type=cli.at_least(1), default=16)
-    si.add_argument("--levels", type=cli.at_least(1), default=4)
-    si.add_argument("--table-C", nargs="+", type=cli.at_least(1), default=list(range(1024, 16385, 1024)),
+    pr.add_argument("--repeats", type=cli.at_least(1), default=5, help="timed runs per table point, rounds per block")
+    pr.add_argument("--table-C", nargs="+", type=cli.at_least(1), default=list(range(1024, 16385, 1024)),
                     help="contexts KVR-S is searched for to make KVR-P's table (the C predicted is left out)")
+    pr.add_argument("--steps", type=cli.at_least(1), default=16)
+    pr.add_argument("--levels", type=cli.at_least(1), default=4)
+    pr.add_argument("--measured-link", nargs="*", default=[], help="bench.py link results: their routes' fitted links")
+    pr.add_argument("--routes", nargs="+", default=["direct"], help="which routes of --measured-link files")
+    pr.add_argument("--paper-tsp", nargs="*", default=["12288:4", "8192:8"],
+                    help="C:p where TSP is also profiled with attention on the math path")
+    pr.add_argument("--workers", type=cli.at_least(1), default=max(1, len(os.sched_getaffinity(0)) - 1),
+                    help="processes for the searches")
+    pr.add_argument("--run", type=cli.at_least(1), default=1, help="which independent run this is (kept in meta)")
+    pr.add_argument("--out", default="results/profiles-{model}.json")
+    si = sub.add_parser("simulate", help="replay profiles over the links: the multi-GPU tables")
+    si.add_argument("profiles", nargs="+", help="bench_sim.py profile files, any number of runs")
     si.add_argument("--jitter", type=cli.at_least(0.0, float), default=0.5, help="noisy network: each message up to this much slower")
-    si.add_argument("--measured-link", nargs="*", default=[],
-                    help="results of bench.py link: each route's fitted link is replayed too")
-    si.add_argument("--direct", nargs="*", default=[], help="profile-partitions files: KVR-S/KVR-P measured")
     si.add_argument("--out", default="results/simulated.json")
-    pp = sub.add_parser("profile-partitions", help="GPU: direct profiles of a simulate run's KVR-S/KVR-P")
-    pp.add_argument("simulated")
-    pp.add_argument("--dtype", default="float16")
-    pp.add_argument("--device", default="cuda")
-    pp.add_argument("--fuse", action="store_true")
-    pp.add_argument("--layers", type=cli.at_least(2), default=4)
-    pp.add_argument("--repeats", type=cli.at_least(1), default=5)
-    pp.add_argument("--out", default="results/partitions-{model}.json")
     va = sub.add_parser("validate", help="the simulator against real runs of `ranks` on this machine")
     va.add_argument("real", nargs="+", help="results JSON of bench.py ranks")
     va.add_argument("--devices", type=cli.at_least(1), help="devices the real ranks shared (default: one each)")
     va.add_argument("--repeats", type=cli.at_least(1), default=5)
+    va.add_argument("--measured-link", help="a bench.py link file: replay on its --route's fitted link")
+    va.add_argument("--route", default="staged")
     va.add_argument("--out", default="results/validate.json")
     su = sub.add_parser("summary", help="the tables of a simulate results file, again")
     su.add_argument("file")
     a = ap.parse_args(argv)
-    {"profile": profile, "simulate": simulate, "validate": validate, "profile-partitions": profile_partitions,
+    {"profile": profile, "simulate": simulate, "validate": validate,
      "summary": lambda a: summary(json.load(open(a.file))["rows"])}[a.cmd](a)
 
 

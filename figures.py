@@ -1,12 +1,12 @@
 """The README's pictures, drawn with matplotlib; `python figures.py` redraws every PNG in figures/.
 
-    python figures.py                 all of them (2 to 3 minutes on 2 cores)
+    python figures.py                 all of them (about a minute on 2 cores)
     python figures.py attention       figures/attention_map.png: which QK^T cells each rank computes
     python figures.py timeline        figures/timeline.png: per-rank spans of real 3-rank runs (--trace)
-    python figures.py ttft            figures/ttft.png, figures/speedup.png: TTFT vs context, measured here
     python figures.py example         the paper's worked example (C = 9, p = 3, 4,3,2), printed
 
-bench.py draws its own measurements with plot_timeline here, and plots.py's plot_ttft and plot_speedup.
+bench.py draws its own measurements with plot_timeline here, and plots.py's plot_ttft and plot_speedup
+(`bench.py plot`: TTFT against context from a results file).
 """
 import json
 import os
@@ -244,34 +244,6 @@ def draw_timeline(p, C, partitions, out_png, threads=1):
         print(line)
 
 
-# ----------------------------------------------------------------------------- TTFT vs context, measured here
-
-def measure_ttft(p, Cs, repeats=1, threads=1):
-    """Rows for plot_ttft from real runs of the built-in model here: the fastest of `repeats` runs
-    per point. Repeats are interleaved (every point once, then again), so that a burst of other
-    work on a shared machine slows one run of several points rather than every run of one point.
-
-    one process is runahead.py on 1 rank (the plain KV-cache prefill); KVR-S is --partition
-    searched, which calibrates the cost model on its first use here (calibration.json).
-    """
-    cores = len(os.sched_getaffinity(0))
-    programs = {"one process": (1, "runahead.py", []), "TSP": (p, "tsp.py", []),
-                "TSP-zigzag": (p, "tsp.py", ["--zigzag"]), "KVR-E": (p, "runahead.py", []),
-                "KVR-S": (p, "runahead.py", ["--partition", "searched"])}
-    best = {}
-    for i in range(repeats):
-        for C in sorted(Cs, reverse=True):             # the longest first: KVR-S calibrates on it
-            for variant, (n, script, extra) in programs.items():
-                args = ["--prompt-len", str(C), "--threads", str(threads), "--max-new-tokens", "1", *extra]
-                t = ttft_ms(run_program(n, script, args)) / 1e3
-                best[C, variant] = min(t, best.get((C, variant), t))
-                print(f"  run {i + 1}/{repeats}  C = {C:5d}  {variant:<12} {t * 1e3:8.1f} ms", flush=True)
-    rows = [dict(model="built-in llama", C=C, p=p, variant=variant, ttft_s=t, source="measured",
-                 link=f"shared memory, {cores} cores", runs=repeats) for (C, variant), t in best.items()]
-    rows += [dict(r, variant="ideal", ttft_s=r["ttft_s"] / p) for r in rows if r["variant"] == "one process"]
-    return rows
-
-
 # ----------------------------------------------------------------------------- the command line
 
 def _ratio(spec, C):
@@ -285,18 +257,15 @@ def _ratio(spec, C):
 
 def main(argv=None):
     ap = cli.Parser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", nargs="?", default="all", choices=["all", "attention", "timeline", "ttft", "example"])
+    ap.add_argument("what", nargs="?", default="all", choices=["all", "attention", "timeline", "example"])
     ap.add_argument("--C", type=cli.at_least(1), help="attention/example: prompt tokens (9); timeline: (3072)")
-    ap.add_argument("-p", type=cli.at_least(1), help="ranks (attention/example: 3, timeline: 3, ttft: 2)")
+    ap.add_argument("-p", type=cli.at_least(1), help="ranks (attention/example: 3, timeline: 3)")
     ap.add_argument("--partition", help="attention/example: KV-Runahead's chunks (4,3,2); timeline: runahead.py's --partition, "
                          "several separated by ';', a:b:c for proportions (default: even and 5:4:3)")
     ap.add_argument("--traces", nargs="+", help="timeline: draw these --trace files instead of running")
-    ap.add_argument("--contexts", type=cli.ints(1), default=[512, 1024, 2048, 4096], help="ttft: the C values to measure")
-    ap.add_argument("--repeats", type=cli.at_least(1), default=1, help="ttft: runs per point (the fastest is kept)")
-    ap.add_argument("--rows", help="ttft: draw these rows (JSON list) instead of measuring")
     ap.add_argument("--out", help="the PNG to write (default: figures/<name>.png)")
     a = ap.parse_args(argv)
-    what = ["attention", "timeline", "ttft"] if a.what == "all" else [a.what]
+    what = ["attention", "timeline"] if a.what == "all" else [a.what]
     if a.out and len(what) > 1:
         ap.error("--out needs one picture")
     for w in what:
@@ -315,20 +284,6 @@ def main(argv=None):
                 C, p = a.C or 3072, a.p or 3
                 specs = a.partition.split(";") if a.partition else ["even", ":".join(map(str, range(p + 2, 2, -1)))]
                 draw_timeline(p, C, [_ratio(s, C) for s in specs], out)
-        elif w == "ttft":
-            if a.rows:
-                with open(a.rows) as f:
-                    rows = json.load(f)
-            else:
-                rows = measure_ttft(a.p or 2, a.contexts, a.repeats)
-                with open(os.path.join(FIGURES, "ttft_cpu.json"), "w") as f:
-                    json.dump(rows, f, indent=1)
-            runs = rows[0].get("runs", 1)
-            cpu = ("CPU measurements of the built-in model (runahead.py, tsp.py --threads 1), "
-                   f"fastest of {runs} run{'s' if runs > 1 else ''} per point")
-            plots.plot_ttft(rows, a.out or os.path.join(FIGURES, "ttft.png"), f"Time to first token vs context: {cpu}")
-            plots.plot_speedup(rows, os.path.join(os.path.dirname(a.out or os.path.join(FIGURES, "x")), "speedup.png"),
-                         f"Speed-up over TSP vs context: {cpu}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 speed-up over TSP, one subplot per (model, link, ranks), measured solid and simulated dashed.
 """
 import os
+import statistics
 import textwrap
 from collections import defaultdict
 
@@ -17,6 +18,16 @@ DPI = 120
 VARIANTS = ["one process", "TSP", "TSP-zigzag", "KVR-E", "KVR-S", "KVR-P", "ideal"]
 VARIANT_COLORS = {"one process": "#7f7f7f", "TSP": "#c44e52", "TSP-zigzag": "#8172b3", "KVR-E": "#55a868",
                   "KVR-S": "#4c72b0", "KVR-P": "#64b5cd", "ideal": "#000000"}
+
+
+def over_runs(rows):
+    """Rows of the plotted variants, one per point: with several independent runs (simulate's "run"
+    field), the median of their TTFTs."""
+    groups = defaultdict(list)
+    for r in rows:
+        if r["variant"] in VARIANTS:
+            groups[r["model"], r["link"], r["p"], r["C"], r["variant"], r["source"]].append(r)
+    return [dict(rs[0], ttft_s=statistics.median(r["ttft_s"] for r in rs)) for rs in groups.values()]
 
 
 def _groups(rows):

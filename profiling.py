@@ -85,14 +85,14 @@ def _where(model):
 
 
 @torch.inference_mode()
-def _time(model, n, kv, start, repeats, warmup):
+def _time(model, n, kv, start, repeats, warmup, math_path=False):
     """Segment durations (L+1 floats, s) of a forward of n tokens at `start`: median of `repeats`."""
     tokens, runs = torch.randint(model.cfg.vocab_size, (1, n), device=_where(model)[0]), []
     for r in range(warmup + repeats):
         kv.reset()
         sync(tokens.device)
         kv.clock.mark()
-        model(tokens, kv, start, last_only=True)       # every rank runs the LM head on its last token
+        model(tokens, kv, start, last_only=True, math_path=math_path)   # every rank runs the LM head
         kv.clock.mark()
         d = kv.clock.read()
         if r >= warmup:
@@ -119,8 +119,10 @@ def profile_single(model, C, repeats=3, warmup=1):
     return [profile_chunk(model, C, 0, repeats, warmup)]
 
 
-def profile_tsp(model, C, p, zigzag=False, repeats=3, warmup=1):
-    """Every rank of TSP (dense masked attention) or zigzag TSP: per rank, L+1 segment times (s)."""
+def profile_tsp(model, C, p, zigzag=False, repeats=3, warmup=1, math_path=False):
+    """Every rank of TSP (dense masked attention) or zigzag TSP: per rank, L+1 segment times (s).
+    math_path: attention as plain tensor ops, scores and mask materialised (as transformers' eager
+    attention computes it)."""
     (device, dtype), cfg = _where(model), model.cfg
     spans, emitter = partition.tsp_layout(C, p, zigzag)
     gathered = torch.randn((2, 1, cfg.n_kv_heads, C, cfg.head_dim), dtype=dtype, device=device)
@@ -129,7 +131,7 @@ def profile_tsp(model, C, p, zigzag=False, repeats=3, warmup=1):
     for r, mine in enumerate(spans):
         cache = KVCache(cfg, 1, C, dtype, device) if r == emitter else None
         kv = TimedKV(Clock(device), cache, gathered=gathered, order=order, dense=not zigzag)
-        out.append(_time(model, sum(n for _, n in mine), kv, mine, repeats, warmup))
+        out.append(_time(model, sum(n for _, n in mine), kv, mine, repeats, warmup, math_path))
     return out
 
 
