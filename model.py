@@ -319,14 +319,20 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    def fuse(self, backend="inductor"):
+    graphs = False
+
+    def fuse(self, backend="inductor", graphs=False):
         """Compile every layer's `pre` and `post` (torch.compile; for GPUs). Eager, each elementwise
         op is a kernel that reads and writes the whole activation: 175 of 595 ms for 16k tokens at
         Llama-2-7B dims on an H100. Fused, they are a few kernels per layer. Attention and the K/V
-        exchange stay eager, so every mode still shares them."""
+        exchange stay eager, so every mode still shares them.
+        graphs: also replay them as CUDA graphs (torch.compile's "reduce-overhead"), one per chunk
+        length. Under ~1k tokens a chunk is launch-bound: on an H200, 4 layers of Llama-7B for 128
+        tokens took 2.24 instead of 3.51 ms, 512 after 1536 2.53 instead of 4.53; from 1k on, the same."""
         for block in self.layers:
-            block.pre = torch.compile(block.pre, backend=backend)
-            block.post = torch.compile(block.post, backend=backend)
+            block.pre = torch.compile(block.pre, backend=backend, mode="reduce-overhead" if graphs else None)
+            block.post = torch.compile(block.post, backend=backend, mode="reduce-overhead" if graphs else None)
+        self.graphs = graphs
         return self
 
     def forward(self, tokens, kv, start=0, last_only=False, math_path=False, rope_len=None):
@@ -339,6 +345,8 @@ class Transformer(nn.Module):
         for (default: this call's last position + 1): a parallel prefill passes the whole prompt's,
         so that every rank rotates its chunk as one process prefilling the whole prompt would.
         """
+        if self.graphs:                                # a new step: the graphs' outputs of the
+            torch.compiler.cudagraph_mark_step_begin()  # last forward may be overwritten
         T = tokens.shape[1]
         spans = [(start, T)] if isinstance(start, int) else start
         x = self.embed(tokens)                         # (B, T, d)

@@ -80,8 +80,10 @@ def load(args, device):
         model = builtin(arch, seed=0, dtype=dtype).to(device)
     else:
         name, model = args.model, load_model(args.model, dtype, device)
-    if args.fuse:
-        model.fuse()
+    if args.graphs and device.type != "cuda":
+        raise ValueError("--graphs: CUDA graphs need --device cuda")
+    if args.fuse or args.graphs:
+        model.fuse(graphs=args.graphs)
     cfg = model.cfg
     key = (f"{cfg.arch}-d{cfg.dim}-L{cfg.n_layers}-h{cfg.n_heads}-kv{cfg.n_kv_heads}"
            f"-{args.dtype}-{device.type}")

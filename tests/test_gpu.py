@@ -66,3 +66,25 @@ print("ok" if r == 0 else "", end="")
     r = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("arch", ["llama", "falcon"])
+def test_cuda_graphs_replay_the_fused_kernels_exactly(arch):
+    """Bitwise: Transformer.fuse(graphs=True) replays the kernels fuse() launches, so the logits and
+    the K/V of a whole prompt and of a chunk after it (and of a second forward, after the graphs'
+    outputs were reused) are torch.equal to the fused model's."""
+    from kvcache import KVCache
+    tok = torch.randint(3, 1024, (1, 384), generator=torch.Generator().manual_seed(1)).cuda()
+    out = []
+    for graphs in (False, True):
+        m = model.builtin(arch, seed=0, dtype=torch.float16).cuda().fuse(graphs=graphs)
+        runs = []
+        for _ in range(3):                             # the graphs are recorded after a warm-up
+            cache = KVCache(m.cfg, 1, 384, torch.float16, "cuda")
+            with torch.inference_mode():
+                a = m(tok[:, :256], cache, 0).clone()
+                b = m(tok[:, 256:], cache, 256).clone()
+            runs.append((a, b, cache.kv[0].clone()))
+        out.append(runs[-1])
+    for x, y in zip(*out):
+        assert torch.equal(x, y)

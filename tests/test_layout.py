@@ -89,7 +89,8 @@ def test_help_answers_before_torch_loads(script):
     (["partition.py", "even", "--C", "0", "-p", "2"], "argument --C: 0 is out of range (at least 1)"),
     (["bench.py", "ranks", "--repeats", "0"], "argument --repeats: 0 is out of range (at least 1)"),
     (["bench_sim.py", "simulate", "x.json", "--jitter", "-1"], "argument --jitter: -1 is out of range (at least 0.0)"),
-    (["figures.py", "ttft", "--repeats", "0"], "argument --repeats: 0 is out of range (at least 1)"),
+    (["figures.py", "attention", "--C", "0"], "argument --C: 0 is out of range (at least 1)"),
+    (["runahead.py", "--graphs"], "--graphs: CUDA graphs need --device cuda"),
 ])
 def test_numeric_options_out_of_range_are_one_line(cmd, message):
     """A value out of range is refused in one line naming the option, never replaced by a default."""
