@@ -222,7 +222,7 @@ def summary(rows):
             verdict["met" if all(map(ok, r)) else "inconclusive" if any(map(ok, r)) else "missed"].append(
                 f"{key[0]} {key[1]} p={key[2]} C={key[3]}: {spread(r, '{:.3f}')}")
         print(f"- {target}: " + ", ".join(f"{v} {len(c)}" for v, c in sorted(verdict.items())))
-        for v in ("missed", "inconclusive"):
+        for v in ("missed", "inconclusive") + (("met",) if len(keys) <= 4 else ()):
             for c in verdict.get(v, [])[:12]:
                 print(f"    {v}: {c}")
 
