@@ -6,6 +6,9 @@ of four forms: model.safetensors, sharded safetensors with model.safetensors.ind
 pytorch_model.bin, or sharded .bin with pytorch_model.bin.index.json. Every tensor is checked against what the config implies, and all
 problems are reported at once. `.bin` files are unpickled with weights_only=True, so a checkpoint
 cannot run code on load.
+
+Timing needs a model's shapes, not its values: dims_model builds the paper's Llama-2-7B and
+Falcon-7B with random weights (--model dims:llama7b).
 """
 import json
 import os
@@ -17,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from model import Config, Transformer
+from model import Config, Transformer, builtin
 
 
 class LoadError(ValueError):
@@ -204,6 +207,39 @@ def load_model(path, dtype=torch.float32, device="cpu"):
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.eval()
+
+
+DIMS = {  # the paper's models, with random weights: timing needs their shapes, not their values
+    "llama7b": dict(arch="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                    head_dim=128, ffn_dim=11008),
+    "falcon7b": dict(arch="falcon", vocab_size=65024, dim=4544, n_layers=32, n_heads=71, n_kv_heads=1,
+                     head_dim=64, ffn_dim=18176, qkv_layout="mq", parallel_attn=True, mlp_norm=False,
+                     tie_embeddings=True),
+}
+
+
+def dims_model(name, dtype=torch.float16, device="cuda", n_layers=None):
+    """Llama-2-7B or Falcon-7B shapes ("llama7b", "falcon7b") with random weights, or "builtin:llama".
+
+    Built on `device` in `dtype` directly (7B fp32 on a CPU first would take 28 GB). Layers are
+    identical, so a model of n_layers=4 times a layer as well as 32 do: KernelTable uses that.
+    """
+    if name.startswith("builtin:"):
+        return builtin(name.split(":")[1], dtype=dtype).to(device)
+    cfg = Config(**DIMS[name], max_position_embeddings=16384)
+    cfg.n_layers = n_layers or cfg.n_layers
+    with torch.device("meta"):                         # shapes only; storage comes with to_empty
+        m = Transformer(cfg).to(dtype)
+    m = m.to_empty(device=device)
+    if cfg.tie_embeddings:
+        m.lm_head.weight = m.embed.weight
+    with torch.no_grad():
+        for pname, p in m.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+            else:                                      # norm weights 1, biases 0
+                p.fill_(0.0 if pname.endswith("bias") else 1.0)
+    return m.eval()
 
 
 def load_tokenizer(path):

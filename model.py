@@ -1,8 +1,9 @@
 """Llama and Falcon decoders, written by hand, computing exactly what Hugging Face computes.
 
 Read top to bottom: the config, RoPE and ALiBi, attention (the one function every mode shares),
-the two decoder blocks, the model, the models we build without a checkpoint (a small random one,
-and the paper's 7B shapes), and greedy generation on one process.
+the two decoder blocks, the model, and the small random model we build without a checkpoint
+(generate.py runs it on one process). GPU speed lives in fast/: attention hands a half-precision GPU
+chunk to it in one line, and fast.compiled compiles the blocks from outside.
 
 The one idea the rest of the project builds on: a layer never owns its keys and values. It computes
 K/V for its own tokens and hands them to `kv.update(layer, k, v)`, which returns the K/V of every
@@ -12,13 +13,14 @@ Bit-for-bit agreement with HF needs HF's op order and dtype casts: the comments 
 and tests/test_model.py checks every variant against transformers' own models.
 """
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+
+from fast import attention
 
 
 @dataclass
@@ -109,57 +111,39 @@ def attend(q, k, v, start, cfg, dense=False, math_path=False):
     T = q.shape[2]
     if not dense:
         k, v = k[:, :, :start + T], v[:, :, :start + T]
-    Lk = k.shape[2]
     scale = cfg.head_dim ** -0.5 if cfg.arch == "llama" else None
-    if cfg.alibi or math_path or dense:                # an explicit mask: bool, or ALiBi's float bias
+    mask, causal = causal_mask(q, k, start, cfg, dense, math_path)
+    if math_path:
+        return _attend_math(q, k, v, mask, cfg, scale)
+    if attention.takes(q, mask):                       # a half-precision GPU chunk: fast/attention.py
+        return attention.attend(q, k, v, start, scale, mask, causal)
+    # Shared KV heads: HF Llama passes enable_gqa (even for one KV head). HF Falcon's multi-query
+    # path lets its one KV head broadcast, which rounds differently in fp32, so we do the same.
+    gqa = k.shape[1] < q.shape[1] and not (cfg.arch == "falcon" and k.shape[1] == 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=gqa)
+
+
+def causal_mask(q, k, start, cfg, dense, math_path):
+    """The rule "query i sees keys 0..i" as (attn_mask, is_causal), in the form HF hands to SDPA, so
+    that the same kernel runs and the result is bitwise HF's: an explicit (T, Lk) mask when dense,
+    for ALiBi's float bias or for the math path; is_causal for a whole prompt; nothing for one
+    token (decode sees every key); else the lower-right triangle, which fused kernels take without
+    materialising it."""
+    T, Lk = q.shape[2], k.shape[2]
+    if cfg.alibi or math_path or dense:
         mask = torch.arange(Lk, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
         if cfg.alibi:                                  # HF rounds slopes and products to bf16
             slopes = alibi_slopes(cfg.n_heads).to(q.device)
             alibi = (slopes[:, None].bfloat16() * torch.arange(Lk, device=q.device)).to(q.dtype)[:, None, :]
             mask = torch.masked_fill(alibi / math.sqrt(cfg.head_dim), ~mask, torch.finfo(q.dtype).min)
-        if math_path:
-            return _attend_math(q, k, v, mask, cfg, scale)
-        mask = mask[None] if cfg.alibi else mask       # 4-D: SDPA rounds a 3-D float mask differently
-        causal = False
-    elif Lk == T:                                      # a whole prompt from position 0
-        mask, causal = None, T > 1
-    elif Lk <= start + 1:                              # one token (decode): every key is visible
-        mask, causal = None, False
-    elif cudnn_blocks(q, k):                           # a chunk after a prefix, on a GPU
-        return _attend_blocks(q, k, v, start, scale)
-    else:                                              # a chunk after a prefix: fused kernels take
-        mask, causal = causal_lower_right(T, Lk), False   # this mask without materialising it
-    # Shared KV heads: HF Llama passes enable_gqa (even for one KV head). HF Falcon's multi-query
-    # path lets its one KV head broadcast, which rounds differently in fp32 on the CPU, so we do the
-    # same there; on a GPU broadcasting would rule out the fused kernels.
-    gqa = k.shape[1] < q.shape[1] and (q.is_cuda or not (cfg.arch == "falcon" and k.shape[1] == 1))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                          enable_gqa=gqa)
-
-
-def cudnn_blocks(q, k):
-    """Should cuDNN's fused kernel run a chunk after a prefix as two blocks? (fp16/bf16 on an Ampere
-    or later GPU, query heads in whole groups per KV head, a head size it takes, and at least 16M
-    query-key pairs: below that the two calls and the merge cost more than they save, on an H200.)"""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[1] % k.shape[1] == 0
-            and q.shape[2] * k.shape[2] >= 1 << 24
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and torch.backends.cudnn.is_available()
-            and torch.cuda.get_device_capability(q.device) >= (8, 0))
-
-
-def _attend_blocks(q, k, v, start, scale):
-    """A chunk after a prefix as two blocks at the full-prefill rate, merged like ring attention's:
-        ┌─────── prefix ───────┬─ own ─┐
-        │ a: no mask           │ b: ◣  │   out = (a e^lse_a + b e^lse_b) / (e^lse_a + e^lse_b)
-    cuDNN computes each block and its log-sum-exp (lse, fp32). PyTorch's path for the whole
-    lower-right-causal block is FlashAttention-2, at about half cuDNN's rate on Hopper; cuDNN's own
-    causal mask is aligned top-left, so it cannot take the whole block. Exact up to rounding."""
-    cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention
-    a, lse_a = cudnn(q, k[:, :, :start], v[:, :, :start], None, True, scale=scale)[:2]
-    b, lse_b = cudnn(q, k[:, :, start:], v[:, :, start:], None, True, is_causal=True, scale=scale)[:2]
-    lse_a, lse_b = lse_a.reshape(*a.shape[:3], 1), lse_b.reshape(*a.shape[:3], 1)   # (B, nh, T, 1)
-    lse = torch.logaddexp(lse_a, lse_b)
-    return (a * (lse_a - lse).exp() + b * (lse_b - lse).exp()).to(q.dtype)
+            mask = mask if math_path else mask[None]   # 4-D: SDPA rounds a 3-D float mask differently
+        return mask, False
+    if Lk == T:                                        # a whole prompt from position 0
+        return None, T > 1
+    if T == 1:                                         # one token (decode): every key is visible
+        return None, False
+    return causal_lower_right(T, Lk), False            # a chunk after a prefix
 
 
 def _attend_math(q, k, v, mask, cfg, scale):
@@ -252,7 +236,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """A decoder layer in three steps: `pre` (norm, Q/K/V, RoPE), attention with the K/V exchange,
     `post` (output projection, MLP, residuals). `pre` and `post` are pure tensor functions: on a
-    GPU, Transformer.fuse compiles them so that their elementwise chains run as a few kernels."""
+    GPU, fast/compiled.py compiles them so that their elementwise chains run as a few kernels."""
 
     def forward(self, x, kv, spans, cos_sin, math_path):
         h, q, k, v = self.pre(x, cos_sin)
@@ -319,22 +303,6 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
-    graphs = False
-
-    def fuse(self, backend="inductor", graphs=False):
-        """Compile every layer's `pre` and `post` (torch.compile; for GPUs). Eager, each elementwise
-        op is a kernel that reads and writes the whole activation: 175 of 595 ms for 16k tokens at
-        Llama-2-7B dims on an H100. Fused, they are a few kernels per layer. Attention and the K/V
-        exchange stay eager, so every mode still shares them.
-        graphs: also replay them as CUDA graphs (torch.compile's "reduce-overhead"), one per chunk
-        length. Under ~1k tokens a chunk is launch-bound: on an H200, 4 layers of Llama-7B for 128
-        tokens took 2.24 instead of 3.51 ms, 512 after 1536 2.53 instead of 4.53; from 1k on, the same."""
-        for block in self.layers:
-            block.pre = torch.compile(block.pre, backend=backend, mode="reduce-overhead" if graphs else None)
-            block.post = torch.compile(block.post, backend=backend, mode="reduce-overhead" if graphs else None)
-        self.graphs = graphs
-        return self
-
     def forward(self, tokens, kv, start=0, last_only=False, math_path=False, rope_len=None):
         """Logits (B, T, V) for tokens (B, T) at global positions start..start+T-1.
 
@@ -345,8 +313,6 @@ class Transformer(nn.Module):
         for (default: this call's last position + 1): a parallel prefill passes the whole prompt's,
         so that every rank rotates its chunk as one process prefilling the whole prompt would.
         """
-        if self.graphs:                                # a new step: the graphs' outputs of the
-            torch.compiler.cudagraph_mark_step_begin()  # last forward may be overwritten
         T = tokens.shape[1]
         spans = [(start, T)] if isinstance(start, int) else start
         x = self.embed(tokens)                         # (B, T, d)
@@ -381,74 +347,3 @@ def builtin(arch="llama", seed=0, dtype=torch.float32):
             else:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
     return model.to(dtype).eval()
-
-
-DIMS = {  # the paper's models, with random weights: timing needs their shapes, not their values
-    "llama7b": dict(arch="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-                    head_dim=128, ffn_dim=11008),
-    "falcon7b": dict(arch="falcon", vocab_size=65024, dim=4544, n_layers=32, n_heads=71, n_kv_heads=1,
-                     head_dim=64, ffn_dim=18176, qkv_layout="mq", parallel_attn=True, mlp_norm=False,
-                     tie_embeddings=True),
-}
-
-
-def dims_model(name, dtype=torch.float16, device="cuda", n_layers=None):
-    """Llama-2-7B or Falcon-7B shapes ("llama7b", "falcon7b") with random weights, or "builtin:llama".
-
-    Built on `device` in `dtype` directly (7B fp32 on a CPU first would take 28 GB). Layers are
-    identical, so a model of n_layers=4 times a layer as well as 32 do: KernelTable uses that.
-    """
-    if name.startswith("builtin:"):
-        return builtin(name.split(":")[1], dtype=dtype).to(device)
-    cfg = Config(**DIMS[name], max_position_embeddings=16384)
-    cfg.n_layers = n_layers or cfg.n_layers
-    with torch.device("meta"):                         # shapes only; storage comes with to_empty
-        m = Transformer(cfg).to(dtype)
-    m = m.to_empty(device=device)
-    if cfg.tie_embeddings:
-        m.lm_head.weight = m.embed.weight
-    with torch.no_grad():
-        for pname, p in m.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.02)
-            else:                                      # norm weights 1, biases 0
-                p.fill_(0.0 if pname.endswith("bias") else 1.0)
-    return m.eval()
-
-
-# ----------------------------------------------------------------------------- generation
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def generate(model, prompt, max_new_tokens, cache, stop_at_eos=False):
-    """Greedy decoding on one process: prefill the prompt (B, C), then one token per step.
-
-    Returns (tokens (B, max_new_tokens), ttft_s, seconds per output token after the first).
-    """
-    dev = prompt.device
-    sync(dev)
-    t0 = time.perf_counter()
-    logits = model(prompt, cache, 0, last_only=True)
-    tok = logits[:, -1].argmax(-1, keepdim=True)       # (B, 1)
-    sync(dev)
-    ttft = time.perf_counter() - t0
-    out = decode(model, tok, cache, max_new_tokens - 1, stop_at_eos)
-    sync(dev)
-    tpot = (time.perf_counter() - t0 - ttft) / max(out.shape[1] - 1, 1)
-    return out, ttft, tpot
-
-
-@torch.no_grad()
-def decode(model, tok, cache, steps, stop_at_eos=False):
-    """The extension phase: feed back each greedy token through the KV cache. Returns (B, 1+steps)."""
-    out = [tok]
-    for _ in range(steps):
-        if stop_at_eos and (tok == model.cfg.eos_token_id).all():
-            break
-        tok = model(tok, cache, len(cache), last_only=True)[:, -1].argmax(-1, keepdim=True)
-        out.append(tok)
-    return torch.cat(out, dim=1)

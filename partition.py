@@ -9,7 +9,8 @@ is where rank i's chunk ends, so S[p-1] = C and S[0..p-2] are the partition's p-
 Rank i attends c[i] queries to S[i] keys, so a token costs more the further back it sits in the
 chain: the even split (KVR-E) overloads the back, and good partitions are front-loaded. Read on for
   validate, even, parse   well-formed partitions; tsp_layout, the baselines' splits
-  CostModel               predicted per-rank times and TTFT, KV-Runahead and TSP; calibration
+  CostModel               predicted per-rank times and TTFT, KV-Runahead and TSP (calibrate.py
+                          fits it to this machine)
   searched                the hierarchical grid search over boundaries (KVR-S)
   Table, predicted        the lookup table of searched partitions and its interpolation (KVR-P)
   choose, main            what runahead.py runs; python partition.py searched --C 4096 -p 8
@@ -135,11 +136,11 @@ class CostModel:
     comm_per_token: float = 1.75e-6  # s per token of K/V received: 0.5 MiB at 300 GB/s
     latency: float = 6.4e-4        # s per hop of the chain: 32 layers x 20 us per message
     head: float = 1e-3             # s: final norm and LM head on the last token, last rank only
-    fixed: float = 0.0             # s: anything paid once per prefill (calibrate's intercept)
+    fixed: float = 0.0             # s: anything paid once per prefill (calibrate.fit's intercept)
     n_layers: int = 32
 
     def chunk_time(self, c, S):
-        """One rank alone prefilling c tokens that end at S (S - c already cached): what calibrate fits."""
+        """One rank alone prefilling c tokens that end at S (S - c already cached): what calibrate.fit fits."""
         return self.fixed + self.lin * c + self.attn * c * S
 
     def rank_times(self, c):
@@ -190,31 +191,6 @@ class CostModel:
     def load(cls, path):
         with open(path) as f:
             return cls(**json.load(f))
-
-
-def calibrate(measure, points, **fields):
-    """Fit lin, attn and fixed to chunk timings: seconds ~ fixed + lin c + attn c S.
-
-    measure(c, S) -> seconds for one chunk of c tokens ending at S; `points` are the (c, S) to time:
-    vary both, or the two terms cannot be told apart. The fit is non-negative least squares, done
-    exactly for 3 unknowns: ordinary least squares on every subset of the columns, keeping the best
-    fit with no negative coefficient. The chain's comm_per_token, latency and head, and n_layers,
-    are not visible in one chunk's time: pass them as **fields.
-    """
-    A = np.array([[1.0, c, c * S] for c, S in points])
-    y = np.array([measure(c, S) for c, S in points])
-    norm = np.linalg.norm(A, axis=0)                 # columns differ by ~1e7 in scale
-    best_err, best = math.inf, np.zeros(3)
-    for cols in itertools.product([False, True], repeat=3):
-        x = np.zeros(3)
-        if any(cols):
-            keep = np.array(cols)
-            x[keep] = np.linalg.lstsq(A[:, keep] / norm[keep], y, rcond=None)[0] / norm[keep]
-        err = np.sum((A @ x - y) ** 2)
-        if (x >= 0).all() and err < best_err:
-            best_err, best = err, x
-    fixed, lin, attn = map(float, best)
-    return CostModel(**{**fields, "fixed": fixed, "lin": lin, "attn": attn})
 
 
 # ----------------------------------------------------------------------------- KVR-S: searched

@@ -2,7 +2,7 @@
 failing cleanly, and reporting the result.
 
   setup           MPI, the model, the prompt and the checks, on every rank; bad input is one line
-                  on every rank and exit 2, before any rank can wait on another
+                  on every rank and exit 2, before any rank can wait on another; returns the Job
   Trace           a rank's timeline of compute and communication spans (--trace)
   abort_on_error  an exception on any rank ends the whole job (MPI Abort), never a hang
   report          on the rank holding the whole cache: decode, print, --save
@@ -16,17 +16,39 @@ import sys
 import termios
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 import transport
 from cli import say
-from load_weights import load_model, load_tokenizer
-from model import DIMS, builtin, decode, dims_model
+from fast.compiled import fuse
+from fast.staged import StagedTransport
+from generate import decode
+from load_weights import DIMS, dims_model, load_model, load_tokenizer
+from model import Transformer, builtin
 
 
+@dataclass
 class Job:
-    """Everything a rank needs to run: model, prompt, device, transport. Built by `setup`."""
+    """What a rank has once `setup` is done. Every rank holds the whole prompt and the whole model."""
+    comm: object                # MPI's COMM_WORLD: the p ranks of this job
+    rank: int                   # this rank; rank 0 is the front of KV-Runahead's chain
+    size: int                   # p
+    local_size: int             # ranks on this rank's node, sharing its cores and GPUs
+    cores: int                  # the cores those ranks may run on, together
+    polite: bool                # waits sleep between polls: CPU ranks outnumber the cores
+    device: torch.device        # cpu, or the local rank's GPU
+    dtype: torch.dtype          # weights, activations and the K/V that travel
+    name: str                   # the model as the report names it
+    model: Transformer
+    model_key: str              # model, dtype and device kind: partitions and calibrations are filed under it
+    tokenizer: object           # decodes the report's text; None for a synthetic prompt or built-in model
+    tokens: torch.Tensor        # (1, C): the prompt, on `device`
+    trace: "Trace"              # this rank's timeline (--trace; off, it costs nothing)
+    transport: transport.Transport   # how tensors move between ranks
+    c: list = None              # runahead.py: the partition, one chunk per rank (set by its `prepare`)
+    c_source: str = ""          # ... and where it came from
 
 
 class Done(Exception):
@@ -48,9 +70,9 @@ def forward(job, tokens, kv, start, math_path=False):
 def setup(args, prepare=None):
     """Start MPI, load model and prompt on every rank, then `prepare(job)` (a program's own checks)."""
     comm, device = transport.init(args.device)
-    job, error = Job(), None
+    job, error = None, None
     try:
-        _setup(job, args, comm, device)
+        job = _setup(args, comm, device)
         if prepare:
             prepare(job)
     except Exception as e:                             # whatever it is, no rank may be left waiting
@@ -83,33 +105,20 @@ def load(args, device):
     if args.graphs and device.type != "cuda":
         raise ValueError("--graphs: CUDA graphs need --device cuda")
     if args.fuse or args.graphs:
-        model.fuse(graphs=args.graphs)
+        fuse(model, graphs=args.graphs)
     cfg = model.cfg
     key = (f"{cfg.arch}-d{cfg.dim}-L{cfg.n_layers}-h{cfg.n_heads}-kv{cfg.n_kv_heads}"
            f"-{args.dtype}-{device.type}")
     return name, model, key
 
 
-def _setup(job, args, comm, device):
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no CUDA device")
-    local = transport.local_comm(comm)
-    mine = os.sched_getaffinity(0)                     # the cores this rank may run on
-    job.cores = len(set().union(*local.allgather(mine)))   # ... and all the node's ranks together
-    job.rank, job.size, job.local_rank, job.local_size = comm.rank, comm.size, local.rank, local.size
-    job.comm, job.device, job.dtype = comm, device, getattr(torch, args.dtype)
-    torch.set_num_threads(args.threads or max(1, min(len(mine), job.cores // local.size)))
-    job.polite = device.type == "cpu" and local.size > job.cores   # a GPU rank never sleeps in a wait
-    job.name, job.model, job.model_key = load(args, device)
-    cfg = job.model.cfg
-    job.tokenizer = None                               # a given prompt's text is decoded in the report
-    if (args.prompt, args.prompt_ids) != (None, None) and not args.model.startswith(("builtin:", "dims:")):
-        job.tokenizer = load_tokenizer(args.model)
+def prompt_ids(args, tokenizer, vocab_size):
+    """The prompt's token ids: --prompt through the tokenizer, --prompt-ids, or --prompt-len seeded ids."""
     if args.prompt is not None:
-        if job.tokenizer is None:
+        if tokenizer is None:
             raise ValueError("--prompt needs a checkpoint with tokenizer.json or tokenizer.model; "
                              "use --prompt-ids or --prompt-len")
-        ids = job.tokenizer.encode(args.prompt)
+        ids = tokenizer.encode(args.prompt)
     elif args.prompt_ids is not None:
         try:
             ids = [int(x) for x in args.prompt_ids.split(",")]
@@ -117,26 +126,48 @@ def _setup(job, args, comm, device):
             raise ValueError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
     else:
         n = 2048 if args.prompt_len is None else args.prompt_len
-        ids = torch.randint(3, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
-    bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
+        ids = torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
-        raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{cfg.vocab_size - 1})")
+        raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
+def _setup(args, comm, device):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    local = transport.local_comm(comm)
+    mine = os.sched_getaffinity(0)                     # the cores this rank may run on
+    cores = len(set().union(*local.allgather(mine)))   # ... and all the node's ranks together
+    torch.set_num_threads(args.threads or max(1, min(len(mine), cores // local.size)))
+    polite = device.type == "cpu" and local.size > cores   # a GPU rank never sleeps in a wait
+    name, model, key = load(args, device)
+    tokenizer = None                                   # a given prompt's text is decoded in the report
+    if (args.prompt, args.prompt_ids) != (None, None) and not args.model.startswith(("builtin:", "dims:")):
+        tokenizer = load_tokenizer(args.model)
+    ids = prompt_ids(args, tokenizer, model.cfg.vocab_size)
     if comm.size > len(ids):
         raise ValueError(f"{comm.size} ranks but only {len(ids)} prompt tokens: every rank needs at least one")
-    if len(ids) > cfg.max_position_embeddings and comm.rank == 0:
+    if len(ids) > model.cfg.max_position_embeddings and comm.rank == 0:
         say(f"warning: prompt of {len(ids)} tokens is longer than the model's "
-            f"max_position_embeddings ({cfg.max_position_embeddings})")
-    job.tokens = torch.tensor([ids], device=job.device)     # (1, C)
-    job.trace = Trace(comm.rank, job.device, bool(args.trace))
-    job.transport = transport.Transport(comm, job.device, job.polite, trace=job.trace)
+            f"max_position_embeddings ({model.cfg.max_position_embeddings})")
+    trace = Trace(comm.rank, device, bool(args.trace))
+    # CPU tensors, and GPU tensors under a CUDA-aware MPI, go to MPI where they are; otherwise the
+    # GPU fast path stages them through pinned host memory (fast/staged.py), behind the same interface.
+    direct = device.type == "cpu" or transport.cuda_aware_mpi()
+    route = (transport.Transport if direct else StagedTransport)(comm, device, polite, trace=trace)
+    return Job(comm=comm, rank=comm.rank, size=comm.size, local_size=local.size, cores=cores, polite=polite,
+               device=device, dtype=getattr(torch, args.dtype), name=name, model=model, model_key=key,
+               tokenizer=tokenizer, tokens=torch.tensor([ids], device=device), trace=trace, transport=route)
 
 
 class Trace:
     """A rank's timeline: consecutive spans (compute, recv, send, allgather) tagged by layer, and on a
     GPU the staging copies of the transport's side streams (d2h, h2d) in a row of their own.
 
-    Each `add(name, layer)` closes the span that began at the previous call. Written as Chrome trace
-    JSON, which Perfetto (ui.perfetto.dev) and chrome://tracing open. Off, it costs nothing.
+    Spans are consecutive: `end(name, layer)` ends the span `name` here, and it began where the
+    previous span ended (at `start` for the first). Written as Chrome trace JSON, which Perfetto
+    (ui.perfetto.dev) and chrome://tracing open. Off, it costs nothing.
     """
 
     def __init__(self, rank, device, on):
@@ -158,7 +189,8 @@ class Trace:
         """A span between two CUDA events (timed) on a side stream: resolved when written."""
         self.copies.append((name, layer, begin, end))
 
-    def add(self, name, layer):
+    def end(self, name, layer):
+        """The span `name` of `layer` ends now; it began where the previous one ended."""
         if not self.on:
             return
         t = self.now()

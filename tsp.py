@@ -20,8 +20,8 @@ if __name__ == "__main__":                             # --help and bad options 
 
 import torch  # noqa: E402
 
+from generate import sync  # noqa: E402
 from kvcache import KVCache, bytes_per_token  # noqa: E402
-from model import sync  # noqa: E402
 from partition import tsp_layout  # noqa: E402
 from program import Done, abort_on_error, forward, report, setup  # noqa: E402
 
@@ -34,11 +34,11 @@ class GatherKV:
         self.cache, self.trace, self.last_layer = cache, trace, n_layers - 1
 
     def update(self, layer, k, v):
-        self.trace.add("compute", layer)
+        self.trace.end("compute", layer)
         kv = self.t.allgather(torch.stack((k, v)), self.counts, dim=3)   # (2, B, n_kv, C, hs)
         if self.order is not None:                     # zigzag: rank order -> position order
             kv = kv[:, :, :, self.order]
-        self.trace.add("allgather", layer)
+        self.trace.end("allgather", layer)
         if self.cache is not None:                     # the emitting rank keeps the whole cache
             return self.cache.update(layer, kv[0], kv[1])
         if layer == self.last_layer:                   # a rank that does not emit is done
@@ -68,7 +68,7 @@ def prefill(job, zigzag, decode_room=0, math_path=False):
     t0 = time.perf_counter()
     logits = forward(job, tokens, kv, mine, math_path)
     if job.rank == emitter:
-        job.trace.add("compute", "head")
+        job.trace.end("compute", "head")
         logits.argmax().item()
     sync(job.device)
     return logits, cache, time.perf_counter() - t0, emitter

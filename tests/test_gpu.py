@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 import model
+from fast import attention
+from fast.compiled import fuse
+from kvcache import KVCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
@@ -32,7 +35,7 @@ def test_cudnn_blocks_are_as_close_to_fp32_as_the_unsplit_kernel(T, P, dtype, he
     q = torch.randn(1, nh, T, hs, device="cuda", dtype=dtype, generator=g)
     k, v = (torch.randn(1, nkv, P + T, hs, device="cuda", dtype=dtype, generator=g) for _ in range(2))
     cfg = model.Config(arch="llama", dim=nh * hs, n_heads=nh, n_kv_heads=nkv, head_dim=hs)
-    assert model.cudnn_blocks(q, k)
+    assert attention.cudnn_blocks(q, k, P)
     mask = causal_lower_right(T, P + T)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
     unsplit = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -46,8 +49,9 @@ def test_staged_slots_on_the_gpu():
     a 3-rank chain of 6 layers through 2 slots, then all-gathers; every tensor arrives intact."""
     code = """
 import torch, transport
+from fast.staged import StagedTransport
 comm, dev = transport.init('cuda')
-t = transport.Transport(comm, dev, polite=False, direct=False)
+t = StagedTransport(comm, dev, polite=False)
 r, p = comm.rank, comm.size
 S = [1000 * (i + 1) for i in range(p)]
 t.reserve(0 if r == p - 1 else S[r] * 512 * 2)
@@ -70,14 +74,13 @@ print("ok" if r == 0 else "", end="")
 
 @pytest.mark.parametrize("arch", ["llama", "falcon"])
 def test_cuda_graphs_replay_the_fused_kernels_exactly(arch):
-    """Bitwise: Transformer.fuse(graphs=True) replays the kernels fuse() launches, so the logits and
+    """Bitwise: fuse(graphs=True) replays the kernels fuse() launches, so the logits and
     the K/V of a whole prompt and of a chunk after it (and of a second forward, after the graphs'
     outputs were reused) are torch.equal to the fused model's."""
-    from kvcache import KVCache
     tok = torch.randint(3, 1024, (1, 384), generator=torch.Generator().manual_seed(1)).cuda()
     out = []
     for graphs in (False, True):
-        m = model.builtin(arch, seed=0, dtype=torch.float16).cuda().fuse(graphs=graphs)
+        m = fuse(model.builtin(arch, seed=0, dtype=torch.float16).cuda(), graphs=graphs)
         runs = []
         for _ in range(3):                             # the graphs are recorded after a warm-up
             cache = KVCache(m.cfg, 1, 384, torch.float16, "cuda")

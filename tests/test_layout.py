@@ -9,7 +9,12 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODULES = {os.path.basename(f)[:-3]: f for f in glob.glob(os.path.join(ROOT, "*.py"))}
+ROOM = {"": "the teaching core", "fast": "GPU fast paths", "bench": "tools that measure and draw"}
+MODULES = {(f"{room}." if room else "") + os.path.basename(f)[:-3]: f
+           for room in ROOM for f in glob.glob(os.path.join(ROOT, room, "*.py"))}
+MODULES = {m.removesuffix(".__init__"): f for m, f in MODULES.items()}
+ROOT_MODULES = sorted(m for m in MODULES if "." not in m and m not in ROOM)
+TODAY_READER_PATH = 2310       # runahead.py and the root modules it imported, before the fast paths moved out
 
 
 def imports(path):
@@ -17,35 +22,83 @@ def imports(path):
     tree = ast.parse(open(path).read())
     names, nested = set(), []
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
-            names |= {m.split(".")[0] for m in mods if m and m.split(".")[0] in MODULES}
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if a.name in MODULES}
+        elif isinstance(node, ast.ImportFrom) and node.module in MODULES:
+            subs = {f"{node.module}.{a.name}" for a in node.names}   # from bench import sim
+            names |= (subs & set(MODULES)) or {node.module}
     for fn in ast.walk(tree):
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             nested += [n.lineno for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))]
     return names, nested
 
 
+GRAPH = {m: imports(f)[0] for m, f in MODULES.items()}
+
+
+def lines(module):
+    return len(open(MODULES[module]).read().splitlines())
+
+
+def reader_path():
+    """runahead.py and every root module it imports, directly or not, leaving the fast paths out."""
+    seen, todo = set(), ["runahead"]
+    while todo:
+        m = todo.pop()
+        if m not in seen and "." not in m and m not in ROOM:
+            seen.add(m)
+            todo += GRAPH[m]
+    return sorted(seen)
+
+
 def test_no_import_circle_and_no_import_inside_a_function():
-    graph = {}
     for name, path in MODULES.items():
-        graph[name], nested = imports(path)
-        assert not nested, f"{name}.py imports inside a function, line {nested[0]}"
+        nested = imports(path)[1]
+        assert not nested, f"{name} imports inside a function, line {nested[0]}"
     state = {}
 
     def visit(m, stack):                               # depth-first search: a grey node seen again is a circle
         state[m] = "grey"
-        for n in sorted(graph[m]):
+        for n in sorted(GRAPH[m]):
             assert state.get(n) != "grey", "import circle: " + " -> ".join(stack + [m, n])
             if n not in state:
                 visit(n, stack + [m])
         state[m] = "black"
 
-    for m in sorted(graph):
+    for m in sorted(GRAPH):
         if m not in state:
             visit(m, [])
-    assert graph["model"] == set() and graph["kvcache"] == set()        # the model imports nothing of ours
-    assert "transport" not in graph["partition"] | graph["sim"]
+
+
+def test_the_rooms_depend_one_way():
+    """The teaching core never imports a tool; the fast paths import only the interfaces they sit
+    behind; the model's one import of ours is its fast path's seam; the cache imports nothing."""
+    for m in ROOT_MODULES + [m for m in MODULES if m.startswith("fast")]:
+        assert not {n for n in GRAPH[m] if n.startswith("bench")}, f"{m} imports a tool"
+    assert GRAPH["model"] == {"fast.attention"} and GRAPH["kvcache"] == set()
+    assert GRAPH["fast.attention"] == GRAPH["fast.compiled"] == set() and GRAPH["fast.staged"] == {"transport"}
+    assert "transport" not in GRAPH["partition"] | GRAPH["bench.sim"]
+
+
+def test_root_modules_are_short_and_the_model_is_the_decoder_as_taught():
+    """No root module over 400 lines; model.py at most 350, and nothing in it selects GPU kernels,
+    compiles, or replays CUDA graphs (fast/ does)."""
+    long = {m: lines(m) for m in ROOT_MODULES if lines(m) > 400}
+    assert not long, long
+    assert lines("model") <= 350
+    code = {getattr(n, "id", None) or getattr(n, "attr", None) for n in ast.walk(ast.parse(open(MODULES["model"]).read()))}
+    for word in ("cuda", "cudnn", "flash", "compile", "graph"):
+        used = [name for name in code if name and word in name.lower()]
+        assert not used, f"model.py's code uses {used}"
+
+
+def test_the_readers_path_is_stated_in_the_readme_and_shorter_than_before():
+    path = reader_path()
+    n = sum(lines(m) for m in path)
+    assert n < TODAY_READER_PATH and "calibrate" in path and "fast.staged" not in path
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    listed = ", ".join(f"`{m}.py`" for m in path)
+    assert f"{listed}: {n} lines" in readme, f"README should say: {listed}: {n} lines"
 
 
 def loaded(*modules):
@@ -58,10 +111,11 @@ def loaded(*modules):
 
 
 def test_pure_modules_do_not_import_mpi4py():
-    """The model, the cache, the partitions, the loader and the simulator start no MPI; the replay
-    and the partitions do not even load torch."""
-    assert loaded("model", "kvcache", "partition", "load_weights", "sim", "profiling") == "torch"
-    assert loaded("sim", "partition", "cli") == ""
+    """The model, the cache, generation, the partitions and their calibration, the loader and the
+    simulator start no MPI; the replay and the partitions do not even load torch."""
+    assert loaded("model", "kvcache", "generate", "partition", "calibrate", "load_weights", "bench.sim",
+                  "bench.profiling", "fast.attention", "fast.compiled") == "torch"
+    assert loaded("bench.sim", "partition", "cli") == ""
 
 
 @pytest.mark.parametrize("script", ["runahead.py", "tsp.py"])
@@ -82,17 +136,19 @@ def test_help_answers_before_torch_loads(script):
     (["runahead.py", "--repeats", "0"], "argument --repeats: 0 is out of range (at least 1)"),
     (["runahead.py", "--threads", "two"], "argument --threads: invalid int value: 'two'"),
     (["tsp.py", "--max-new-tokens", "0"], "argument --max-new-tokens: 0 is out of range (at least 1)"),
-    (["sim.py", "--bandwidth", "0"], "argument --bandwidth: 0 is out of range (must be > 0)"),
-    (["sim.py", "--ps", "2,0"], "argument --ps: 0 is out of range (at least 1)"),
-    (["sim.py", "--ps", "2,x"], "argument --ps: invalid comma-separated int value: '2,x'"),
-    (["profiling.py", "--layers", "1"], "argument --layers: 1 is out of range (at least 2)"),
+    (["bench/sim.py", "--bandwidth", "0"], "argument --bandwidth: 0 is out of range (must be > 0)"),
+    (["bench/sim.py", "--ps", "2,0"], "argument --ps: 0 is out of range (at least 1)"),
+    (["bench/sim.py", "--ps", "2,x"], "argument --ps: invalid comma-separated int value: '2,x'"),
+    (["bench/profiling.py", "--layers", "1"], "argument --layers: 1 is out of range (at least 2)"),
     (["partition.py", "even", "--C", "0", "-p", "2"], "argument --C: 0 is out of range (at least 1)"),
-    (["bench.py", "ranks", "--repeats", "0"], "argument --repeats: 0 is out of range (at least 1)"),
-    (["bench_sim.py", "simulate", "x.json", "--jitter", "-1"], "argument --jitter: -1 is out of range (at least 0.0)"),
-    (["figures.py", "attention", "--C", "0"], "argument --C: 0 is out of range (at least 1)"),
+    (["bench/measured.py", "ranks", "--repeats", "0"], "argument --repeats: 0 is out of range (at least 1)"),
+    (["bench/simulated.py", "simulate", "x.json", "--jitter", "-1"], "argument --jitter: -1 is out of range (at least 0.0)"),
+    (["bench/figures.py", "attention", "--C", "0"], "argument --C: 0 is out of range (at least 1)"),
     (["runahead.py", "--graphs"], "--graphs: CUDA graphs need --device cuda"),
 ])
 def test_numeric_options_out_of_range_are_one_line(cmd, message):
     """A value out of range is refused in one line naming the option, never replaced by a default."""
+    if cmd[0].startswith("bench/"):                    # the tools run as modules: python -m bench.sim
+        cmd = ["-m", cmd[0][:-3].replace("/", "."), *cmd[1:]]
     r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr == f"error: {message}\n", r.stderr

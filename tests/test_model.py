@@ -17,9 +17,11 @@ import torch
 from conftest import FORMATS, VARIANTS, B, T, build_hf, tokens
 from transformers import DynamicCache
 
+from fast.compiled import fuse
+from generate import generate
 from kvcache import KVCache
 from load_weights import load_model
-from model import Config, generate
+from model import Config
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -176,12 +178,12 @@ def test_kvcache_len_overflow_reset():
 
 @pytest.mark.parametrize("name", ["llama_gqa", "falcon_7b", "falcon_40b", "falcon_rw"])
 def test_fuse_compiles_pre_and_post_without_changing_results(checkpoint, name):
-    """Transformer.fuse puts every layer's `pre` and `post` through torch.compile. With dynamo's
+    """fast.compiled.fuse puts every layer's `pre` and `post` through torch.compile. With dynamo's
     'eager' backend (capture, no code generation: no C++ compiler needed) the graphs must run the
     same ops, so a chunked prefill is torch.equal to the unfused model's; inductor's fused kernels
     are checked on the GPU (BENCHMARKS.md)."""
     logits, cache = run_chunks(load_model(checkpoint(name)), torch.float32, (9, 1, 14))
-    model = load_model(checkpoint(name)).fuse(backend="eager")
+    model = fuse(load_model(checkpoint(name)), backend="eager")
     assert all(type(b.pre).__name__ != "method" for b in model.layers)
     fused_logits, fused_cache = run_chunks(model, torch.float32, (9, 1, 14))
     assert torch.equal(logits, fused_logits)

@@ -23,9 +23,9 @@ import time
 import pytest
 import torch
 
+from generate import decode
 from kvcache import KVCache
 from load_weights import load_model
-from model import decode
 from partition import chain_kv_tokens, tsp_kv_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

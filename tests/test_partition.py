@@ -10,6 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import calibrate  # noqa: E402
 import partition as P  # noqa: E402
 
 
@@ -140,7 +141,7 @@ POINTS = [(c, prev + c) for c in (256, 1024, 2048) for prev in (0, 2048, 8192)]
 
 def test_calibrate_recovers_known_coefficients():
     true = P.CostModel(lin=3e-5, attn=5e-10, fixed=2e-3)
-    got = P.calibrate(true.chunk_time, POINTS, n_layers=40, head=0.01)
+    got = calibrate.fit(true.chunk_time, POINTS, n_layers=40, head=0.01)
     assert got.lin == pytest.approx(true.lin, rel=1e-6)
     assert got.attn == pytest.approx(true.attn, rel=1e-6)
     assert got.fixed == pytest.approx(true.fixed, rel=1e-6)
@@ -148,7 +149,7 @@ def test_calibrate_recovers_known_coefficients():
 
 
 def test_calibrate_keeps_coefficients_non_negative():
-    got = P.calibrate(lambda c, S: 1e-5 * c + 1e-9 * c * S - 1e-3, POINTS)   # negative intercept
+    got = calibrate.fit(lambda c, S: 1e-5 * c + 1e-9 * c * S - 1e-3, POINTS)   # negative intercept
     assert got.fixed == 0 and got.lin > 0 and got.attn > 0
 
 

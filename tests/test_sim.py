@@ -1,4 +1,4 @@
-"""sim.py and profiling.py: replays computed by hand, agreement with partition.CostModel, links, the
+"""bench/sim.py and bench/profiling.py: replays computed by hand, agreement with partition.CostModel, links, the
 shared device, profiles of the built-in model, the kernel table, the search on it, calibration."""
 import json
 import os
@@ -10,11 +10,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import calibrate  # noqa: E402
 import partition as P  # noqa: E402
-import profiling  # noqa: E402
-import sim  # noqa: E402
+from bench import profiling, sim  # noqa: E402
 from kvcache import bytes_per_token  # noqa: E402
-from model import dims_model  # noqa: E402
+from load_weights import dims_model  # noqa: E402
 
 UNIT = sim.Link(bandwidth=1.0, latency=0.5)            # with 1 byte per token: 0.5 + tokens seconds
 INSTANT = sim.Link(bandwidth=1e30, latency=0.0)
@@ -200,8 +200,8 @@ def test_calibrate_model_times_each_chunk_after_its_prefix(monkeypatch):
             kv.n += tokens.shape[1]
             calls.append((start, tokens.shape[1], kv.capacity))
 
-    monkeypatch.setattr(profiling, "KVCache", FakeKV)
-    cost = profiling.calibrate_model(FakeModel(), "cpu", torch.float32, max_len=64, repeats=2, head=0.5)
+    monkeypatch.setattr(calibrate, "KVCache", FakeKV)
+    cost = calibrate.calibrate_model(FakeModel(), "cpu", torch.float32, max_len=64, repeats=2, head=0.5)
     assert (cost.n_layers, cost.head) == (3, 0.5)
     timed = [(start, T) for start, T, capacity in calls if start + T == capacity]
     assert sorted(set(timed)) == sorted((prev, c) for c in (8, 16, 32) for prev in (0, 32))

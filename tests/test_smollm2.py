@@ -19,9 +19,9 @@ import torch
 from test_mpi import chunked_reference, run_saved
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from generate import generate
 from kvcache import KVCache
 from load_weights import load_model, load_tokenizer
-from model import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORY = "Once upon a time"

@@ -52,13 +52,14 @@ print(comm.rank, t.stats)
 
 
 def test_staged_protocol_through_shared_slots():
-    """The staged route's slots, acks and all-gather, run on the CPU (direct=False): a chain of 7
+    """The staged route's slots, acks and all-gather, run on the CPU (plain copies for the GPU's): a chain of 7
     layers through 2 slots per rank (so rank 0 must wait for acks to reuse them), then an all-gather,
     twice; every message arrives intact and the bytes went through the sender's shared slot."""
     code = """
 import torch, transport
+from fast.staged import StagedTransport
 comm, dev = transport.init('cpu')
-t = transport.Transport(comm, dev, polite=True, direct=False)
+t = StagedTransport(comm, dev, polite=True)
 r, p = comm.rank, comm.size
 S = [5 * (i + 1) for i in range(p)]                  # rank i sends S[i] rows of 3 float64
 t.reserve(0 if r == p - 1 else S[r] * 24)
@@ -86,8 +87,9 @@ def test_staged_all_gather_through_shared_slots():
     """TSP's all-gather by slot: every rank's part fits its slot, so none goes through MPI."""
     code = """
 import torch, transport
+from fast.staged import StagedTransport
 comm, dev = transport.init('cpu')
-t = transport.Transport(comm, dev, polite=True, direct=False)
+t = StagedTransport(comm, dev, polite=True)
 r, p = comm.rank, comm.size
 t.reserve((r + 1) * 2 * 8)
 for layer in range(5):

@@ -1,16 +1,16 @@
 """The simulator's benchmarks: profile every rank's work on one GPU, replay it over the paper's
 links, and hold the replay against real runs. Every simulated table in BENCHMARKS.md comes from here.
 
-    python bench_sim.py profile [--dims llama7b falcon7b] [--run 1]
+    python -m bench.simulated profile [--dims llama7b falcon7b] [--run 1]
         on a GPU, one independent run: a KernelTable of one rank's segment times; on it, KVR-S's
         shortlist and KVR-P for every link; then every variant of each (C, p) profiled directly,
         interleaved: one process, TSP, TSP-zigzag, and KV-Runahead on every partition named
-    python bench_sim.py simulate results/profiles-*.json
+    python -m bench.simulated simulate results/profiles-*.json
         CPU: replay every run over the links (300, 10, uneven, measured); KVR-S scored on the
         direct profiles, KVR-P, the ideal; per run, then summarised over the runs
-    python bench_sim.py validate results/ranks.json [--devices 1]
-        the simulator against real runs of `bench.py ranks` on this machine
-    python bench_sim.py summary results/simulated.json
+    python -m bench.simulated validate results/ranks.json [--devices 1]
+        the simulator against real runs of `bench/measured.py ranks` on this machine
+    python -m bench.simulated summary results/simulated.json
         the tables of a simulate run and the targets, again
 """
 import json
@@ -24,18 +24,18 @@ import torch
 
 import cli
 import partition
-import profiling
 import program
-import sim
-from bench import machine, save, spread, table
+from bench import profiling, sim
+from bench.measured import machine, save, spread, table
+from fast.compiled import fuse
 from kvcache import bytes_per_token
-from model import DIMS, dims_model
+from load_weights import DIMS, dims_model
 
 
 def links(p, measured=None, jitter=0.0):
     """The networks every table is replayed on, for p ranks: the paper's 300 and 10 GB/s per hop; an
     uneven one, 300 GB/s with the middle hop (link p//2 - 1, which the chain's largest message and
-    every ring step cross) at 10 GB/s; and the links bench.py link measured (label -> Link fields)."""
+    every ring step cross) at 10 GB/s; and the links bench/measured.py link measured (label -> Link fields)."""
     out = {"300 GB/s": sim.network(p, 300e9, jitter=jitter), "10 GB/s": sim.network(p, 10e9, jitter=jitter),
            "300 GB/s, middle hop 10 GB/s": sim.network(p, 300e9, jitter=jitter, slow={p // 2 - 1: 10e9})}
     for label, kw in (measured or {}).items():
@@ -44,7 +44,7 @@ def links(p, measured=None, jitter=0.0):
 
 
 def measured_links(path, routes):
-    """label -> Link fields of each route of a bench.py link file, fitted by sim.fit_link."""
+    """label -> Link fields of each route of a bench/measured.py link file, fitted by sim.fit_link."""
     with open(path) as f:
         lrows = json.load(f)["rows"]
     out = {}
@@ -115,7 +115,7 @@ def profile(a):
         for name in a.dims:
             m = dims_model(name, getattr(torch, a.dtype), a.device, n_layers=a.layers)
             if a.fuse or a.graphs:
-                m.fuse(graphs=a.graphs)
+                fuse(m, graphs=a.graphs)
             t0 = time.perf_counter()
             layers = DIMS[name]["n_layers"] if name in DIMS else None   # builtin: all its layers timed
             kt = profiling.measure_table(m, a.cs, a.prefixes, layers=layers, repeats=a.repeats)
@@ -246,7 +246,7 @@ TARGETS = [   # (what, which cells, ratio, test): issue 12's targets on the simu
 
 def validate(a):
     """The simulator against real runs: profile each real row's work on this device, replay it with
-    the link calibrated in the real run (calibration.json) or one bench.py link measured
+    the link calibrated in the real run (calibration.json) or one bench/measured.py link measured
     (--measured-link FILE --route R), and report the error. `--devices 1` when
     the real ranks shared one device, default: a device per rank."""
     out = []
@@ -259,7 +259,7 @@ def validate(a):
         torch.set_num_threads(meta["threads"])
         _, model, key = program.load(args, torch.device(meta["device"]))
         L, bpt = model.cfg.n_layers, bytes_per_token(model.cfg, getattr(torch, meta["dtype"]))
-        if a.measured_link:                            # the link bench.py link measured on this route
+        if a.measured_link:                            # the link bench/measured.py link measured on this route
             link = sim.Link(**next(iter(measured_links(a.measured_link, [a.route]).values())))
         else:                                          # the link the real run calibrated
             cost = partition.load_calibration(key)
@@ -309,7 +309,7 @@ def main(argv=None):
                     help="contexts KVR-S is searched for to make KVR-P's table (the C predicted is left out)")
     pr.add_argument("--steps", type=cli.at_least(1), default=16)
     pr.add_argument("--levels", type=cli.at_least(1), default=4)
-    pr.add_argument("--measured-link", nargs="*", default=[], help="bench.py link results: their routes' fitted links")
+    pr.add_argument("--measured-link", nargs="*", default=[], help="bench/measured.py link results: their routes' fitted links")
     pr.add_argument("--routes", nargs="+", default=["direct"], help="which routes of --measured-link files")
     pr.add_argument("--paper-tsp", nargs="*", default=["12288:4", "8192:8"],
                     help="C:p where TSP is also profiled with attention on the math path")
@@ -318,14 +318,14 @@ def main(argv=None):
     pr.add_argument("--run", type=cli.at_least(1), default=1, help="which independent run this is (kept in meta)")
     pr.add_argument("--out", default="results/profiles-{model}.json")
     si = sub.add_parser("simulate", help="replay profiles over the links: the multi-GPU tables")
-    si.add_argument("profiles", nargs="+", help="bench_sim.py profile files, any number of runs")
+    si.add_argument("profiles", nargs="+", help="bench/simulated.py profile files, any number of runs")
     si.add_argument("--jitter", type=cli.at_least(0.0, float), default=0.5, help="noisy network: each message up to this much slower")
     si.add_argument("--out", default="results/simulated.json")
     va = sub.add_parser("validate", help="the simulator against real runs of `ranks` on this machine")
-    va.add_argument("real", nargs="+", help="results JSON of bench.py ranks")
+    va.add_argument("real", nargs="+", help="results JSON of bench/measured.py ranks")
     va.add_argument("--devices", type=cli.at_least(1), help="devices the real ranks shared (default: one each)")
     va.add_argument("--repeats", type=cli.at_least(1), default=5)
-    va.add_argument("--measured-link", help="a bench.py link file: replay on its --route's fitted link")
+    va.add_argument("--measured-link", help="a bench/measured.py link file: replay on its --route's fitted link")
     va.add_argument("--route", default="staged")
     va.add_argument("--out", default="results/validate.json")
     su = sub.add_parser("summary", help="the tables of a simulate results file, again")

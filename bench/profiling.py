@@ -1,10 +1,10 @@
-"""Timing what each rank computes, on a real device: the measurements sim.py replays and the cost
+"""Timing what each rank computes, on a real device: the measurements bench/sim.py replays and the cost
 model is fitted to.
 
 A rank is profiled alone: TimedKV stands in for the K/V it would receive or gather, and a Clock marks
-the L+1 segments sim.py replays (its docstring draws them). Host clock on a CPU, CUDA events on a GPU.
+the L+1 segments bench/sim.py replays (its docstring draws them). Host clock on a CPU, CUDA events on a GPU.
 
-    python profiling.py --model llama7b --dtype float16 --device cuda --kernels kernels.json
+    python -m bench.profiling --model llama7b --dtype float16 --device cuda --kernels kernels.json
 """
 import platform
 import statistics
@@ -15,9 +15,10 @@ import torch
 
 import cli
 import partition
-import sim
+from bench import sim
+from generate import sync
 from kvcache import KVCache, bytes_per_token
-from model import DIMS, dims_model, sync
+from load_weights import DIMS, dims_model
 
 class Clock:
     """Marks in time: host clock on a CPU, CUDA events on a GPU (recorded on the stream, no host sync
@@ -165,37 +166,6 @@ def simulate_tsp(model, C, p, links, zigzag=False, devices=None, repeats=3):
     spans, emitter = partition.tsp_layout(C, p, zigzag)
     return sim.replay_allgather(profile_tsp(model, C, p, zigzag, repeats), [sum(n for _, n in s) for s in spans],
                                 links, bytes_per_token(model.cfg, _where(model)[1]), emitter, devices)
-
-
-
-def calibrate_model(model, device="cpu", dtype=None, max_len=4096, repeats=3, **fields):
-    """Time real chunks of `model` (model.py's Transformer) and fit a CostModel to them.
-
-    For six (c, S) pairs up to S = max_len (>= 8), fill a fresh KVCache with the S - c prefix
-    tokens (untimed), then time one forward of c more tokens at positions S - c .. S - 1, keeping
-    the fastest of `repeats` after a warm-up. n_layers comes from model.cfg; the other **fields as
-    in calibrate. On a CPU shared with other work, timings spike: set torch threads to free cores.
-    """
-    dtype = dtype or next(model.parameters()).dtype
-    tokens = torch.randint(model.cfg.vocab_size, (1, max_len), device=device)
-    points = [(c, prev + c) for c in (max_len // 8, max_len // 4, max_len // 2)
-              for prev in (0, max_len // 2)]
-
-    @torch.inference_mode()
-    def measure(c, S):
-        kv, times = KVCache(model.cfg, 1, S, dtype, device), []
-        for _ in range(1 + repeats):                 # the first run warms up and is not counted
-            kv.reset()
-            if S > c:
-                model(tokens[:, :S - c], kv, 0, last_only=True)
-            sync(device)
-            t0 = time.perf_counter()
-            model(tokens[:, S - c:S], kv, S - c, last_only=True)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        return min(times[1:])
-
-    return partition.calibrate(measure, points, **{"n_layers": model.cfg.n_layers, **fields})
 
 
 

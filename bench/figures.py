@@ -1,12 +1,12 @@
-"""The README's pictures, drawn with matplotlib; `python figures.py` redraws every PNG in figures/.
+"""The README's pictures, drawn with matplotlib; `python -m bench.figures` redraws every PNG in figures/.
 
-    python figures.py                 all of them (about a minute on 2 cores)
-    python figures.py attention       figures/attention_map.png: which QK^T cells each rank computes
-    python figures.py timeline        figures/timeline.png: per-rank spans of real 3-rank runs (--trace)
-    python figures.py example         the paper's worked example (C = 9, p = 3, 4,3,2), printed
+    python -m bench.figures                 all of them (about a minute on 2 cores)
+    python -m bench.figures attention       figures/attention_map.png: which QK^T cells each rank computes
+    python -m bench.figures timeline        figures/timeline.png: per-rank spans of real 3-rank runs (--trace)
+    python -m bench.figures example         the paper's worked example (C = 9, p = 3, 4,3,2), printed
 
-bench.py draws its own measurements with plot_timeline here, and plots.py's plot_ttft and plot_speedup
-(`bench.py plot`: TTFT against context from a results file).
+bench/measured.py draws its own measurements with plot_timeline here, and bench/plots.py's plot_ttft and plot_speedup
+(`bench/measured.py plot`: TTFT against context from a results file).
 """
 import json
 import os
@@ -25,10 +25,10 @@ from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 import cli  # noqa: E402
 import partition  # noqa: E402
-import plots  # noqa: E402
+from bench import plots  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIGURES = os.path.join(HERE, "figures")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIGURES = os.path.join(ROOT, "figures")
 _sibling = os.path.join(os.path.dirname(sys.executable), "mpirun")
 MPIRUN = _sibling if os.path.exists(_sibling) else "mpirun"
 RANK_COLORS = plt.get_cmap("tab10").colors
@@ -211,8 +211,8 @@ def plot_timeline(trace_paths, titles, out_png):
 
 def run_program(n, script, args, timeout=600):
     """`mpirun -n n python script args` from the repository root; its stdout, or an error."""
-    cmd = [MPIRUN, "-n", str(n), sys.executable, os.path.join(HERE, script), *args]
-    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout)
+    cmd = [MPIRUN, "-n", str(n), sys.executable, os.path.join(ROOT, script), *args]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if r.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
     return r.stdout

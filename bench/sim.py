@@ -1,8 +1,8 @@
 """A trace-driven simulator of KV-Runahead and TSP: replay the ranks' measured work against each
-other over a modelled network. Pure Python: no torch, no device; profiling.py measures what it replays.
+other over a modelled network. Pure Python: no torch, no device; bench/profiling.py measures what it replays.
 
 A rank's compute does not depend on the other ranks, only *when* it may go on does. So one device can
-time what each of p ranks computes (profiling.py), and a few lines of Python can then play the p ranks
+time what each of p ranks computes (bench/profiling.py), and a few lines of Python can then play the p ranks
 against each other over any network, in microseconds instead of GPU-hours. A rank's work comes in
 L+1 segments, cut exactly where a real rank waits for other ranks, the K/V point of each layer (the
 recv of the chain, TSP's all-gather):
@@ -17,8 +17,8 @@ recv of the chain, TSP's all-gather):
   scale    KernelTable: segment times on a grid of (chunk, prefix), interpolated, so that a KVR-S
            search scores thousands of partitions in seconds; build_table makes the KVR-P table.
 
-    python profiling.py --model llama7b --dtype float16 --device cuda --kernels kernels.json
-    python sim.py --kernels kernels.json --ps 2,4,8 --Cs 1024,2048,4096,8192,16384
+    python -m bench.profiling --model llama7b --dtype float16 --device cuda --kernels kernels.json
+    python -m bench.sim --kernels kernels.json --ps 2,4,8 --Cs 1024,2048,4096,8192,16384
 """
 import bisect
 import json
@@ -60,7 +60,7 @@ FAST, SLOW = Link(300e9), Link(10e9)                   # the paper's NVLink and 
 
 def fit_link(sizes, seconds):
     """The Link through measured one-way times of messages (bytes, s): least squares of
-    latency + n / bandwidth. bench.py link measures them (its rows' MiB and one_way_ms)."""
+    latency + n / bandwidth. bench/measured.py link measures them (its rows' MiB and one_way_ms)."""
     mx, my = sum(sizes) / len(sizes), sum(seconds) / len(seconds)
     slope = (sum((x - mx) * (y - my) for x, y in zip(sizes, seconds))
              / sum((x - mx) ** 2 for x in sizes))
@@ -303,7 +303,7 @@ def build_table(table, Cs, ps, links, key=None, steps=8, levels=3):
 
 
 def main(argv=None):
-    ap = cli.Parser(description="KVR-S partitions searched on a KernelTable (profiling.py "
+    ap = cli.Parser(description="KVR-S partitions searched on a KernelTable (bench/profiling.py "
                                              "measures one), saved as a partition.Table")
     ap.add_argument("--kernels", default="kernels.json", help="the KernelTable JSON to read")
     ap.add_argument("--ps", type=cli.ints(1), default=[2, 4, 8])

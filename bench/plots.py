@@ -1,4 +1,4 @@
-"""Plots of benchmark results (bench.py, bench_sim.py, figures.py): TTFT against context, and the
+"""Plots of benchmark results (bench/measured.py, bench/simulated.py, bench/figures.py): TTFT against context, and the
 speed-up over TSP, one subplot per (model, link, ranks), measured solid and simulated dashed.
 """
 import os
@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DPI = 120
 
 
@@ -152,7 +152,7 @@ def _order(variant):
 
 
 def rel(path):
-    return os.path.relpath(path, HERE) if path.startswith(HERE) else path
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT) else path
 
 
 def save(fig, out_png):

@@ -1,19 +1,19 @@
 """Benchmarks measured on real hardware: every measured table in BENCHMARKS.md comes from one of these
-commands (bench_sim.py makes the simulated ones).
+commands (bench/simulated.py makes the simulated ones).
 
-    python bench.py single [--dims llama7b falcon7b] [--dtype bfloat16 float16] [--C 4096 8192 16384]
+    python -m bench.measured single [--dims llama7b falcon7b] [--dtype bfloat16 float16] [--C 4096 8192 16384]
         one process on a GPU: our prefill, eager and fused, against transformers' own model, same
         run, same GPU; TTFT medians and MFU.
-    mpirun -n P python bench.py ranks [--C 1024 2048 4096] [--model builtin:llama] [--device cpu]
+    mpirun -n P python -m bench.measured ranks [--C 1024 2048 4096] [--model builtin:llama] [--device cpu]
         P real ranks: one process, TSP, TSP-zigzag, KVR-E, KVR-S and KVR-P on each context length,
         the variants alternated within each repeat; TTFT medians; optional per-rank traces.
-    mpirun -n 2 python bench.py link [--device cuda]
+    mpirun -n 2 python -m bench.measured link [--device cuda]
         the link between two ranks: GB/s of one message of 1 MiB .. 256 MiB on each route (direct
         if the MPI is CUDA-aware; staged through the node's shared pinned slots; staged-mpi: through
         MPI in private pinned buffers, the route between nodes)
-    python bench.py merge RUN1.json RUN2.json ... --out FILE.json
+    python -m bench.measured merge RUN1.json RUN2.json ... --out FILE.json
         independent runs of `ranks` as one file; the medians over the runs, ratios with their range
-    python bench.py plot FILE.json ...
+    python -m bench.measured plot FILE.json ...
         the PNG plots of a results file (TTFT vs context, speedup over TSP, timelines).
 
 Every command writes JSON with every raw figure (--out) and prints a table. Figures are medians over
@@ -30,23 +30,26 @@ from collections import defaultdict
 
 import torch
 
+import calibrate
 import cli
-import figures
 import partition
-import plots
 import runahead
 import transport
 import tsp
+from bench import figures, plots
+from fast.compiled import fuse
+from fast.staged import StagedTransport
+from generate import sync
 from kvcache import KVCache, bytes_per_token
-from model import DIMS, Config, dims_model, sync
+from load_weights import DIMS, dims_model
+from model import Config
 from program import abort_on_error, setup
 
 try:
-    import transformers                                # the oracle of `bench.py single` only
+    import transformers                                # the oracle of `bench/measured.py single` only
 except ImportError:
     transformers = None
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 PEAK = {"bfloat16": 989e12, "float16": 989e12}         # H100 SXM / H200 dense tensor-core FLOP/s (same compute)
 
 
@@ -114,9 +117,9 @@ def table(rows, cols):
 # ----------------------------------------------------------------------------- one GPU
 
 def hf_twin(name, dtype):
-    """transformers' own model with the same dims as model.dims_model(name), random weights, SDPA."""
+    """transformers' own model with the same dims as load_weights.dims_model(name), random weights, SDPA."""
     if transformers is None:
-        raise SystemExit("bench.py single compares with transformers: pip install -r requirements-test.txt "
+        raise SystemExit("bench/measured.py single compares with transformers: pip install -r requirements-test.txt "
                          "(or pass --no-hf)")
     if name == "llama7b":
         cfg, cls = transformers.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -188,7 +191,7 @@ def single(a):
                 ours(tok, cache, 0, last_only=True).argmax()
 
             measure(name, dt, "ours eager", ours, prefill)
-            measure(name, dt, "ours fused", ours.fuse(), prefill)
+            measure(name, dt, "ours fused", fuse(ours), prefill)
             ours = cache = None
             torch.cuda.empty_cache()
     save(a.out, dict(machine(), peak_flops=PEAK), rows)
@@ -235,7 +238,7 @@ def ranks(a):
                                                         # the largest C calibrates the cost model
             job.tokens = torch.randint(3, job.model.cfg.vocab_size, (1, C),
                                        generator=torch.Generator().manual_seed(C)).to(job.device)
-            runahead.pick_partition(job, "searched")
+            calibrate.pick_partition(job, "searched")
             searched[C] = job.c
         for C in a.C:
             job.tokens = torch.randint(3, job.model.cfg.vocab_size, (1, C),
@@ -343,13 +346,14 @@ def link(a):
     (that time - the latency) / window, GB/s = size / that. Medians of --repeats."""
     comm, device = transport.init(a.device)
     if comm.size != 2:
-        raise SystemExit("bench.py link runs on exactly 2 ranks: mpirun -n 2 python bench.py link")
-    routes = {"host": True} if device.type == "cpu" else {"staged": False, "staged-mpi": False}
+        raise SystemExit("bench/measured.py link runs on exactly 2 ranks: mpirun -n 2 python -m bench.measured link")
+    staged = {"staged": StagedTransport, "staged-mpi": StagedTransport}
+    routes = {"host": transport.Transport} if device.type == "cpu" else staged
     if device.type == "cuda" and transport.cuda_aware_mpi():
-        routes = {"direct": True, **routes}
+        routes = {"direct": transport.Transport, **routes}
     rows = []
-    for route, direct in routes.items():
-        t = transport.Transport(comm, device, polite=False, direct=direct)
+    for route, Route in routes.items():
+        t = Route(comm, device, polite=False)
         if route == "staged":                          # the node's shared slots, as prefill has them
             t.reserve(max(a.mib) << 20)
 

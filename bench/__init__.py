@@ -1,0 +1,11 @@
+"""Tools that measure and draw; nothing in the root imports them. Run from the repository root:
+
+  python -m bench.measured   single | ranks | link | merge | plot: real runs (BENCHMARKS.md 1, 3, 4)
+  python -m bench.simulated  profile | simulate | validate | summary: the simulated tables (section 2)
+  python -m bench.profiling  a kernel table: one rank's segment times on a grid of (chunk, prefix)
+  python -m bench.sim        KVR-S searched on a kernel table
+  python -m bench.figures    the README's pictures and the paper's worked example
+
+profiling.py times each rank's work alone on one device; sim.py (no torch) replays the ranks
+against each other over modelled links; plots.py draws results files.
+"""

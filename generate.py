@@ -1,0 +1,45 @@
+"""Greedy generation on one process: prefill the prompt through a KV cache, then decode one token at
+a time from it. Prefill is one forward over all C prompt tokens, and its end is the time to first
+token (TTFT); decode (the paper's extension phase) feeds each new token back at position len(cache).
+The last rank of KV-Runahead and of TSP decodes with `decode` from the cache the prefill filled.
+"""
+import time
+
+import torch
+
+
+def sync(device):
+    """Wait until the device has done what was queued (a GPU runs behind the host)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens, cache, stop_at_eos=False):
+    """Greedy decoding on one process: prefill the prompt (B, C), then one token per step.
+
+    Returns (tokens (B, max_new_tokens), ttft_s, seconds per output token after the first).
+    """
+    dev = prompt.device
+    sync(dev)
+    t0 = time.perf_counter()
+    logits = model(prompt, cache, 0, last_only=True)
+    tok = logits[:, -1].argmax(-1, keepdim=True)       # (B, 1)
+    sync(dev)
+    ttft = time.perf_counter() - t0
+    out = decode(model, tok, cache, max_new_tokens - 1, stop_at_eos)
+    sync(dev)
+    tpot = (time.perf_counter() - t0 - ttft) / max(out.shape[1] - 1, 1)
+    return out, ttft, tpot
+
+
+@torch.no_grad()
+def decode(model, tok, cache, steps, stop_at_eos=False):
+    """The extension phase: feed back each greedy token through the KV cache. Returns (B, 1+steps)."""
+    out = [tok]
+    for _ in range(steps):
+        if stop_at_eos and (tok == model.cfg.eos_token_id).all():
+            break
+        tok = model(tok, cache, len(cache), last_only=True)[:, -1].argmax(-1, keepdim=True)
+        out.append(tok)
+    return torch.cat(out, dim=1)
