@@ -19,6 +19,7 @@ STARTER_FAILS_WITH = {
     "05_predict": "predict() in exercises/05_predict/starter.py is not written yet",
     "06_deadlock": "deadlock: `mpirun -n 4` with 1 MiB blocks ran 20 s and 0 of 4 ranks finished",
     "07_yarn": "yarn() in exercises/07_yarn/starter.py is not written yet",
+    "08_chain": "update() in exercises/08_chain/starter.py is not written yet",
 }
 
 
@@ -52,3 +53,30 @@ def test_unknown_exercise_is_refused():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "exercises", "check.py"), "99"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no exercise 99" in r.stderr
+
+
+# Exercise 8's check names the rule a chain broke: each mistake is planted in the solution's text.
+CHAIN_MISTAKES = {
+    "no Done": ([("                raise Done\n", "")], "(no Done)"),
+    "own before prefix": ([("        if self.prefix:", "        k_all, v_all = self.cache.update(layer, k, v)\n        if self.prefix:"),
+                           ("            self.cache.update(layer, kv[0], kv[1])\n        k_all, v_all = self.cache.update(layer, k, v)",
+                            "            k_all, v_all = self.cache.update(layer, kv[0], kv[1])")],
+                          "come before the prefix"),
+    "own tokens only": ([("self.t.isend(self.cache.kv[layer],", "self.t.isend(torch.stack([k, v]),")],
+                        "the right rank needs all 17 positions"),
+}
+
+
+@pytest.mark.parametrize("mistake", CHAIN_MISTAKES)
+def test_chain_check_names_the_broken_rule(mistake, tmp_path):
+    edits, says = CHAIN_MISTAKES[mistake]
+    text = open(os.path.join(ROOT, "exercises", "solutions", "08_chain.py")).read()
+    for old, new in edits:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    planted = tmp_path / "planted.py"
+    planted.write_text("import torch\n" + text)
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'exercises'); import check; "
+                        f"print(check.run('exercises/08_chain', {str(planted)!r})[1])"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.stdout.startswith("FAIL 08_chain: ") and says in r.stdout, r.stdout + r.stderr
