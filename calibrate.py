@@ -4,8 +4,9 @@ searched|predicted and --search-live). partition.py holds the searches themselve
 
   fit              the CostModel's lin, attn and fixed from chunk timings (non-negative least squares)
   calibrate_model  time chunks of a model after prefixes, and fit them
-  calibrate        ... and the link: ranks 0 and 1 time one layer's K/V there and back
-  pick_partition   rank 0 decides (calibrating first on first use), every rank gets the answer
+  measure          ... and the link: ranks 0 and 1 time one layer's K/V there and back
+  calibrate        measure until the fit is plausible, and save it in the cache
+  pick_partition   rank 0 decides (calibrating first if it must), every rank gets the answer
   live_search      the grid search with a real prefill of all ranks as the score
 """
 import itertools
@@ -17,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+import choose
 import partition
 from cli import say
 from generate import sync
@@ -48,7 +50,7 @@ def fit(measure, points, **fields):
     return partition.CostModel(**{**fields, "fixed": fixed, "lin": lin, "attn": attn})
 
 
-def calibrate_model(model, device="cpu", dtype=None, max_len=4096, repeats=3, **fields):
+def calibrate_model(model, device="cpu", dtype=None, max_len=4096, repeats=5, **fields):
     """Time real chunks of `model` (model.py's Transformer) and fit a CostModel to them.
 
     For six (c, S) pairs up to S = max_len (>= 8), fill a fresh KVCache with the S - c prefix
@@ -78,16 +80,17 @@ def calibrate_model(model, device="cpu", dtype=None, max_len=4096, repeats=3, **
     return fit(measure, points, **{"n_layers": model.cfg.n_layers, **fields})
 
 
-def calibrate(job):
-    """Measure this machine for the cost model: rank 0 times prefill chunks, ranks 0 and 1 the link."""
+def measure(job):
+    """Measure this machine for the cost model: rank 0 times prefill chunks, ranks 0 and 1 the link.
+    Returns the CostModel on rank 0 (the others' copy lacks the link)."""
     t = job.transport
-    cost = calibrate_model(job.model, job.device, job.dtype,
-                           max_len=min(4096, max(64, job.tokens.shape[1]))) if job.rank == 0 else None
-    t.barrier()                                        # the others wait politely meanwhile
-    cfg, times = job.model.cfg, {}
-    t.reserve(1024 * bytes_per_token(cfg, job.dtype))  # staged K/V goes by the route prefill takes
-    if job.size > 1 and job.rank < 2:                  # one layer's K/V of n tokens, there and back
-        for n in (1, 1024):
+    cost = t.agree(lambda: calibrate_model(job.model, job.device, job.dtype,    # 1k tokens at least:
+                                           max_len=min(4096, max(1024, job.tokens.shape[1]))))   # shorter
+    cfg, times, big = job.model.cfg, {}, 4096                                  # ones hide attention
+    t.reserve(big * bytes_per_token(cfg, job.dtype))   # staged K/V goes by the route prefill takes
+    if job.size > 1 and job.rank < 2:                  # one layer's K/V of n tokens, there and back,
+        polite, t.polite = t.polite, False             # timed by waits that spin (a sleeping poll
+        for n in (1, big):                             # would round every wait up to its period)
             buf = torch.zeros((2, 1, cfg.n_kv_heads, n, cfg.head_dim), dtype=job.dtype, device=job.device)
             ack = torch.zeros(1, dtype=job.dtype, device=job.device)
             best = float("inf")
@@ -103,41 +106,62 @@ def calibrate(job):
                     t.finish()
                 best = min(best, time.perf_counter() - t0)
             times[n] = best
+        t.polite = polite
         if job.rank == 0:                              # one-way: half the round trip of the small one
-            per_token = max(0.0, (times[1024] - times[1]) / 1023)   # noise can invert it
+            per_token = max(0.0, (times[big] - times[1]) / (big - 1))   # noise can invert it
             cost.comm_per_token, cost.latency = per_token * cfg.n_layers, times[1] / 2 * cfg.n_layers
     return cost
 
 
-def pick_partition(job, spec):
-    """Rank 0 picks the partition (calibrating first if it must), every rank gets the same one."""
-    comm, C, p = job.comm, job.tokens.shape[1], job.size
-    if job.rank == 0:
-        table = partition.Table.load(partition.TABLE) if os.path.exists(partition.TABLE) else partition.Table()
-        known = table.get(job.model_key, p, C) or (spec == "predicted" and table.contexts(job.model_key, p))
-        need = spec in ("searched", "predicted") and not known and not partition.load_calibration(job.model_key)
-    if comm.bcast(need if job.rank == 0 else None, root=0):
-        cost = calibrate(job)
+def calibrate(job, why, tries=3):
+    """Measure, refuse a fit that cannot be right (a cost that is not positive: timings spiked),
+    measure again if so, and save the first plausible one in the cache."""
+    key, path = job.model_key, choose.calibration_path()
+    for _ in range(tries):
+        cost = measure(job)
+        bad = job.transport.agree(cost.implausible)
+        if not bad:
+            job.transport.agree(lambda: choose.save_calibration(key, cost))
+            if job.rank == 0:
+                say(f"calibrated {key} {why}: saved to {path}")
+            return
         if job.rank == 0:
-            partition.save_calibration(job.model_key, cost)
-            say(f"calibrated {job.model_key} on first use: saved to {partition.CALIBRATION}")
-    answer = None
-    if job.rank == 0:
-        try:
-            answer = partition.explain(spec, C, p, job.model_key)
-        except ValueError as e:
-            answer = str(e)
-    job.transport.barrier()
-    answer = comm.bcast(answer, root=0)
-    if isinstance(answer, str):
-        raise partition.PartitionError(answer)
-    job.c, job.c_source = answer
+            say(f"calibration of {key} refused: {bad}; the machine was busy, measuring again")
+    raise ValueError(f"calibrating {key} gave {bad} {tries} times: on a machine this busy, "
+                     "use --partition even or a given partition")
+
+
+def pick_partition(job, spec, recalibrate=False):
+    """Rank 0 decides, reading the caches and calibrating first if it must; every rank gets the
+    same partition, or the same error (Transport.agree), so no rank is left waiting."""
+    C, p, key = job.tokens.shape[1], job.size, job.model_key
+
+    def why_calibrate():                               # None: the cost model is not needed, or is fine
+        if spec not in ("searched", "predicted"):
+            return None
+        path = choose.table_path()
+        table = partition.Table.load(path) if os.path.exists(path) else partition.Table()
+        if table.get(key, p, C) or (spec == "predicted" and table.contexts(key, p)):
+            return None
+        if recalibrate:
+            return "as asked (--recalibrate)"
+        cost = choose.load_calibration(key)
+        if cost is None:
+            return "on first use"
+        bad = cost.implausible()
+        return f"again (the saved one has {bad})" if bad else None
+
+    why = job.transport.agree(why_calibrate)
+    if why:
+        calibrate(job, why)
+    job.c, job.c_source = job.transport.agree(lambda: choose.explain(spec, C, p, key))
 
 
 def live_search(job, args, prefill):
     """KVR-S measured live: rank 0 runs the grid search, and every candidate it scores is a real
     prefill by all ranks (runahead.prefill; median TTFT of --repeats). The best goes into the table."""
-    comm, C, p = job.comm, job.tokens.shape[1], job.size
+    comm, C, p, path = job.comm, job.tokens.shape[1], job.size, choose.table_path()
+    table = job.transport.agree(lambda: partition.Table.load(path) if os.path.exists(path) else partition.Table())
 
     def measure(c):                                    # every rank runs this for every candidate
         ts = [prefill(job, c)[2] for _ in range(args.repeats)]
@@ -151,13 +175,12 @@ def live_search(job, args, prefill):
         history = []
         best = partition.searched(C, p, score, args.search_steps, args.search_levels, history)
         comm.bcast(None, root=0)
-        table = partition.Table.load(partition.TABLE) if os.path.exists(partition.TABLE) else partition.Table()
         table.add(job.model_key, best)
-        table.save(partition.TABLE)
+        table.save(path)
         scores = dict((tuple(c), s) for c, s in history)
         print(f"live search over {len(history)} measured partitions: best {','.join(map(str, best))}, "
               f"median TTFT {scores[tuple(best)] * 1e3:.2f} ms (even split "
-              f"{scores[tuple(partition.even(C, p))] * 1e3:.2f} ms); saved to {partition.TABLE} "
+              f"{scores[tuple(partition.even(C, p))] * 1e3:.2f} ms); saved to {path} "
               f"under {job.model_key}")
     else:
         while (c := comm.bcast(None, root=0)) is not None:

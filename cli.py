@@ -2,11 +2,16 @@
 project's scripts gets. Standard library only, so `--help` and a bad option answer at once, before
 torch loads (seconds).
 
-A bad option is one line, `error: ...`, and exit status 2; under mpirun every rank prints it.
+A bad option is one line, `error: ...`, and exit status 2; under mpirun every rank prints it. What
+can be checked before torch loads is checked here (`check_early`): an output path that cannot be
+written, a partition or a prompt that cannot fit the ranks the launcher started.
 """
 import argparse
+import contextlib
+import json
 import os
 import sys
+import tempfile
 
 
 def say(line):
@@ -31,6 +36,83 @@ def at_least(lo, kind=int):
     return parse
 
 
+def output_file(text):
+    """An argparse type: a file path this process can create or replace (its folder exists)."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a directory")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{text}: no directory {folder}")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write into {folder}")
+    return text
+
+
+def read_json(path):
+    """A JSON file's value; a file that is not JSON is a ValueError naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): delete it, and it is made anew") from None
+
+
+@contextlib.contextmanager
+def replace_whole(path):
+    """Write a file that appears whole or not at all: yields a temporary path beside `path`, which
+    replaces it once the block ends without an error (a reader never sees half a file)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+# The number of ranks as launchers tell it before MPI starts: MPICH's Hydra, Open MPI, MVAPICH, Slurm.
+WORLD_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
+
+
+def launched_ranks():
+    """How many ranks the launcher started (1 without one), or None if it does not say."""
+    if not any(v.startswith(("PMI_", "OMPI_", "MV2_", "SLURM_", "HYDRA_")) for v in os.environ):
+        return 1                                       # no launcher: MPI starts a single rank
+    return next((int(os.environ[v]) for v in WORLD_SIZE if os.environ.get(v, "").isdigit()), None)
+
+
+def prompt_length(args):
+    """The prompt's length when the command line says it (--prompt-len, --prompt-ids), else None."""
+    if args.prompt is not None:
+        return None                                    # known once the tokenizer has read it
+    if args.prompt_ids is not None:
+        try:
+            return len([int(x) for x in args.prompt_ids.split(",")])
+        except ValueError:
+            raise ValueError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
+    return 2048 if args.prompt_len is None else args.prompt_len
+
+
+def check_early(args, check=None):
+    """Refuse what cannot work before torch and the model load (a second, not ten): the options
+    that contradict each other, and a prompt with fewer tokens than ranks. `check(C, p)` adds a
+    program's own check (its partition). The same checks run again on every rank after MPI starts."""
+    try:
+        if args.graphs and args.device != "cuda":
+            raise ValueError("--graphs: CUDA graphs need --device cuda")
+        C, p = prompt_length(args), launched_ranks()
+        if C is not None and p is not None:
+            if p > C:
+                raise ValueError(f"{p} ranks but only {C} prompt tokens: every rank needs at least one")
+            if check:
+                check(C, p)
+    except ValueError as e:
+        say(f"error: {e}")
+        sys.exit(2)
+
+
 def positive(text):
     """An argparse type: a float > 0."""
     value = float(text)
@@ -52,7 +134,8 @@ def program(description):
     ap = Parser(description=description)
     ap.add_argument("--model", default="builtin:llama",
                     help="HF checkpoint directory, builtin:llama / builtin:falcon (small, random weights), "
-                         "or dims:llama7b / dims:falcon7b (the paper's sizes, random weights)")
+                         "or dims:llama7b / dims:falcon7b (the paper's sizes, random weights) "
+                         "(default builtin:llama)")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer.json or tokenizer.model)")
     src.add_argument("--prompt-ids", help="comma-separated token ids")
@@ -61,15 +144,16 @@ def program(description):
                     help="weights, activations and the K/V that travel (default float32)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where each rank computes; cuda: the local rank's GPU (default cpu)")
-    ap.add_argument("--max-new-tokens", type=at_least(1), default=8, help="tokens to generate, the first included")
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=8,
+                    help="tokens to generate, the first included (default 8)")
     ap.add_argument("--threads", type=at_least(1), help="torch threads per rank (default: cores / ranks here)")
     ap.add_argument("--math", action="store_true", help="the readable masked-softmax attention path")
     ap.add_argument("--fuse", action="store_true",
                     help="compile each layer's elementwise work (torch.compile; for GPUs, slow to start)")
     ap.add_argument("--graphs", action="store_true",
                     help="--fuse, and replay the compiled work as CUDA graphs (GPU; pays under ~1k tokens a rank)")
-    ap.add_argument("--trace", help="write a per-rank timeline (Chrome trace JSON) to this file")
-    ap.add_argument("--save", help="torch.save logits, KV cache, partition, TTFT and tokens here")
+    ap.add_argument("--trace", type=output_file, help="write a per-rank timeline (Chrome trace JSON) to this file")
+    ap.add_argument("--save", type=output_file, help="torch.save logits, KV cache, partition, TTFT and tokens here")
     return ap
 
 
@@ -77,13 +161,16 @@ def runahead():
     ap = program("KV-Runahead parallel prefill (run under mpirun)")
     ap.add_argument("--partition", default="even",
                     help="even | searched | predicted | c0,c1,... (one chunk per rank, summing to the prompt)")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="searched/predicted: measure this machine for the cost model again, and save it")
     ap.add_argument("--search-live", action="store_true",
                     help="instead of one run: search the partition by measured TTFT, store it in the table")
     ap.add_argument("--search-steps", type=at_least(1), default=4,
                     help="--search-live: grid points per boundary and level (default 4)")
     ap.add_argument("--search-levels", type=at_least(1), default=2,
                     help="--search-live: levels of refinement around the best so far (default 2)")
-    ap.add_argument("--repeats", type=at_least(1), default=3, help="--search-live: runs per candidate (median)")
+    ap.add_argument("--repeats", type=at_least(1), default=3,
+                    help="--search-live: runs per candidate, their median scores it (default 3)")
     return ap
 
 

@@ -138,13 +138,24 @@ def our_name(arch, hf_name):
 
 
 def read_config(path):
+    if not os.path.isdir(path):
+        what = "is a file" if os.path.exists(path) else "does not exist"
+        raise LoadError(f"{path} {what}: --model takes a checkpoint directory (the folder that holds config.json)")
+    d = read_json(os.path.join(path, "config.json"), "a Hugging Face checkpoint directory's config.json")
+    if not isinstance(d, dict):
+        raise LoadError(f"{path}/config.json: expected a JSON object of fields, got a {type(d).__name__}")
+    return config_from_hf(d)
+
+
+def read_json(file, what):
+    """A JSON file, or a LoadError naming it and saying what it should have been."""
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            return config_from_hf(json.load(f))
+        with open(file) as f:
+            return json.load(f)
     except FileNotFoundError:
-        raise LoadError(f"{path}: no config.json (is this a Hugging Face checkpoint directory?)") from None
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{path}/config.json is not valid JSON: {e}") from None
+        raise LoadError(f"{os.path.dirname(file)}: no {os.path.basename(file)} (expected {what})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{file} is not valid JSON: {e}") from None
 
 
 def weight_files(path):
@@ -152,9 +163,11 @@ def weight_files(path):
     for index, single in (("model.safetensors.index.json", "model.safetensors"),
                           ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if os.path.exists(os.path.join(path, index)):
-            with open(os.path.join(path, index)) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-            return [os.path.join(path, x) for x in files]
+            weight_map = read_json(os.path.join(path, index), "a sharded checkpoint's index")
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise LoadError(f"{os.path.join(path, index)}: no \"weight_map\" of tensor name -> file name")
+            return [os.path.join(path, x) for x in sorted(set(weight_map.values()))]
         if os.path.exists(os.path.join(path, single)):
             return [os.path.join(path, single)]
     raise LoadError(f"{path}: no model.safetensors, pytorch_model.bin or their .index.json")
@@ -233,10 +246,11 @@ def dims_model(name, dtype=torch.float16, device="cuda", n_layers=None):
     m = m.to_empty(device=device)
     if cfg.tie_embeddings:
         m.lm_head.weight = m.embed.weight
+    g = torch.Generator(device).manual_seed(0)        # the same weights in every run and on every rank
     with torch.no_grad():
         for pname, p in m.named_parameters():
             if p.dim() > 1:
-                p.normal_(0, 0.02)
+                p.normal_(0, 0.02, generator=g)
             else:                                      # norm weights 1, biases 0
                 p.fill_(0.0 if pname.endswith("bias") else 1.0)
     return m.eval()
@@ -262,7 +276,12 @@ class JSONTokenizer:
     name = "tokenizer.json through tokenizers"
 
     def __init__(self, path):
-        self.tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        file = os.path.join(path, "tokenizer.json")
+        try:
+            self.tok = tokenizers.Tokenizer.from_file(file)
+        except Exception as e:                         # the library's message names no file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LoadError(f"{file}: not a tokenizer the tokenizers library can read ({first})") from None
 
     def encode(self, text):
         return self.tok.encode(text).ids
@@ -281,7 +300,11 @@ class SentencePieceTokenizer:
         file = os.path.join(path, "tokenizer.model") if os.path.isdir(path) else path
         if not os.path.exists(file):
             raise LoadError(f"{path}: no tokenizer.model")
-        self.sp = spm.SentencePieceProcessor(model_file=file)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=file)
+        except (RuntimeError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LoadError(f"{file}: not a SentencePiece model ({first})") from None
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
 
     def encode(self, text, bos=True):

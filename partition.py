@@ -13,13 +13,12 @@ chain: the even split (KVR-E) overloads the back, and good partitions are front-
                           fits it to this machine)
   searched                the hierarchical grid search over boundaries (KVR-S)
   Table, predicted        the lookup table of searched partitions and its interpolation (KVR-P)
-  choose, main            what runahead.py runs; python partition.py searched --C 4096 -p 8
+(choose.py picks among them for a run, with the caches of what this machine measured.)
 """
 import itertools
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -49,7 +48,7 @@ def validate(c, C, p):
     if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in c):
         raise PartitionError(f"partition {_fmt(c)} has a chunk that is not an integer")
     if len(c) != p:
-        raise PartitionError(f"partition {_fmt(c)} has {len(c)} chunks for {p} ranks")
+        raise PartitionError(f"partition {_fmt(c)} has {len(c)} chunks for {p} rank{'s' * (p != 1)}")
     if min(c) < 1:
         raise PartitionError(f"partition {_fmt(c)} has an empty chunk (every rank needs >= 1 token)")
     if sum(c) != C:
@@ -184,13 +183,29 @@ class CostModel:
         return compute + gather + self.head + self.fixed
 
     def save(self, path):
-        with open(path, "w") as f:
+        with cli.replace_whole(path) as tmp, open(tmp, "w") as f:
             json.dump(asdict(self), f, indent=1)
 
     @classmethod
     def load(cls, path):
-        with open(path) as f:
-            return cls(**json.load(f))
+        return cls.from_dict(cli.read_json(path), path)
+
+    @classmethod
+    def from_dict(cls, d, where):
+        """A CostModel from its fields, every one a known name and a number (`where` names the source)."""
+        known = cls.__dataclass_fields__
+        if not isinstance(d, dict) or set(d) - set(known):
+            extra = sorted(set(d) - set(known)) if isinstance(d, dict) else d
+            raise ValueError(f"{where}: not a cost model (unexpected {extra}; fields are {', '.join(known)})")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.values()):
+            raise ValueError(f"{where}: every field of a cost model is a number")
+        return cls(**d)
+
+    def implausible(self):
+        """Why a calibration cannot be right (a cost that is not positive), or None. On a loaded
+        machine timings spike, and a fit can make attention or the link look free."""
+        bad = [f"{k} = {getattr(self, k)!r}" for k in ("lin", "attn", "comm_per_token") if not getattr(self, k) > 0]
+        return ", ".join(bad) + " (not positive)" if bad else None
 
 
 # ----------------------------------------------------------------------------- KVR-S: searched
@@ -273,15 +288,26 @@ class Table:
         return sorted(self.entries.get(model, {}).get(p, {}))
 
     def save(self, path):
-        with open(path, "w") as f:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with cli.replace_whole(path) as tmp, open(tmp, "w") as f:
             json.dump(self.entries, f, indent=1)     # JSON turns the int keys p, C into strings
 
     @classmethod
     def load(cls, path):
-        with open(path) as f:
-            raw = json.load(f)
-        return cls({m: {int(p): {int(C): c for C, c in byC.items()} for p, byC in byp.items()}
-                    for m, byp in raw.items()})
+        """The table in `path`; every entry must be a partition of its C over its p ranks."""
+        raw, t = cli.read_json(path), cls()
+        try:
+            for m, byp in raw.items():
+                for p, byC in byp.items():
+                    for C, c in byC.items():
+                        where = f"{path}: entry {m!r}, p={p}, C={C}"
+                        try:
+                            t.entries.setdefault(m, {}).setdefault(int(p), {})[int(C)] = validate(c, int(C), int(p))
+                        except (ValueError, TypeError) as e:
+                            raise ValueError(f"{where}: {e}") from None
+        except AttributeError:
+            raise ValueError(f"{path}: not a table of partitions ({{model: {{p: {{C: [c0, c1, ...]}}}}}})") from None
+        return t
 
 
 def predicted(C, p, table, model):
@@ -315,80 +341,3 @@ def predicted(C, p, table, model):
     for j in reversed(range(p - 1)):                 # each boundary <= 1 before the next
         b[j] = min(b[j], b[j + 1] - 1)
     return validate(from_boundaries(b[:-1], C), C, p)
-
-
-# ----------------------------------------------------------------------------- choosing one
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-TABLE = os.path.join(HERE, "partitions.json")        # searched partitions: {model: {p: {C: c}}}
-CALIBRATION = os.path.join(HERE, "calibration.json")  # cost models measured here: {model: CostModel}
-
-
-def load_calibration(model, path=CALIBRATION):
-    """The CostModel calibrated for `model` on this machine, or None."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        entry = json.load(f).get(model)
-    return CostModel(**entry) if entry else None
-
-
-def save_calibration(model, cost, path=CALIBRATION):
-    saved = json.load(open(path)) if os.path.exists(path) else {}
-    saved[model] = asdict(cost)
-    with open(path, "w") as f:
-        json.dump(saved, f, indent=1)
-
-
-def choose(spec, C, p, model="", table=None, cost=None):
-    """The partition to run: spec is even | searched | predicted | 'c0,c1,...' (runahead.py)."""
-    return explain(spec, C, p, model, table, cost)[0]
-
-
-def explain(spec, C, p, model="", table=None, cost=None):
-    """(partition, where it came from), as choose picks it.
-
-    searched and predicted answer in seconds: a table entry for (model, p, C) if there is one;
-    for predicted, else an interpolation of the table's entries for (model, p); else a search
-    on the cost model: `cost`, else the model's calibration, else CostModel()'s documented defaults.
-    """
-    if spec not in ("even", "searched", "predicted"):
-        return parse(spec, C, p), "given"
-    if spec == "even":
-        return even(C, p), "even split"
-    table = table or (TABLE if os.path.exists(TABLE) else None)
-    t = Table.load(table) if table else Table()
-    if t.get(model, p, C):
-        return list(t.get(model, p, C)), f"table {table}"
-    if spec == "predicted" and t.contexts(model, p):
-        return predicted(C, p, t, model), f"interpolated from table {table}"
-    source = "given cost model" if cost else "calibration of " + model
-    cost = cost or load_calibration(model)
-    if cost is None:
-        cost, source = CostModel(), "CostModel() defaults (H100, uncalibrated)"
-    c = searched(C, p, cost.ttft)
-    return c, (f"searched on {source}: predicted TTFT {cost.ttft(c):.4g} s, "
-               f"even split {cost.ttft(even(C, p)):.4g} s, TSP {cost.ttft_tsp(C, p):.4g} s")
-
-
-def main(argv=None):
-    ap = cli.Parser(description="Print a partition c0,c1,... of C prompt tokens over p "
-                                             "ranks; stderr says where it came from.")
-    ap.add_argument("how", choices=["even", "searched", "predicted"])
-    ap.add_argument("--C", type=cli.at_least(1), required=True, help="prompt tokens")
-    ap.add_argument("-p", type=cli.at_least(1), required=True, help="ranks")
-    ap.add_argument("--table", help=f"lookup table JSON of searched partitions (default: {TABLE} if present)")
-    ap.add_argument("--model", default="", help="model name in the table (runahead.py's job.model_key)")
-    ap.add_argument("--cost", help="CostModel JSON (default: --model's entry in calibration.json, "
-                                   "else CostModel() defaults)")
-    a = ap.parse_args(argv)
-    try:
-        c, source = explain(a.how, a.C, a.p, a.model, a.table, a.cost and CostModel.load(a.cost))
-    except (OSError, ValueError) as e:
-        sys.exit(f"partition.py: {e}")
-    print(f"# {source}", file=sys.stderr)
-    print(_fmt(c))
-
-
-if __name__ == "__main__":
-    main()

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 
 import transport
-from cli import say
+from cli import replace_whole, say
 from fast.compiled import fuse
 from fast.staged import StagedTransport
 from generate import decode
+from kvcache import bytes_per_token
 from load_weights import DIMS, dims_model, load_model, load_tokenizer
 from model import Transformer, builtin
 
@@ -102,8 +103,6 @@ def load(args, device):
         model = builtin(arch, seed=0, dtype=dtype).to(device)
     else:
         name, model = args.model, load_model(args.model, dtype, device)
-    if args.graphs and device.type != "cuda":
-        raise ValueError("--graphs: CUDA graphs need --device cuda")
     if args.fuse or args.graphs:
         fuse(model, graphs=args.graphs)
     cfg = model.cfg
@@ -133,6 +132,31 @@ def prompt_ids(args, tokenizer, vocab_size):
     return ids
 
 
+def check_room(cfg, C, new_tokens, dtype, device):
+    """Refuse a generation whose KV cache (the prompt and every new token, on the last rank) cannot
+    fit in this machine's memory, before any work: it would fail only after the prefill."""
+    need = (C + new_tokens) * bytes_per_token(cfg, dtype) * cfg.n_layers
+    if device.type == "cuda":
+        have, where = torch.cuda.mem_get_info(device)[1], f"GPU {device.index}"
+    else:
+        have, where = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine"
+    if need > have:
+        raise ValueError(f"--max-new-tokens {new_tokens}: a KV cache of {C} + {new_tokens} tokens takes "
+                         f"{need / 2**30:.3g} GiB, more than the {have / 2**30:.3g} GiB of {where}")
+
+
+def warnings(args, cfg, C, device):
+    """What runs, but not as the user may expect."""
+    if C > cfg.max_position_embeddings:
+        yield f"prompt of {C} tokens is longer than the model's max_position_embeddings ({cfg.max_position_embeddings})"
+    elif C + args.max_new_tokens - 1 > cfg.max_position_embeddings:
+        yield (f"{C} prompt tokens and {args.max_new_tokens} new ones reach position {C + args.max_new_tokens - 1}, "
+               f"past the model's max_position_embeddings ({cfg.max_position_embeddings})")
+    if args.dtype == "float16" and device.type == "cpu":
+        yield ("float16 on a CPU has no fast kernels: a prefill takes about 2x bfloat16's time and 5x "
+               "float32's (2048 tokens, built-in model); --dtype float32 is the fast one here")
+
+
 def _setup(args, comm, device):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
@@ -148,9 +172,10 @@ def _setup(args, comm, device):
     ids = prompt_ids(args, tokenizer, model.cfg.vocab_size)
     if comm.size > len(ids):
         raise ValueError(f"{comm.size} ranks but only {len(ids)} prompt tokens: every rank needs at least one")
-    if len(ids) > model.cfg.max_position_embeddings and comm.rank == 0:
-        say(f"warning: prompt of {len(ids)} tokens is longer than the model's "
-            f"max_position_embeddings ({model.cfg.max_position_embeddings})")
+    check_room(model.cfg, len(ids), args.max_new_tokens, getattr(torch, args.dtype), device)
+    if comm.rank == 0:
+        for line in warnings(args, model.cfg, len(ids), device):
+            say(f"warning: {line}")
     trace = Trace(comm.rank, device, bool(args.trace))
     # CPU tensors, and GPU tensors under a CUDA-aware MPI, go to MPI where they are; otherwise the
     # GPU fast path stages them through pinned host memory (fast/staged.py), behind the same interface.
@@ -211,7 +236,7 @@ class Trace:
         if comm.rank == 0:
             names = [dict(name="thread_name", ph="M", pid=pid, tid=r, args={"name": f"rank {r}{what}"})
                      for r in range(comm.size) for pid, what in ((0, ""), (1, " copies"))]
-            with open(path, "w") as f:
+            with replace_whole(path) as tmp, open(tmp, "w") as f:
                 json.dump({"traceEvents": names + [e for ev in events for e in ev]}, f)
 
 
@@ -252,7 +277,7 @@ def report(job, args, title, emitter, partition, stats, lines, logits, cache, tt
     t0 = time.perf_counter()
     tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1)[0].tolist()
     tpot = (time.perf_counter() - t0) / max(1, len(tokens) - 1)
-    print(f"{title}: {job.size} ranks, {job.name}, {C} prompt tokens, {args.dtype} on {job.device}")
+    print(f"{title}: {job.size} rank{'s' * (job.size != 1)}, {job.name}, {C} prompt tokens, {args.dtype} on {job.device}")
     for line in lines + [f"decode: {tpot * 1e3:.2f} ms per output token after the first"]:
         print(line)
     print(f"transport: {job.transport.path}; waits: "
@@ -261,6 +286,7 @@ def report(job, args, title, emitter, partition, stats, lines, logits, cache, tt
     print(f"tokens: {tokens}", flush=True)
     if job.tokenizer:
         print(f"text ({job.tokenizer.name}): {job.tokenizer.decode(job.tokens[0].tolist() + tokens)}", flush=True)
-    if args.save:
-        torch.save(dict(logits=logits.cpu(), past_key_values=prompt_kv, partition=partition, ttft_s=ttft,
-                        first_token=tokens[0], generated_ids=tokens, messages=stats), args.save)
+    if args.save:                                      # whole or not at all, even if the job is killed
+        with replace_whole(args.save) as tmp:
+            torch.save(dict(logits=logits.cpu(), past_key_values=prompt_kv, partition=partition, ttft_s=ttft,
+                            first_token=tokens[0], generated_ids=tokens, messages=stats), tmp)

@@ -12,10 +12,13 @@ layers. The last rank ends with the whole prompt's cache, emits the first token,
 import sys
 import time
 
+import choose
 import cli
 
 if __name__ == "__main__":                             # --help and bad options answer before torch loads
     ARGS = cli.runahead().parse_args()
+    cli.check_early(ARGS, lambda C, p: choose.explain(ARGS.partition, C, p)
+                    if ARGS.partition not in ("searched", "predicted") else None)
 
 import torch  # noqa: E402
 
@@ -74,7 +77,7 @@ def prefill(job, c, decode_room=0, math_path=False):
 
 
 def main(args):
-    job = setup(args, prepare=lambda job: pick_partition(job, args.partition))
+    job = setup(args, prepare=lambda job: pick_partition(job, args.partition, args.recalibrate))
     if args.search_live:
         with abort_on_error(job.comm):
             live_search(job, args, prefill)

@@ -146,6 +146,23 @@ class Transport:
         self._start_sends()
         self.wait(self.comm.Ibarrier())
 
+    def agree(self, decide, root=0):
+        """Collective: `decide()` runs on the root rank alone, and every rank returns its value or
+        raises its error (as ValueError, same message). Whatever one rank reads or computes for all
+        (a cache file, a search) goes through here, so that an error there cannot leave the other
+        ranks waiting in a broadcast for an answer that will never come."""
+        answer = None
+        if self.rank == root:
+            try:
+                answer = True, decide()
+            except Exception as e:
+                answer = False, (str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}")
+        self.barrier()                                 # wait politely, not in bcast's spin
+        ok, value = self.comm.bcast(answer, root=root)
+        if not ok:
+            raise ValueError(value)
+        return value
+
     def wait(self, req):
         if self.polite:
             while not req.Test():

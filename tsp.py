@@ -14,15 +14,16 @@ import sys
 import time
 
 import cli
+from partition import tsp_layout
 
 if __name__ == "__main__":                             # --help and bad options answer before torch loads
     ARGS = cli.tsp().parse_args()
+    cli.check_early(ARGS, lambda C, p: tsp_layout(C, p, ARGS.zigzag))
 
 import torch  # noqa: E402
 
 from generate import sync  # noqa: E402
 from kvcache import KVCache, bytes_per_token  # noqa: E402
-from partition import tsp_layout  # noqa: E402
 from program import Done, abort_on_error, forward, report, setup  # noqa: E402
 
 

@@ -172,13 +172,15 @@ def _compute_label(layer, trace):
     return f"L{layer - 1}" if layer else ""
 
 
-def plot_timeline(trace_paths, titles, out_png):
+def plot_timeline(trace_paths, titles, out_png, ttfts=None):
     """One panel per Chrome-trace file (runahead.py/tsp.py --trace), one row per rank, a shared time axis.
 
     Spans are coloured by name: compute, recv, send, allgather (program.Trace). A compute span runs
     from one K/V exchange to the next, so the one before layer l's exchange holds layer l-1's
     attention and MLP: wide ones are labelled that way (L0, L1, ..., last: L{n-1}+head). Each
-    panel's title gets the time each rank's last span ends.
+    panel's title gets the time each rank's last span ends. What the picture shows is written
+    beside it as JSON (<out>.json: per panel, each rank's spans by name and layer, when each rank
+    finishes, and the TTFT): tests/test_readme.py holds the README and today's code to it.
     """
     traces = [read_trace(p) for p in trace_paths]
     ranks = max(len(t) for t in traces)
@@ -202,6 +204,12 @@ def plot_timeline(trace_paths, titles, out_png):
         ax.set_title(f"{title}: ranks finish at {' / '.join(f'{e:.0f}' for e in ends)} ms", fontsize=9, loc="left")
         ax.axvline(end, color="black", lw=0.8, ls=":")
         ax.grid(axis="x", alpha=0.3)
+    panels = [dict(title=title, ttft_ms=ttft, finish_ms=[round(max(s + d for _, _, s, d in spans), 1)
+                                                        for _, spans in sorted(trace.items())],
+                   spans={r: [[n, l] for n, l, _, _ in spans] for r, spans in sorted(trace.items())})
+              for trace, title, ttft in zip(traces, titles, ttfts or [None] * len(traces))]
+    with cli.replace_whole(os.path.splitext(out_png)[0] + ".json") as tmp, open(tmp, "w") as f:
+        json.dump(dict(panels=panels), f, indent=1)
     axes[-1, 0].set_xlabel("ms since the barrier")
     handles = [Patch(facecolor=SPAN_COLORS[n], label=SPAN_MEANING[n]) for n in SPAN_COLORS if n in seen]
     fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
@@ -226,7 +234,7 @@ def draw_timeline(p, C, partitions, out_png, threads=1):
     """Run TSP, then KV-Runahead once per partition spec, each with --trace; draw them stacked."""
     cores = len(os.sched_getaffinity(0))
     common = ["--prompt-len", str(C), "--threads", str(threads), "--max-new-tokens", "1"]
-    paths, titles, ttfts = [], [], []
+    paths, titles, ttfts, lines = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, spec in enumerate([None] + partitions):
             paths.append(os.path.join(tmp, f"{i}.json"))
@@ -238,9 +246,10 @@ def draw_timeline(p, C, partitions, out_png, threads=1):
                 out = run_program(p, "runahead.py", common + ["--partition", spec, "--trace", paths[-1]])
                 c = re.search(r"^partition \([^)]*\): ([\d,]+)", out, re.M).group(1)
                 titles.append(f"KV-Runahead, partition {c}")
-            ttfts.append(f"{titles[-1].split(' (')[0]}: TTFT {ttft_ms(out):.0f} ms")
-        plot_timeline(paths, titles, out_png)
-    for line in ttfts:
+            ttfts.append(round(ttft_ms(out), 1))
+            lines.append(f"{titles[-1].split(' (')[0]}: TTFT {ttfts[-1]:.0f} ms")
+        plot_timeline(paths, titles, out_png, ttfts)
+    for line in lines:
         print(line)
 
 

@@ -93,7 +93,7 @@ def machine():
 def save(path, meta, rows):
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
+        with cli.replace_whole(path) as tmp, open(tmp, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
         print(f"wrote {path}")
 

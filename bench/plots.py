@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import cli  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DPI = 120
 
@@ -157,6 +159,7 @@ def rel(path):
 
 def save(fig, out_png):
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.savefig(out_png, dpi=DPI)
+    with cli.replace_whole(out_png) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
     plt.close(fig)
     print(f"wrote {rel(os.path.abspath(out_png))} ({os.path.getsize(out_png) // 1024} KB)")

@@ -208,7 +208,7 @@ def write_trace(replay, path):
     events += [dict(name=name, ph="X", pid=0, tid=r, args={"layer": layer}, ts=round(a * 1e6, 1),
                     dur=round((b - a) * 1e6, 1))
                for r, spans in enumerate(replay.timeline) for name, layer, a, b in spans]
-    with open(path, "w") as f:
+    with cli.replace_whole(path) as tmp, open(tmp, "w") as f:
         json.dump({"traceEvents": events}, f)
 
 
@@ -255,7 +255,7 @@ class KernelTable:
             ts.insert(0, tuple(map(min, t, ts[0])) if ts else t)
 
     def save(self, path):
-        with open(path, "w") as f:
+        with cli.replace_whole(path) as tmp, open(tmp, "w") as f:
             json.dump(dict(meta=self.meta, grid=[[c, P, *t] for (c, P), t in sorted(self.grid.items())]), f, indent=1)
 
     @classmethod

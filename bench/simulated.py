@@ -22,6 +22,7 @@ from collections import defaultdict
 
 import torch
 
+import choose
 import cli
 import partition
 import program
@@ -262,7 +263,7 @@ def validate(a):
         if a.measured_link:                            # the link bench/measured.py link measured on this route
             link = sim.Link(**next(iter(measured_links(a.measured_link, [a.route]).values())))
         else:                                          # the link the real run calibrated
-            cost = partition.load_calibration(key)
+            cost = choose.load_calibration(key)
             per_token = cost.comm_per_token / L if cost and cost.comm_per_token else 0.0
             link = sim.Link(bpt / per_token if per_token else 1e15, cost.latency / L if cost else 0.0)
         for r in real["rows"]:
@@ -297,7 +298,7 @@ def main(argv=None):
     pr.add_argument("--dtype", default="float16")
     pr.add_argument("--device", default="cuda")
     pr.add_argument("--fuse", action="store_true")
-    pr.add_argument("--graphs", action="store_true", help="--fuse, and CUDA graphs (Transformer.fuse)")
+    pr.add_argument("--graphs", action="store_true", help="--fuse, and CUDA graphs (fast.compiled.fuse)")
     pr.add_argument("--layers", type=cli.at_least(2), default=4, help="layers timed (identical layers: 4 stand for 32)")
     pr.add_argument("--C", nargs="+", type=cli.at_least(1), default=[1024, 2048, 4096, 8192, 12288, 16384])
     pr.add_argument("-p", nargs="+", type=cli.at_least(2), default=[2, 4, 8])

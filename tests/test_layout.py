@@ -140,7 +140,7 @@ def test_help_answers_before_torch_loads(script):
     (["bench/sim.py", "--ps", "2,0"], "argument --ps: 0 is out of range (at least 1)"),
     (["bench/sim.py", "--ps", "2,x"], "argument --ps: invalid comma-separated int value: '2,x'"),
     (["bench/profiling.py", "--layers", "1"], "argument --layers: 1 is out of range (at least 2)"),
-    (["partition.py", "even", "--C", "0", "-p", "2"], "argument --C: 0 is out of range (at least 1)"),
+    (["choose.py", "even", "--C", "0", "-p", "2"], "argument --C: 0 is out of range (at least 1)"),
     (["bench/measured.py", "ranks", "--repeats", "0"], "argument --repeats: 0 is out of range (at least 1)"),
     (["bench/simulated.py", "simulate", "x.json", "--jitter", "-1"], "argument --jitter: -1 is out of range (at least 0.0)"),
     (["bench/figures.py", "attention", "--C", "0"], "argument --C: 0 is out of range (at least 1)"),

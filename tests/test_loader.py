@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from kvcache import KVCache
-from load_weights import ConfigError, LoadError, load_model
+from load_weights import ConfigError, LoadError, load_model, load_tokenizer
 
 
 @pytest.fixture
@@ -183,3 +183,69 @@ def test_tied_config_with_stored_lm_head(checkpoint, tmp_path):
         logits = model(ids, KVCache(model.cfg, *ids.shape), 0)
     assert torch.equal(model.lm_head.weight, sd["lm_head.weight"])
     assert torch.equal(logits, ref)
+
+
+@pytest.mark.parametrize("files,fragment", [
+    ({"config.json": "[1, 2]"}, r"ckpt/config\.json: expected a JSON object of fields, got a list"),
+    ({"config.json": "{nope"}, r"ckpt/config\.json is not valid JSON"),
+    ({"model.safetensors.index.json": "{}"}, r"ckpt/model\.safetensors\.index\.json: no \"weight_map\""),
+    ({"model.safetensors.index.json": '{"weight_map": [1]}'}, r"index\.json: no \"weight_map\" of tensor name"),
+])
+def test_a_bad_checkpoint_file_is_named_with_its_problem(ckpt, files, fragment):
+    """Before, these ended as `'list' object has no attribute 'get'` or `'weight_map'`."""
+    d, _ = ckpt
+    for name, text in files.items():
+        (d / name).write_text(text)
+    with pytest.raises(LoadError, match=fragment):
+        load_model(str(d))
+
+
+def test_model_pointing_at_a_file_or_nowhere_says_so(ckpt, tmp_path):
+    d, _ = ckpt
+    with pytest.raises(LoadError, match=r"config\.json is a file: --model takes a checkpoint directory"):
+        load_model(str(d / "config.json"))                # before: Not a directory: .../config.json/config.json
+    with pytest.raises(LoadError, match=r"nowhere does not exist: --model takes a checkpoint directory"):
+        load_model(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("name,text,fragment", [
+    ("tokenizer.json", '{"model": {"type": "Nope"}}', r"tokenizer\.json: not a tokenizer the tokenizers library can read"),
+    ("tokenizer.model", "not a model", r"tokenizer\.model: not a SentencePiece model"),
+])
+def test_a_bad_tokenizer_is_named_with_its_problem(tmp_path, name, text, fragment):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(LoadError, match=fragment):
+        load_tokenizer(str(tmp_path))
+
+
+def test_safetensors_are_preferred_to_a_bin_beside_them(ckpt):
+    """As transformers reads a directory holding both: model.safetensors, not pytorch_model.bin
+    (here the .bin holds other weights, so reading it would change the logits)."""
+    d, sd = ckpt
+    torch.save({k: torch.randn_like(v) for k, v in sd.items()}, d / "pytorch_model.bin")
+    ids = tokens()
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()(ids).logits
+        model = load_model(str(d))
+        logits = model(ids, KVCache(model.cfg, *ids.shape), 0)
+    assert torch.equal(model.embed.weight, sd["model.embed_tokens.weight"])
+    assert torch.equal(logits, ref)
+
+
+def test_new_decoder_falcon_without_num_kv_heads_has_one_per_head(tmp_path):
+    """FalconConfig defaults num_kv_heads to the number of heads; a config that leaves it out must not
+    be read as one KV head. Bitwise against HF on the same checkpoint."""
+    from transformers import FalconConfig, FalconForCausalLM
+    torch.manual_seed(0)
+    hf = FalconForCausalLM(FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                                        new_decoder_architecture=True)).eval()
+    hf.save_pretrained(tmp_path)
+    cfg = json.load(open(tmp_path / "config.json"))
+    cfg.pop("num_kv_heads", None)
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    model = load_model(str(tmp_path))
+    assert model.cfg.n_kv_heads == 8
+    ids = tokens()
+    with torch.no_grad():
+        ref = FalconForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()(ids).logits
+        assert torch.equal(model(ids, KVCache(model.cfg, *ids.shape), 0), ref)

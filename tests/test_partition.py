@@ -11,6 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import calibrate  # noqa: E402
+import choose  # noqa: E402
 import partition as P  # noqa: E402
 
 
@@ -269,14 +270,14 @@ def test_table_round_trip(table, tmp_path):
 def test_choose(table, tmp_path):
     table.save(tmp_path / "t.json")
     t = str(tmp_path / "t.json")
-    assert P.choose("4,3,2", 9, 3) == [4, 3, 2]
-    assert P.choose("even", 10, 3) == [4, 3, 3]
-    assert P.choose("searched", 1000, 4, "m", table=t) == [400, 300, 200, 100]
-    assert P.choose("predicted", 1500, 4, "m", table=t) == P.predicted(1500, 4, table, "m")
+    assert choose.choose("4,3,2", 9, 3) == [4, 3, 2]
+    assert choose.choose("even", 10, 3) == [4, 3, 3]
+    assert choose.choose("searched", 1000, 4, "m", table=t) == [400, 300, 200, 100]
+    assert choose.choose("predicted", 1500, 4, "m", table=t) == P.predicted(1500, 4, table, "m")
     # by hand (test_predicted_interpolates_off_the_midpoint): C = 1250 is 1/4 of the way to 2000
-    assert P.choose("predicted", 1250, 4, "m", table=t) == [469, 375, 265, 141]
+    assert choose.choose("predicted", 1250, 4, "m", table=t) == [469, 375, 265, 141]
     m = P.CostModel(lin=1e-6, attn=1e-9)
-    assert P.choose("searched", 1500, 4, "m", t, m) == P.searched(1500, 4, m.ttft)
+    assert choose.choose("searched", 1500, 4, "m", t, m) == P.searched(1500, 4, m.ttft)
     # No table entry for p = 2: searched and predicted fall back to searching the cost model. By hand,
     # with attention only (lin 0, no links, head and fixed constant), a layer costs w0 = a c0^2 on
     # rank 0 and w1 = a c1 C on rank 1 (a = attn / L), and TTFT = w0 + w1 + (L-1) max(w0, w1)
@@ -286,21 +287,21 @@ def test_choose(table, tmp_path):
     # Of the two integers: c0 = 618: 618^2 = 381924 < 382 * 1000 = 382000, TTFT/a = 381924 + 382000 L;
     # c0 = 619: 619^2 = 383161 > 381000, TTFT/a = 383161 L + 381000, larger by 1161 L - 924 > 0.
     golden = P.CostModel(lin=0.0, attn=1e-9, comm_per_token=0.0, latency=0.0)
-    assert P.choose("searched", 1000, 2, "m", t, golden) == [618, 382]
-    assert P.choose("predicted", 1000, 2, "m", t, golden) == [618, 382]
+    assert choose.choose("searched", 1000, 2, "m", t, golden) == [618, 382]
+    assert choose.choose("predicted", 1000, 2, "m", t, golden) == [618, 382]
 
 
 def test_calibration_file_is_keyed_by_model(tmp_path):
     path = str(tmp_path / "cal.json")
     a, b = P.CostModel(lin=1e-6, attn=1e-9), P.CostModel(lin=2e-6, attn=0.0)
-    P.save_calibration("a", a, path)
-    P.save_calibration("b", b, path)
-    assert P.load_calibration("a", path) == a and P.load_calibration("b", path) == b
-    assert P.load_calibration("c", path) is None
+    choose.save_calibration("a", a, path)
+    choose.save_calibration("b", b, path)
+    assert choose.load_calibration("a", path) == a and choose.load_calibration("b", path) == b
+    assert choose.load_calibration("c", path) is None
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "partition.py"), *args],
+    return subprocess.run([sys.executable, os.path.join(ROOT, "choose.py"), *args],
                           capture_output=True, text=True, timeout=60)
 
 

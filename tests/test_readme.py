@@ -16,6 +16,7 @@ lines that are only `...` marking gaps, must appear in the file in that order, e
 contiguous and with the same indentation relative to its first line.
 """
 import functools
+import json
 import os
 import re
 import shutil
@@ -26,9 +27,12 @@ import time
 
 import pytest
 
+from bench.figures import read_trace
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 _sibling = os.path.join(os.path.dirname(sys.executable), "mpirun")
+MPIRUN = _sibling if os.path.exists(_sibling) else "mpirun"
 NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?"
 
 
@@ -165,3 +169,33 @@ def test_wildcards():
     assert accounts_for(["a", "...", "d"], ["a", "b", "c", "d"]) and accounts_for(["...", "b"], ["a", "b"])
     assert not accounts_for(["a", "d"], ["a", "b", "d"])            # a line left out without `...`
     assert not accounts_for(["b", "a"], ["a", "b"]) and not accounts_for(["a", "a"], ["a"])
+
+
+# ----------------------------------------------------------------------------- the pictures
+
+TIMELINE = os.path.join(ROOT, "figures", "timeline.json")     # what figures/timeline.png shows
+
+
+def test_the_timeline_figures_quoted_are_the_pictures():
+    """Section 5 quotes the TTFTs of the three runs figures/timeline.png draws."""
+    tsp, even, front = (round(p["ttft_ms"]) for p in json.load(open(TIMELINE))["panels"])
+    text = " ".join(open(README).read().split())
+    assert f"its finish is the TTFT: {even} ms in this run, against {tsp} ms for TSP's emitting rank" in text
+    assert f"takes queries off the ranks that see the most keys: {front} ms" in text
+
+
+def test_the_timeline_picture_shows_what_todays_code_records(tmp_path):
+    """The runs the picture draws, again today on fewer tokens (the spans a rank records do not
+    depend on the length), record the same spans, rank by rank: name and layer, in order. A change
+    to what a rank computes or exchanges (a rank that no longer stops after its last send, say)
+    fails here until the picture is redrawn (python -m bench.figures timeline)."""
+    panels = json.load(open(TIMELINE))["panels"]
+    C, runs = 96, [("tsp.py", []), ("runahead.py", ["--partition", "even"]), ("runahead.py", ["--partition", "40,32,24"])]
+    for panel, (script, extra) in zip(panels, runs, strict=True):
+        trace = tmp_path / f"{len(extra)}{script}.json"
+        r = subprocess.run([MPIRUN, "-n", "3", sys.executable, script, "--prompt-len", str(C), "--threads", "1",
+                            "--max-new-tokens", "1", "--trace", str(trace), *extra], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        today = {str(rank): [[n, layer] for n, layer, _, _ in spans] for rank, spans in read_trace(trace).items()}
+        assert today == panel["spans"], panel["title"]

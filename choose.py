@@ -1,0 +1,111 @@
+"""Which partition a run takes: given, even, or searched/predicted from what this machine measured
+(the caches) or the cost model; and where the caches live. No torch, no MPI:
+
+    python choose.py searched --C 16384 -p 4       # stderr says where the partition came from
+
+The caches are a folder of the user's ($KVR_CACHE, else $XDG_CACHE_HOME/kvrunahead, else
+~/.cache/kvrunahead): calibration.json, the cost models calibrate.py fitted, and partitions.json,
+the partitions --search-live measured. A file that cannot be read as what it holds is a ValueError
+naming it; both are written whole or not at all.
+"""
+import json
+import os
+import sys
+from dataclasses import asdict
+
+import cli
+import partition
+
+
+def cache_dir():
+    """Where the caches live: $KVR_CACHE, else $XDG_CACHE_HOME/kvrunahead, else ~/.cache/kvrunahead."""
+    return os.environ.get("KVR_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser(os.path.join("~", ".cache")), "kvrunahead")
+
+
+def table_path():
+    """Searched partitions, {model: {p: {C: c}}}: --search-live writes them, searched/predicted read them."""
+    return os.path.join(cache_dir(), "partitions.json")
+
+
+def calibration_path():
+    """Cost models calibrated on this machine, {model: CostModel fields}."""
+    return os.path.join(cache_dir(), "calibration.json")
+
+
+def load_calibration(model, path=None):
+    """The CostModel calibrated for `model` on this machine, or None."""
+    path = path or calibration_path()
+    if not os.path.exists(path):
+        return None
+    saved = cli.read_json(path)
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a set of calibrations ({{model: cost model}})")
+    return partition.CostModel.from_dict(saved[model], f"{path}: entry {model!r}") if model in saved else None
+
+
+def save_calibration(model, cost, path=None):
+    path = path or calibration_path()
+    saved = cli.read_json(path) if os.path.exists(path) else {}
+    saved[model] = asdict(cost)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with cli.replace_whole(path) as tmp, open(tmp, "w") as f:
+        json.dump(saved, f, indent=1)
+
+
+# ----------------------------------------------------------------------------- choosing one
+
+
+def choose(spec, C, p, model="", table=None, cost=None):
+    """The partition to run: spec is even | searched | predicted | 'c0,c1,...' (runahead.py)."""
+    return explain(spec, C, p, model, table, cost)[0]
+
+
+def explain(spec, C, p, model="", table=None, cost=None):
+    """(partition, where it came from), as choose picks it.
+
+    searched and predicted answer in seconds: a table entry for (model, p, C) if there is one;
+    for predicted, else an interpolation of the table's entries for (model, p); else a search
+    on the cost model: `cost`, else the model's calibration, else CostModel()'s documented defaults.
+    """
+    if spec not in ("even", "searched", "predicted"):
+        return partition.parse(spec, C, p), "given"
+    if spec == "even":
+        return partition.even(C, p), "even split"
+    table = table or (table_path() if os.path.exists(table_path()) else None)
+    t = partition.Table.load(table) if table else partition.Table()
+    if t.get(model, p, C):
+        return list(t.get(model, p, C)), f"table {table}"
+    if spec == "predicted" and t.contexts(model, p):
+        return partition.predicted(C, p, t, model), f"interpolated from table {table}"
+    source = "given cost model" if cost else "calibration of " + model
+    cost = cost or load_calibration(model)
+    if cost is None:
+        cost, source = partition.CostModel(), "CostModel() defaults (H100, uncalibrated)"
+    c = partition.searched(C, p, cost.ttft)
+    how = "searched" if spec == "searched" else f"predicted: no table entry for {p} ranks, so searched"
+    return c, (f"{how} on {source}: predicted TTFT {cost.ttft(c):.4g} s, "
+               f"even split {cost.ttft(partition.even(C, p)):.4g} s, TSP {cost.ttft_tsp(C, p):.4g} s")
+
+
+def main(argv=None):
+    ap = cli.Parser(description="Print a partition c0,c1,... of C prompt tokens over p "
+                                "ranks; stderr says where it came from.")
+    ap.add_argument("how", choices=["even", "searched", "predicted"])
+    ap.add_argument("--C", type=cli.at_least(1), required=True, help="prompt tokens")
+    ap.add_argument("-p", type=cli.at_least(1), required=True, help="ranks")
+    ap.add_argument("--table", help=f"lookup table JSON of searched partitions (default: {table_path()} if present)")
+    ap.add_argument("--model", default="", help="model name in the table (runahead.py's job.model_key)")
+    ap.add_argument("--cost", help=f"CostModel JSON (default: --model's entry in {calibration_path()}, "
+                                   "else CostModel() defaults)")
+    a = ap.parse_args(argv)
+    try:
+        c, source = explain(a.how, a.C, a.p, a.model, a.table, a.cost and partition.CostModel.load(a.cost))
+    except (OSError, ValueError) as e:
+        sys.exit(f"choose.py: {e}")
+    print(f"# {source}", file=sys.stderr)
+    print(",".join(map(str, c)))
+
+
+if __name__ == "__main__":
+    main()
