@@ -174,6 +174,9 @@ def test_kvcache_len_overflow_reset():
     assert len(cache) == 0 and cache.layer(0)[0].shape[2] == 0
     k, _ = cache.update(0, *kv(4, 7))
     assert torch.equal(k, torch.full((1, 2, 4, 8), 7.0))
+    with pytest.raises(ValueError, match=r"holds 5 tokens; 4 \+ 2 do not fit"):  # a chunk that starts
+        cache.update(0, *kv(2, 8))                                         # inside but ends past it
+    assert cache.layer(0)[0].shape[2] == 4
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "falcon_7b", "falcon_40b", "falcon_rw"])

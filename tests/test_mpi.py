@@ -3,18 +3,21 @@
 Claims, each tested below:
 - bitwise: KV-Runahead on p ranks with partition c does the same arithmetic as one process
   prefilling the chunks c in order through a KV cache, so logits, the whole cache and the generated
-  tokens are torch.equal (every rank and the reference run one thread);
+  tokens are torch.equal (every rank and the reference run one thread); so does TSP (plain and
+  zigzag) against one process running the same chunks layer by layer with the gathered K/V;
 - against HF (tolerance: TSP's dense masked attention and HF's one-shot prefill round differently):
   KV-Runahead, TSP and zigzag TSP in float64 within 1e-10 and float32 within 1e-5;
 - messages: per layer each chain rank sends once and receives once, TSP all-gathers once, and the
   bytes are the paper's formulas for the partition used;
+- no dead work: a rank that does not emit the first token never runs the final norm or the LM head;
 - failures: bad input exits non-zero on every rank with one line; a dead rank ends the job.
+
+The runs of the programs go through tests/harness.py: one `mpirun` job per rank count runs every
+case of that count through the program's own `main`, so each case costs its work, not a job's start.
 """
-import glob
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +29,8 @@ import torch
 from generate import decode
 from kvcache import KVCache
 from load_weights import load_model
-from partition import chain_kv_tokens, tsp_kv_tokens
+from model import builtin, rope, rope_inv_freq
+from partition import chain_kv_tokens, tsp_kv_tokens, tsp_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _here = os.path.join(os.path.dirname(sys.executable), "mpirun")
@@ -39,7 +43,8 @@ def mpirun(n, script, *args, timeout=180):
 
 
 def run_saved(tmp_path, n, script, *args):
-    out = tmp_path / f"{script}-{n}-{abs(hash(args))}.pt"
+    """A job of its own, and what its emitting rank saved (tests/test_smollm2.py's text runs)."""
+    out = tmp_path / f"{script}-{n}.pt"
     r = mpirun(n, script, *args, "--save", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     return torch.load(out), r.stdout
@@ -68,7 +73,7 @@ def hf_model(kind, dtype):
     return m.to(dtype).eval()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     dirs = {}
     for kind in ("llama_gqa", "falcon7b", "falcon40b", "llama_dynamic"):
@@ -80,6 +85,85 @@ def checkpoints(tmp_path_factory):
 
 PROMPT = torch.randint(3, 256, (1, 23), generator=torch.Generator().manual_seed(7))
 IDS = ",".join(map(str, PROMPT[0].tolist()))
+LONG = 3000          # a realistic length: one layer's K/V of the built-in model is 1.5 MB, past MPI's eager limit
+
+
+# ---------------------------------------------------------------- the cases, run by tests/harness.py
+
+CASES = {}           # id -> (ranks, program, args); {model} in args is a checkpoint's directory
+
+
+def case(id, n, program, *args, trace=False):
+    CASES[id] = (n, program, ["--threads", "1", *args], trace)
+    return id
+
+
+def _partition(c):
+    return ",".join(map(str, c))
+
+
+BITWISE = [("llama_gqa", [23]), ("falcon7b", [23]), ("llama_gqa", [12, 11]), ("falcon7b", [1, 22]),
+           ("llama_gqa", [10, 7, 6]), ("falcon40b", [8, 8, 7]), ("falcon7b", [6, 6, 6, 5]),
+           ("llama_gqa", [1, 1, 20, 1]), ("llama_gqa", [3, 3, 3, 3, 3, 3, 3, 2]),
+           ("falcon7b", [9, 5, 3, 2, 1, 1, 1, 1])]
+for arch, c in BITWISE:
+    case(f"bitwise-{arch}-{_partition(c)}", len(c), "runahead.py", "--model", "{%s}" % arch, "--prompt-ids", IDS,
+         "--partition", _partition(c), "--max-new-tokens", "5")
+case("bitwise-long-chain", 3, "runahead.py", "--prompt-len", str(LONG), "--partition", "1200,1000,800",
+     "--max-new-tokens", "3")
+for n, zigzag in [(3, False), (4, True), (2, False)]:
+    case(f"bitwise-tsp-{n}{'-zigzag' * zigzag}", n, "tsp.py", "--model", "{llama_gqa}", "--prompt-ids", IDS,
+         "--max-new-tokens", "4", *["--zigzag"] * zigzag)
+case("bitwise-long-tsp", 2, "tsp.py", "--prompt-len", str(LONG), "--max-new-tokens", "3")
+
+HF_RUNS = [("runahead.py", 5, ["--partition", "1,9,6,6,1"]), ("runahead.py", 8, ["--partition", "even"]),
+           ("tsp.py", 3, []), ("tsp.py", 7, []), ("tsp.py", 4, ["--zigzag"])]
+for program, n, extra in HF_RUNS:
+    for arch in ("llama_gqa", "falcon7b", "falcon40b"):
+        for dtype in ("float64", "float32"):
+            case(f"hf-{program[:-3]}-{n}-{arch}-{dtype}", n, program, "--model", "{%s}" % arch, "--prompt-ids", IDS,
+                 "--dtype", dtype, "--max-new-tokens", "6", *extra)
+DYNAMIC = [("runahead.py", ["--partition", "5,11,7"]), ("tsp.py", []), ("tsp.py", ["--zigzag"])]
+for program, extra in DYNAMIC:
+    case(f"dynamic-{program[:-3]}{'-zigzag' * bool(extra and program == 'tsp.py')}", 3, program, "--model",
+         "{llama_dynamic}", "--prompt-ids", IDS, "--dtype", "float64", *extra)
+for c in ([5, 9, 6, 3], [23], [1, 22]):
+    case(f"chain-messages-{_partition(c)}", len(c), "runahead.py", "--model", "{llama_gqa}", "--prompt-ids", IDS,
+         "--partition", _partition(c))
+for n, zigzag in [(3, False), (4, True)]:
+    case(f"tsp-messages-{n}{'-zigzag' * zigzag}", n, "tsp.py", "--model", "{llama_gqa}", "--prompt-ids", IDS,
+         *["--zigzag"] * zigzag)
+for program, extra in [("runahead.py", ["--partition", "9,8,6"]), ("tsp.py", []), ("tsp.py", ["--zigzag"])]:
+    case(f"dead-work-{program[:-3]}{'-zigzag' * bool(extra and program == 'tsp.py')}", 3, program, "--model",
+         "{llama_gqa}", "--prompt-ids", IDS, "--max-new-tokens", "3", *extra, trace=True)
+
+
+@pytest.fixture(scope="session")
+def harness(checkpoints, tmp_path_factory):
+    """run(case id) -> (what the emitting rank saved, every rank's record, the trace or None). The
+    first call for a rank count runs every case of that count in one job."""
+    jobs = {}
+
+    def run(id):
+        n = CASES[id][0]
+        if n not in jobs:
+            out = tmp_path_factory.mktemp(f"ranks{n}")
+            mine = [dict(id=i, program=p, args=[a.format(**checkpoints) for a in args], trace=t)
+                    for i, (m, p, args, t) in CASES.items() if m == n]
+            (out / "cases.json").write_text(json.dumps(mine))
+            r = subprocess.run([MPIRUN, "-n", str(n), sys.executable, os.path.join(ROOT, "tests", "harness.py"),
+                                str(out / "cases.json"), str(out)], cwd=ROOT, capture_output=True, text=True,
+                               timeout=600)
+            jobs[n] = out, r
+        out, r = jobs[n]
+        if not (out / f"{id}.pt").exists():
+            died = re.findall(r"^case (\S+)$", r.stderr, re.M)
+            pytest.fail(f"case {id} has no result: the {n}-rank job exited {r.returncode} in case "
+                        f"{died[-1] if died else '?'}; its output ends:\n{r.stderr[-3000:]}")
+        ranks = [json.loads((out / f"{id}.rank{i}.json").read_text()) for i in range(n)]
+        trace = json.loads((out / f"{id}.json").read_text()) if CASES[id][3] else None
+        return torch.load(out / f"{id}.pt"), ranks, trace
+    return run
 
 
 def chunked_reference(model, tokens, c, new_tokens):
@@ -97,54 +181,116 @@ def chunked_reference(model, tokens, c, new_tokens):
     return logits, kv, gen
 
 
-# ---------------------------------------------------------------- bitwise against one process
+class Gathered:
+    """The K/V exchange of a TSP rank with the all-gather already done: every layer's K/V of all C
+    positions, in position order."""
 
-@pytest.mark.parametrize("arch,c", [
-    ("llama_gqa", [23]), ("falcon7b", [23]),
-    ("llama_gqa", [12, 11]), ("falcon7b", [1, 22]),
-    ("llama_gqa", [10, 7, 6]), ("falcon40b", [8, 8, 7]),
-    ("falcon7b", [6, 6, 6, 5]), ("llama_gqa", [1, 1, 20, 1]),
-    ("llama_gqa", [3, 3, 3, 3, 3, 3, 3, 2]), ("falcon7b", [9, 5, 3, 2, 1, 1, 1, 1]),
-])
-def test_runahead_is_bitwise_chunked_prefill(tmp_path, checkpoints, arch, c):
-    """torch.equal: same chunks, same ops, same thread count -> same bits, logits and whole cache."""
-    d, _ = run_saved(tmp_path, len(c), "runahead.py", "--model", checkpoints[arch], "--prompt-ids", IDS,
-                     "--partition", ",".join(map(str, c)), "--max-new-tokens", "5")
-    logits, kv, gen = chunked_reference(load_model(checkpoints[arch]), PROMPT, c, 5)
-    assert d["partition"] == c
+    def __init__(self, kv, dense):
+        self.kv, self.dense = kv, dense
+
+    def update(self, layer, k, v):
+        return self.kv[layer]
+
+
+def tsp_reference(model, tokens, p, zigzag, new_tokens):
+    """One process doing TSP's arithmetic: layer by layer, every rank's chunk through `pre`, their K/V
+    concatenated in rank order (and put in position order), every chunk's attention and `post`;
+    then the emitting rank's last position, and decoding from the gathered cache."""
+    torch.set_num_threads(1)
+    cfg, C = model.cfg, tokens.shape[1]
+    spans, emitter = tsp_layout(C, p, zigzag)
+    positions = torch.cat([torch.arange(a, a + n) for s in spans for a, n in s])
+    order = positions.argsort() if zigzag else None
+    inv = rope_inv_freq(cfg, C)
+    with torch.no_grad():
+        xs = [model.embed(torch.cat([tokens[:, a:a + n] for a, n in s], dim=1)) for s in spans]
+        rot = [rope(torch.cat([torch.arange(a, a + n) for a, n in s]), inv, xs[0].dtype) for s in spans]
+        cache = KVCache(cfg, 1, C + new_tokens, xs[0].dtype)
+        for layer, block in enumerate(model.layers):
+            pre = [block.pre(x, cs) for x, cs in zip(xs, rot)]
+            kv = torch.cat([torch.stack((k, v)) for _, _, k, v in pre], dim=3)
+            kv = kv if order is None else kv[:, :, :, order]
+            mine = Gathered({layer: cache.update(layer, kv[0], kv[1])}, dense=not zigzag)   # the emitter's
+            theirs = Gathered({layer: (kv[0], kv[1])}, dense=not zigzag)                   # the others'
+            xs = [block.post(x, h, block.attn(q, k, v, mine if r == emitter else theirs, s, False))
+                  for r, (x, (h, q, k, v), s) in enumerate(zip(xs, pre, spans))]
+        logits = model.lm_head(model.norm(xs[emitter][:, -1:]))[0, -1]
+        kv = [tuple(t.clone() for t in cache.layer(i)) for i in range(cfg.n_layers)]
+        gen = decode(model, logits.argmax().view(1, 1), cache, new_tokens - 1)[0].tolist()
+    return logits, kv, gen
+
+
+def assert_equal_run(d, logits, kv, gen):
     assert torch.equal(d["logits"], logits)
-    assert len(d["past_key_values"]) == len(kv) == 2   # hf_model's 2 layers: none left out of the zip
+    assert len(d["past_key_values"]) == len(kv)
     for (k, v), (rk, rv) in zip(d["past_key_values"], kv, strict=True):
-        assert k.shape == (1, load_model(checkpoints[arch]).cfg.n_kv_heads, 23, 8)
         assert torch.equal(k, rk) and torch.equal(v, rv)
     assert d["generated_ids"] == gen and d["first_token"] == gen[0]
 
 
+# ---------------------------------------------------------------- bitwise against one process
+
+@pytest.mark.parametrize("arch,c", BITWISE)
+def test_runahead_is_bitwise_chunked_prefill(harness, checkpoints, arch, c):
+    """torch.equal: same chunks, same ops, same thread count -> same bits, logits and whole cache."""
+    d, _, _ = harness(f"bitwise-{arch}-{_partition(c)}")
+    model = load_model(checkpoints[arch])
+    logits, kv, gen = chunked_reference(model, PROMPT, c, 5)
+    assert d["partition"] == c
+    assert len(kv) == 2 and all(k.shape == (1, model.cfg.n_kv_heads, 23, 8) for k, _ in d["past_key_values"])
+    assert_equal_run(d, logits, kv, gen)
+
+
+def test_runahead_is_bitwise_at_a_realistic_length(harness):
+    """3000 tokens on 3 ranks: each layer's message is 0.6 to 1.1 MB, past MPI's eager limit, so a
+    send completes only when its receiver takes it; still torch.equal to the chunked prefill."""
+    d, _, _ = harness("bitwise-long-chain")
+    tokens = torch.randint(3, 1024, (1, LONG), generator=torch.Generator().manual_seed(0))
+    assert_equal_run(d, *chunked_reference(builtin("llama"), tokens, [1200, 1000, 800], 3))
+    assert d["messages"][0]["bytes_sent"] == 4 * 1200 * 512  # 4 layers, 512 bytes of K/V a token
+
+
+@pytest.mark.parametrize("n,zigzag", [(3, False), (4, True), (2, False)])
+def test_tsp_is_bitwise_one_process_doing_its_arithmetic(harness, checkpoints, n, zigzag):
+    """torch.equal: TSP on n ranks is each rank's chunk through the same ops as one process running
+    the chunks layer by layer with the gathered K/V (the all-gather moves bytes, it computes nothing);
+    dense masked attention for plain TSP, causal blocks for zigzag, so a swapped `dense` shows here."""
+    d, _, _ = harness(f"bitwise-tsp-{n}{'-zigzag' * zigzag}")
+    assert_equal_run(d, *tsp_reference(load_model(checkpoints["llama_gqa"]), PROMPT, n, zigzag, 4))
+
+
+def test_tsp_is_bitwise_at_a_realistic_length(harness):
+    d, _, _ = harness("bitwise-long-tsp")
+    tokens = torch.randint(3, 1024, (1, LONG), generator=torch.Generator().manual_seed(0))
+    assert_equal_run(d, *tsp_reference(builtin("llama"), tokens, 2, False, 3))
+    assert d["messages"][0]["bytes_recv"] == 4 * 1500 * 512
+
+
 # ---------------------------------------------------------------- against Hugging Face
 
-def hf_prefill(checkpoint, kind, dtype, new_tokens):
-    from transformers import AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
-    with torch.no_grad():
-        out = m(PROMPT, use_cache=True)
-        gen = m.generate(PROMPT, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    return out.logits[0, -1], [(l.keys, l.values) for l in out.cache.layers], gen[0, PROMPT.shape[1]:].tolist()
+_HF = {}
+
+
+def hf_prefill(checkpoint, dtype, new_tokens):
+    """HF's one-shot prefill of PROMPT (last logits, cache) and its greedy tokens; computed once."""
+    if (checkpoint, dtype, new_tokens) not in _HF:
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
+        with torch.no_grad():
+            out = m(PROMPT, use_cache=True)
+            gen = m.generate(PROMPT, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        _HF[checkpoint, dtype, new_tokens] = (out.logits[0, -1], [(l.keys, l.values) for l in out.cache.layers],
+                                              gen[0, PROMPT.shape[1]:].tolist())
+    return _HF[checkpoint, dtype, new_tokens]
 
 
 @pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
 @pytest.mark.parametrize("arch", ["llama_gqa", "falcon7b", "falcon40b"])
-@pytest.mark.parametrize("program,n,extra", [
-    ("runahead.py", 5, ["--partition", "1,9,6,6,1"]),
-    ("runahead.py", 8, ["--partition", "even"]),
-    ("tsp.py", 3, []),
-    ("tsp.py", 7, []),
-    ("tsp.py", 4, ["--zigzag"]),
-])
-def test_matches_hf(tmp_path, checkpoints, arch, dtype, tol, program, n, extra):
+@pytest.mark.parametrize("program,n,extra", HF_RUNS)
+def test_matches_hf(harness, checkpoints, arch, dtype, tol, program, n, extra):
     """assert_close at 1e-10 (fp64) / 1e-5 (fp32): logits, whole KV cache, and generate's tokens."""
-    d, _ = run_saved(tmp_path, n, program, "--model", checkpoints[arch], "--prompt-ids", IDS,
-                     "--dtype", dtype, "--max-new-tokens", "6", *extra)
-    logits, kv, gen = hf_prefill(checkpoints[arch], arch, getattr(torch, dtype), 6)
+    d, _, _ = harness(f"hf-{program[:-3]}-{n}-{arch}-{dtype}")
+    logits, kv, gen = hf_prefill(checkpoints[arch], getattr(torch, dtype), 6)
     torch.testing.assert_close(d["logits"], logits, atol=tol, rtol=0)
     assert len(d["past_key_values"]) == len(kv) == 2
     for (k, v), (hk, hv) in zip(d["past_key_values"], kv, strict=True):
@@ -154,19 +300,16 @@ def test_matches_hf(tmp_path, checkpoints, arch, dtype, tol, program, n, extra):
     assert d["generated_ids"] == gen
 
 
-@pytest.mark.parametrize("program,extra", [("runahead.py", ["--partition", "5,11,7"]), ("tsp.py", []),
-                                           ("tsp.py", ["--zigzag"])])
-def test_dynamic_rope_stretched_for_the_whole_prompt(tmp_path, checkpoints, program, extra):
+@pytest.mark.parametrize("program,extra", DYNAMIC)
+def test_dynamic_rope_stretched_for_the_whole_prompt(harness, checkpoints, program, extra):
     """Dynamic NTK RoPE stretches its base for the prompt's length (23 > max_pos 16). Every rank must
     use the whole prompt's base, not its own last position's, to give HF's one-shot prefill (fp64)."""
-    d, out = run_saved(tmp_path, 3, program, "--model", checkpoints["llama_dynamic"], "--prompt-ids", IDS,
-                       "--dtype", "float64", *extra)
+    d, _, _ = harness(f"dynamic-{program[:-3]}{'-zigzag' * bool(extra and program == 'tsp.py')}")
     # the run is the one asked for: 23 tokens on 3 ranks as 5,11,7; TSP's even 8,8,7; zigzag's
     # 6 chunks of even(23, 6) = 4,4,4,4,4,3, rank r holding chunks r and 5-r: 4+3, 4+4, 4+4
     want = {"runahead.py": [5, 11, 7], "tsp.py": [7, 8, 8] if extra else [8, 8, 7]}[program]
     assert d["partition"] == want
-    assert ("TSP (zigzag):" in out) == ("--zigzag" in extra)
-    logits, kv, _ = hf_prefill(checkpoints["llama_dynamic"], "llama", torch.float64, 1)
+    logits, kv, _ = hf_prefill(checkpoints["llama_dynamic"], torch.float64, 1)
     torch.testing.assert_close(d["logits"], logits, atol=1e-10, rtol=0)
     assert len(d["past_key_values"]) == len(kv) == 2
     for (k, v), (hk, hv) in zip(d["past_key_values"], kv, strict=True):
@@ -177,10 +320,9 @@ def test_dynamic_rope_stretched_for_the_whole_prompt(tmp_path, checkpoints, prog
 # ---------------------------------------------------------------- message accounting
 
 @pytest.mark.parametrize("c", [[5, 9, 6, 3], [23], [1, 22]])
-def test_chain_messages(tmp_path, checkpoints, c):
+def test_chain_messages(harness, c):
     """Each rank but the last sends once per layer, each but the first receives once; bytes = S_i."""
-    d, _ = run_saved(tmp_path, len(c), "runahead.py", "--model", checkpoints["llama_gqa"],
-                     "--prompt-ids", IDS, "--partition", ",".join(map(str, c)))
+    d, _, _ = harness(f"chain-messages-{_partition(c)}")
     L, per_token = 2, 2 * 2 * 8 * 4                    # layers; K+V x 2 KV heads x hs 8 x float32
     S = [sum(c[:i + 1]) for i in range(len(c))]
     assert d["partition"] == c and len(d["messages"]) == len(c)   # one record per rank
@@ -196,10 +338,9 @@ def test_chain_messages(tmp_path, checkpoints, c):
 
 
 @pytest.mark.parametrize("n,zigzag", [(3, False), (4, True)])
-def test_tsp_messages(tmp_path, checkpoints, n, zigzag):
+def test_tsp_messages(harness, n, zigzag):
     """One all-gather per layer (K and V together), no point-to-point; bytes = (p-1)/p of the cache."""
-    d, _ = run_saved(tmp_path, n, "tsp.py", "--model", checkpoints["llama_gqa"], "--prompt-ids", IDS,
-                     *(["--zigzag"] if zigzag else []))
+    d, _, _ = harness(f"tsp-messages-{n}{'-zigzag' * zigzag}")
     L, per_token = 2, 2 * 2 * 8 * 4
     # tokens per rank, by hand: even(23, 3) = 8,8,7; zigzag on 4 ranks: even(23, 8) = 3 x 7 then 2,
     # rank r holding chunks r and 7-r: 3+2, 3+3, 3+3, 3+3
@@ -212,6 +353,28 @@ def test_tsp_messages(tmp_path, checkpoints, n, zigzag):
     total = sum(m["bytes_recv"] for m in d["messages"])
     assert total == L * tsp_kv_tokens(23, n) * per_token // 2
     assert sum(m["bytes_sent"] for m in d["messages"]) == L * 23 * per_token   # the whole cache once
+
+
+# ---------------------------------------------------------------- no dead work
+
+@pytest.mark.parametrize("program,extra,emitter", [("runahead.py", ["--partition", "9,8,6"], 2), ("tsp.py", [], 2),
+                                                   ("tsp.py", ["--zigzag"], 0)])
+def test_no_dead_work_after_the_last_exchange(harness, program, extra, emitter):
+    """A rank that does not emit the first token stops at its last layer's K/V exchange: it never
+    runs the final norm (the harness counts every rank's calls), and its trace ends there; the
+    emitting rank runs the norm once for the prompt and once per decoded token (3 new tokens: 2
+    decode steps), and its trace ends with the head."""
+    d, ranks, trace = harness(f"dead-work-{program[:-3]}{'-zigzag' * bool(extra and program == 'tsp.py')}")
+    assert [r["norm_calls"] for r in ranks] == [3 if i == emitter else 0 for i in range(3)]
+    spans = {}
+    for e in trace["traceEvents"]:
+        if e.get("ph") == "X" and e["pid"] == 0:
+            spans.setdefault(e["tid"], []).append((e["ts"], e["name"], e["args"]["layer"]))
+    assert sorted(spans) == [0, 1, 2]
+    exchange = "send" if program == "runahead.py" else "allgather"
+    for rank, s in spans.items():
+        last = max(s)[1:]
+        assert last == (("compute", "head") if rank == emitter else (exchange, 1)), (rank, last)
 
 
 # ---------------------------------------------------------------- the command line and its failures
@@ -234,15 +397,17 @@ def test_searched_and_predicted_partitions_run(tmp_path):
 
 def test_live_search_measures_and_stores(tmp_path):
     """--search-live scores real prefills, stores the winner, and `searched` then reads it back."""
-    for f in glob.glob(os.path.join(ROOT, "*.py")):
-        shutil.copy(f, tmp_path)                       # its own table and calibration files
+    env = {**os.environ, "KVR_CACHE": str(tmp_path)}  # its own table and calibration files
     cmd = [MPIRUN, "-n", "2", sys.executable, "runahead.py", "--threads", "1", "--prompt-len", "64"]
-    r = subprocess.run(cmd + ["--search-live", "--repeats", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd + ["--search-live", "--repeats", "1"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     best = re.search(r"best (\d+(?:,\d+)+)", r.stdout).group(1)
     assert int(re.search(r"over (\d+) measured", r.stdout).group(1)) > 5
-    r = subprocess.run(cmd + ["--partition", "searched"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd + ["--partition", "searched"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=env)
     assert f"partition (searched): {best}  [table" in r.stdout, r.stdout + r.stderr
+    assert os.path.exists(tmp_path / "partitions.json")
 
 
 @pytest.mark.parametrize("n,args,message", [
@@ -314,22 +479,3 @@ def test_killed_rank_ends_the_job(tmp_path):
     t = time.time()
     p.communicate(timeout=60)
     assert p.returncode != 0 and time.time() - t < 30
-
-
-@pytest.mark.parametrize("program,extra,emitter", [("runahead.py", ["--partition", "9,8,6"], 2), ("tsp.py", [], 2),
-                                                   ("tsp.py", ["--zigzag"], 0)])
-def test_no_dead_work_after_the_last_exchange(tmp_path, checkpoints, program, extra, emitter):
-    """A rank that does not emit the first token stops at its last layer's K/V exchange: its trace ends
-    there (no attention, MLP, norm or LM head after it); the emitting rank's trace ends with the head."""
-    trace = tmp_path / "trace.json"
-    r = mpirun(3, program, "--model", checkpoints["llama_gqa"], "--prompt-ids", IDS, "--trace", str(trace), *extra)
-    assert r.returncode == 0, r.stderr
-    spans = {}
-    for e in json.load(open(trace))["traceEvents"]:
-        if e.get("ph") == "X" and e["pid"] == 0:
-            spans.setdefault(e["tid"], []).append((e["ts"], e["name"], e["args"]["layer"]))
-    assert sorted(spans) == [0, 1, 2]
-    exchange = "send" if program == "runahead.py" else "allgather"
-    for rank, s in spans.items():
-        last = max(s)[1:]
-        assert last == (("compute", "head") if rank == emitter else (exchange, 1)), (rank, last)

@@ -18,6 +18,8 @@ import zipfile
 
 import pytest
 import sentencepiece as spm
+import tokenizers
+import tokenizers.processors
 from transformers import AutoTokenizer
 
 from fetch_model import Wheel, download, wheels_dir
@@ -175,3 +177,17 @@ def test_load_tokenizer_picks_tokenizer_json_first(smollm2, tok_dir, tmp_path):
     assert isinstance(load_tokenizer(str(tmp_path)), SentencePieceTokenizer)
     shutil.copy(f"{smollm2}/tokenizer.json", tmp_path)
     assert isinstance(load_tokenizer(str(tmp_path)), JSONTokenizer)
+
+
+def test_a_tokenizer_json_whose_post_processor_adds_bos(smollm2, tmp_path):
+    """The file's own post-processor decides the special tokens, as AutoTokenizer has it: here one
+    that puts <|endoftext|> first, which an encode without special tokens would drop."""
+    tok = tokenizers.Tokenizer.from_file(f"{smollm2}/tokenizer.json")
+    bos = tok.token_to_id("<|endoftext|>")
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    ours, hf = load_tokenizer(str(tmp_path)), AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in ("Once upon a time", "KV-Runahead fills the cache"):
+        assert ours.encode(text) == hf(text)["input_ids"] and ours.encode(text)[0] == bos

@@ -10,9 +10,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
 
 
-def run(code, n=1, **env):
-    cmd = ([MPIRUN, "-n", str(n)] if n > 1 else []) + [sys.executable, "-c", code]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+# As the programs do: an exception on any rank ends the job (MPI Abort), so a failing check is a
+# failure at once, not a timeout while the other ranks wait for it.
+ABORT = ("import sys, transport\n"
+         "sys.excepthook = lambda *e: (sys.__excepthook__(*e), transport.MPI.COMM_WORLD.Abort(1))\n")
+
+
+def run(code, n=1, timeout=120, **env):
+    cmd = ([MPIRUN, "-n", str(n)] if n > 1 else []) + [sys.executable, "-c", ABORT + code]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
     assert r.returncode == 0, r.stderr
     return r.stdout
 
@@ -44,11 +50,12 @@ else:
     assert torch.equal(y, torch.arange(6, dtype=torch.float64).view(2, 3)), y
 g = t.allgather(x[:, :comm.rank + 1], [1, 2], dim=1)
 assert torch.equal(g, torch.cat([torch.arange(6.).view(2, 3)[:, :1], (torch.arange(6.).view(2, 3) + 10)[:, :2]], 1).double())
-print(comm.rank, t.stats)
+stats = comm.gather(t.stats, root=0)                 # one rank prints: no lines to interleave
+if comm.rank == 0:
+    print(stats)
 """
-    out = sorted(run(code, n=2).strip().splitlines())
-    assert out == ["0 {'sends': 1, 'recvs': 0, 'allgathers': 1, 'bytes_sent': 64, 'bytes_recv': 32}",
-                   "1 {'sends': 0, 'recvs': 1, 'allgathers': 1, 'bytes_sent': 32, 'bytes_recv': 64}"]
+    assert run(code, n=2).strip() == ("[{'sends': 1, 'recvs': 0, 'allgathers': 1, 'bytes_sent': 64, 'bytes_recv': 32}, "
+                                      "{'sends': 0, 'recvs': 1, 'allgathers': 1, 'bytes_sent': 32, 'bytes_recv': 64}]")
 
 
 def test_staged_protocol_through_shared_slots():
@@ -105,3 +112,65 @@ if r == 0:
     print(rows)
 """
     assert run(code, n=3).strip() == "[(5, 400), (5, 320), (5, 240)]"
+
+
+def test_a_receiver_acks_what_it_holds_before_it_blocks():
+    """The staged route's copies up finish when the GPU gets to them, not when they are queued: here
+    a copy is done only once synchronised. The receiver must pay the acks it owes (waiting for those
+    copies) before it blocks in a receive: rank 0 has two slots, so its third send waits for the ack
+    of its first, and a receiver that blocks still owing it would wait for ever (a timeout here)."""
+    code = """
+import torch
+from fast.staged import StagedTransport
+
+
+class Late:
+    \"\"\"A copy up that is done only once somebody waits for it (a GPU copy still in its queue).\"\"\"
+    def __init__(self):
+        self.done = False
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.done = True
+
+
+def up(self, host, out, name, layer):
+    out.copy_(host.view(out.dtype).view(out.shape))
+    return Late()
+
+
+StagedTransport._up = up
+comm, dev = transport.init('cpu')
+t = StagedTransport(comm, dev, polite=True)
+t.reserve(64 * 8 if comm.rank == 0 else 0)
+for layer in range(5):
+    if comm.rank == 0:
+        t.isend(torch.full((64,), float(layer), dtype=torch.float64), 1, tag=layer)
+    else:
+        assert torch.equal(t.recv((64,), torch.float64, 0, tag=layer), torch.full((64,), float(layer), dtype=torch.float64))
+t.barrier()
+if comm.rank == 1:
+    print("ok")
+"""
+    assert run(code, n=2, timeout=60).strip() == "ok"
+
+
+def test_a_polite_wait_leaves_the_core_to_the_ranks_that_compute():
+    """A rank waiting politely for 2 s costs little CPU time (it sleeps between polls); MPICH's own
+    blocking wait would spin the whole time."""
+    code = """
+import time, torch
+comm, dev = transport.init('cpu')
+t = transport.Transport(comm, dev, polite=True)
+if comm.rank == 0:
+    time.sleep(2.0)
+    t.isend(torch.ones(4), 1, tag=0)
+    t.finish()
+else:
+    cpu = time.process_time()
+    t.recv((4,), torch.float32, 0, tag=0)
+    print(f"{time.process_time() - cpu:.3f}")
+"""
+    assert float(run(code, n=2, timeout=60).strip()) < 0.5

@@ -1,0 +1,61 @@
+"""Many runs of runahead.py and tsp.py in one MPI job: the ranks start once, then run case after case.
+
+    mpirun -n P python tests/harness.py CASES.json OUT
+
+CASES.json lists cases, each {"id": ..., "program": "runahead.py" | "tsp.py", "args": [...]}: the
+program's own command line, run through its own `main` exactly as `mpirun -n P python PROGRAM ARGS`
+would run it, with `--save OUT/ID.pt` added (and `--trace OUT/ID.json` where the case asks for it).
+Starting the ranks and importing torch is most of what a small case costs, so tests/test_mpi.py
+launches one job per rank count instead of one per case. Every rank also writes OUT/ID.rankR.json:
+how often its model ran the final norm (a rank that does not emit the first token must not, once
+its last K/V are exchanged). As in the programs, an exception on any
+rank ends the whole job (MPI Abort): the cases before it have their files, the rest are missing, and
+the test of each says which case the job died in.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cli  # noqa: E402
+import program  # noqa: E402
+import runahead  # noqa: E402
+import transport  # noqa: E402
+import tsp  # noqa: E402
+from program import abort_on_error, say  # noqa: E402
+
+PROGRAMS = {"runahead.py": (cli.runahead, runahead.main), "tsp.py": (cli.tsp, tsp.main)}
+NORM_CALLS = []
+_load = program.load
+
+
+def load(args, device):
+    """program.load, with a count of the final norm's calls on this rank."""
+    name, model, key = _load(args, device)
+    model.norm.register_forward_hook(lambda *_: NORM_CALLS.append(1))
+    return name, model, key
+
+
+program.load = load
+
+
+def main(cases_file, out):
+    comm, _ = transport.init("cpu")
+    for case in json.load(open(cases_file)):
+        parser, run = PROGRAMS[case["program"]]
+        extra = ["--save", os.path.join(out, case["id"] + ".pt")]
+        if case.get("trace"):
+            extra += ["--trace", os.path.join(out, case["id"] + ".json")]
+        if comm.rank == 0:
+            say(f"case {case['id']}")                  # where the job was, if it dies
+        NORM_CALLS.clear()
+        with abort_on_error(comm):
+            run(parser().parse_args(case["args"] + extra))
+            with open(os.path.join(out, f"{case['id']}.rank{comm.rank}.json"), "w") as f:
+                json.dump(dict(norm_calls=len(NORM_CALLS)), f)
+            comm.Barrier()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,33 @@
+"""fast/ on the CPU: the arithmetic the GPU fast paths rest on, with reference kernels standing in
+for the GPU's. (The kernels themselves run in tests/test_gpu.py, on a GPU.)"""
+import math
+
+import pytest
+import torch
+
+from fast import attention
+
+
+def reference(q, k, v, causal_from=None):
+    """Softmax attention in float64 and its log-sum-exp per query (what cuDNN returns beside the
+    output); with causal_from=s, query i sees keys up to s + i (a chunk's own block)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])       # (B, nh, T, Lk)
+    if causal_from is not None:
+        T, Lk = scores.shape[-2:]
+        scores = scores.masked_fill(torch.arange(Lk) > torch.arange(T)[:, None] + causal_from, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)                             # (B, nh, T)
+    return torch.softmax(scores, dim=-1) @ v, lse
+
+
+@pytest.mark.parametrize("T,P", [(5, 9), (1, 4), (7, 1)])
+def test_merging_two_blocks_by_log_sum_exp_is_attention_over_both(T, P):
+    """fast.attention.merge of (prefix block, own causal block) equals attention over the whole
+    lower-right-causal block, to float64 rounding: the step of the cuDNN path no CPU reaches."""
+    g = torch.Generator().manual_seed(T * 100 + P)
+    q = torch.randn(2, 3, T, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, P + T, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    a, lse_a = reference(q, k[:, :, :P], v[:, :, :P])
+    b, lse_b = reference(q, k[:, :, P:], v[:, :, P:], causal_from=0)
+    whole, _ = reference(q, k, v, causal_from=P)
+    torch.testing.assert_close(attention.merge(a, lse_a, b, lse_b), whole, atol=1e-12, rtol=0)
+    torch.testing.assert_close(attention.merge(b, lse_b, a, lse_a), whole, atol=1e-12, rtol=0)
