@@ -53,6 +53,19 @@ def save_calibration(model, cost, path=None):
         json.dump(saved, f, indent=1)
 
 
+def check_caches():
+    """Read both caches whole, as a run would, so that a file it could not use is refused at once
+    (runahead.py does this before torch loads)."""
+    if os.path.exists(table_path()):
+        partition.Table.load(table_path())
+    if os.path.exists(calibration_path()):
+        saved = cli.read_json(calibration_path())
+        if not isinstance(saved, dict):
+            raise ValueError(f"{calibration_path()}: not a set of calibrations ({{model: cost model}})")
+        for model, entry in saved.items():
+            partition.CostModel.from_dict(entry, f"{calibration_path()}: entry {model!r}")
+
+
 # ----------------------------------------------------------------------------- choosing one
 
 

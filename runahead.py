@@ -17,8 +17,8 @@ import cli
 
 if __name__ == "__main__":                             # --help and bad options answer before torch loads
     ARGS = cli.runahead().parse_args()
-    cli.check_early(ARGS, lambda C, p: choose.explain(ARGS.partition, C, p)
-                    if ARGS.partition not in ("searched", "predicted") else None)
+    cli.check_early(ARGS, lambda C, p: choose.check_caches() if ARGS.partition in ("searched", "predicted")
+                    else choose.explain(ARGS.partition, C, p))
 
 import torch  # noqa: E402
 

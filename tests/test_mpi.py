@@ -160,7 +160,8 @@ def harness(checkpoints, tmp_path_factory):
             died = re.findall(r"^case (\S+)$", r.stderr, re.M)
             pytest.fail(f"case {id} has no result: the {n}-rank job exited {r.returncode} in case "
                         f"{died[-1] if died else '?'}; its output ends:\n{r.stderr[-3000:]}")
-        ranks = [json.loads((out / f"{id}.rank{i}.json").read_text()) for i in range(n)]
+        ranks = [dict(json.loads((out / f"{id}.rank{i}.json").read_text()),
+                      stdout=(out / f"{id}.rank{i}.out").read_text()) for i in range(n)]
         trace = json.loads((out / f"{id}.json").read_text()) if CASES[id][3] else None
         return torch.load(out / f"{id}.pt"), ranks, trace
     return run
@@ -379,20 +380,23 @@ def test_no_dead_work_after_the_last_exchange(harness, program, extra, emitter):
 
 # ---------------------------------------------------------------- the command line and its failures
 
-def test_default_demo_runs():
+case("demo", 4, "runahead.py", "--prompt-len", "512")
+for spec in ("searched", "predicted"):
+    case(f"partition-{spec}", 3, "runahead.py", "--prompt-len", "300", "--partition", spec, "--model", "builtin:falcon")
+
+
+def test_default_demo_runs(harness):
     """No arguments: the built-in model, a prompt long enough to matter, the promised report."""
-    r = mpirun(4, "runahead.py", "--prompt-len", "512")
-    assert r.returncode == 0, r.stderr
+    _, ranks, _ = harness("demo")
     for key in ("partition (even): 128,128,128,128", "transport: host memory", "TTFT:", "tokens:"):
-        assert key in r.stdout
+        assert key in ranks[3]["stdout"]
 
 
-def test_searched_and_predicted_partitions_run(tmp_path):
-    for spec in ("searched", "predicted"):
-        r = mpirun(3, "runahead.py", "--prompt-len", "300", "--partition", spec, "--model", "builtin:falcon")
-        assert r.returncode == 0, r.stderr
-        c = [int(x) for x in re.search(rf"partition \({spec}\): ([\d,]+)", r.stdout).group(1).split(",")]
-        assert len(c) == 3 and sum(c) == 300 and min(c) >= 1
+@pytest.mark.parametrize("spec", ["searched", "predicted"])
+def test_searched_and_predicted_partitions_run(harness, spec):
+    d, ranks, _ = harness(f"partition-{spec}")
+    c = [int(x) for x in re.search(rf"partition \({spec}\): ([\d,]+)", ranks[2]["stdout"]).group(1).split(",")]
+    assert c == d["partition"] and len(c) == 3 and sum(c) == 300 and min(c) >= 1
 
 
 def test_live_search_measures_and_stores(tmp_path):

@@ -174,3 +174,27 @@ else:
     print(f"{time.process_time() - cpu:.3f}")
 """
     assert float(run(code, n=2, timeout=60).strip()) < 0.5
+
+
+def test_what_rank_0_decides_every_rank_gets_value_or_error():
+    """Transport.agree: rank 0 alone runs decide(); every rank returns its value, or raises its error
+    with the same message, so no rank waits in a broadcast for an answer that never comes."""
+    code = """
+comm, dev = transport.init('cpu')
+t = transport.Transport(comm, dev, polite=True)
+got = [t.agree(lambda: comm.rank * 10 + 7)]
+try:
+    t.agree(lambda: open('/nonexistent/calibration.json'))
+except ValueError as e:
+    got.append(str(e))
+try:
+    t.agree(lambda: {}['key'])
+except ValueError as e:
+    got.append(str(e))
+got = comm.gather(got, root=0)
+if comm.rank == 0:
+    print(got)
+"""
+    out = run(code, n=3, timeout=60).strip()
+    one = "[7, \"[Errno 2] No such file or directory: '/nonexistent/calibration.json'\", \"KeyError: 'key'\"]"
+    assert out == f"[{one}, {one}, {one}]"
