@@ -116,8 +116,9 @@ for n, zigzag in [(3, False), (4, True), (2, False)]:
          "--max-new-tokens", "4", *["--zigzag"] * zigzag)
 case("bitwise-long-tsp", 2, "tsp.py", "--prompt-len", str(LONG), "--max-new-tokens", "3")
 
-HF_RUNS = [("runahead.py", 5, ["--partition", "1,9,6,6,1"]), ("runahead.py", 8, ["--partition", "even"]),
-           ("tsp.py", 3, []), ("tsp.py", 7, []), ("tsp.py", 4, ["--zigzag"])]
+# rank counts that other cases use too: each distinct count is one more job to start
+HF_RUNS = [("runahead.py", 4, ["--partition", "1,9,12,1"]), ("runahead.py", 8, ["--partition", "even"]),
+           ("tsp.py", 3, []), ("tsp.py", 8, []), ("tsp.py", 4, ["--zigzag"])]
 for program, n, extra in HF_RUNS:
     for arch in ("llama_gqa", "falcon7b", "falcon40b"):
         for dtype in ("float64", "float32"):
