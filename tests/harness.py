@@ -8,7 +8,8 @@ would run it, with `--save OUT/ID.pt` added (and `--trace OUT/ID.json` where the
 Starting the ranks and importing torch is most of what a small case costs, so tests/test_mpi.py
 launches one job per rank count instead of one per case. Every rank also writes OUT/ID.rankR.json:
 how often its model ran the final norm (a rank that does not emit the first token must not, once
-its last K/V are exchanged), and OUT/ID.rankR.out, what it printed. As in the programs, an exception on any
+its last K/V are exchanged), and OUT/ID.rankR.out and .err, what it printed. A case may set
+environment variables ("env": the cache folder). As in the programs, an exception on any
 rank ends the whole job (MPI Abort): the cases before it have their files, the rest are missing, and
 the test of each says which case the job died in.
 """
@@ -51,10 +52,17 @@ def main(cases_file, out):
         if comm.rank == 0:
             say(f"case {case['id']}")                  # where the job was, if it dies
         NORM_CALLS.clear()
-        with abort_on_error(comm):
-            with open(os.path.join(out, f"{case['id']}.rank{comm.rank}.out"), "w") as f, redirect_stdout(f):
-                run(parser().parse_args(case["args"] + extra))
-            with open(os.path.join(out, f"{case['id']}.rank{comm.rank}.json"), "w") as f:
+        os.environ.update(case.get("env", {}))
+        base = os.path.join(out, f"{case['id']}.rank{comm.rank}")
+        with abort_on_error(comm), open(base + ".err", "w") as err:
+            stderr = os.dup(2)                         # the rank's lines (cli.say writes to fd 2)
+            os.dup2(err.fileno(), 2)
+            try:
+                with open(base + ".out", "w") as f, redirect_stdout(f):
+                    run(parser().parse_args(case["args"] + extra))
+            finally:
+                os.dup2(stderr, 2)
+            with open(base + ".json", "w") as f:
                 json.dump(dict(norm_calls=len(NORM_CALLS)), f)
             comm.Barrier()
 

@@ -15,7 +15,6 @@ Claims, each tested below:
 The runs of the programs go through tests/harness.py: one `mpirun` job per rank count runs every
 case of that count through the program's own `main`, so each case costs its work, not a job's start.
 """
-import json
 import os
 import re
 import signal
@@ -26,6 +25,7 @@ import time
 import pytest
 import torch
 
+from conftest import case
 from generate import decode
 from kvcache import KVCache
 from load_weights import load_model
@@ -50,53 +50,13 @@ def run_saved(tmp_path, n, script, *args):
     return torch.load(out), r.stdout
 
 
-# ---------------------------------------------------------------- tiny HF models, saved and reloaded
-
-def hf_model(kind, dtype):
-    from transformers import FalconConfig, FalconForCausalLM, LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    if kind.startswith("llama"):                       # llama_dynamic: the 23-token prompt > max_pos 16
-        rope = dict(max_position_embeddings=16, rope_parameters={
-            "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}) if kind == "llama_dynamic" else {}
-        m = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160,
-                                         num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-                                         **{"max_position_embeddings": 256, **rope}))
-    else:
-        extra = (dict(multi_query=True, parallel_attn=True) if kind == "falcon7b"
-                 else dict(new_decoder_architecture=True, num_kv_heads=2))
-        m = FalconForCausalLM(FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
-                                           num_attention_heads=8, max_position_embeddings=256, **extra))
-    with torch.no_grad():                              # norms not all-ones, so they are tested too
-        for name, p in m.named_parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return m.to(dtype).eval()
-
-
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory):
-    dirs = {}
-    for kind in ("llama_gqa", "falcon7b", "falcon40b", "llama_dynamic"):
-        d = tmp_path_factory.mktemp(kind)
-        hf_model(kind, torch.float32).save_pretrained(d)
-        dirs[kind] = str(d)
-    return dirs
-
-
 PROMPT = torch.randint(3, 256, (1, 23), generator=torch.Generator().manual_seed(7))
 IDS = ",".join(map(str, PROMPT[0].tolist()))
 LONG = 3000          # a realistic length: one layer's K/V of the built-in model is 1.5 MB, past MPI's eager limit
 
 
 # ---------------------------------------------------------------- the cases, run by tests/harness.py
-
-CASES = {}           # id -> (ranks, program, args); {model} in args is a checkpoint's directory
-
-
-def case(id, n, program, *args, trace=False):
-    CASES[id] = (n, program, ["--threads", "1", *args], trace)
-    return id
-
+# (conftest.case registers one; conftest.harness runs it with the others of its rank count)
 
 def _partition(c):
     return ",".join(map(str, c))
@@ -137,35 +97,6 @@ for n, zigzag in [(3, False), (4, True)]:
 for program, extra in [("runahead.py", ["--partition", "9,8,6"]), ("tsp.py", []), ("tsp.py", ["--zigzag"])]:
     case(f"dead-work-{program[:-3]}{'-zigzag' * bool(extra and program == 'tsp.py')}", 3, program, "--model",
          "{llama_gqa}", "--prompt-ids", IDS, "--max-new-tokens", "3", *extra, trace=True)
-
-
-@pytest.fixture(scope="session")
-def harness(checkpoints, tmp_path_factory):
-    """run(case id) -> (what the emitting rank saved, every rank's record, the trace or None). The
-    first call for a rank count runs every case of that count in one job."""
-    jobs = {}
-
-    def run(id):
-        n = CASES[id][0]
-        if n not in jobs:
-            out = tmp_path_factory.mktemp(f"ranks{n}")
-            mine = [dict(id=i, program=p, args=[a.format(**checkpoints) for a in args], trace=t)
-                    for i, (m, p, args, t) in CASES.items() if m == n]
-            (out / "cases.json").write_text(json.dumps(mine))
-            r = subprocess.run([MPIRUN, "-n", str(n), sys.executable, os.path.join(ROOT, "tests", "harness.py"),
-                                str(out / "cases.json"), str(out)], cwd=ROOT, capture_output=True, text=True,
-                               timeout=600)
-            jobs[n] = out, r
-        out, r = jobs[n]
-        if not (out / f"{id}.pt").exists():
-            died = re.findall(r"^case (\S+)$", r.stderr, re.M)
-            pytest.fail(f"case {id} has no result: the {n}-rank job exited {r.returncode} in case "
-                        f"{died[-1] if died else '?'}; its output ends:\n{r.stderr[-3000:]}")
-        ranks = [dict(json.loads((out / f"{id}.rank{i}.json").read_text()),
-                      stdout=(out / f"{id}.rank{i}.out").read_text()) for i in range(n)]
-        trace = json.loads((out / f"{id}.json").read_text()) if CASES[id][3] else None
-        return torch.load(out / f"{id}.pt"), ranks, trace
-    return run
 
 
 def chunked_reference(model, tokens, c, new_tokens):

@@ -17,6 +17,7 @@ import torch
 
 import calibrate
 import choose
+from conftest import case
 import cli
 import partition
 import program
@@ -59,19 +60,25 @@ def test_a_bad_cache_file_is_one_line_on_every_rank_never_a_hang(tmp_path, name,
     assert str(tmp_path / name) in r.stderr              # the line names the file
 
 
-def test_a_given_partition_reads_no_cache(tmp_path):
-    (tmp_path / "partitions.json").write_text("{not json")
-    (tmp_path / "calibration.json").write_text("{not json")
-    r = job(tmp_path, 2, "--prompt-len", "12", "--partition", "6,6", timeout=60)
-    assert r.returncode == 0 and "partition (6,6): 6,6  [given]" in r.stdout, r.stderr
+# Runs that succeed go through the harness (conftest.harness: one job per rank count), each with a
+# cache folder of its own.
+case("trust-given", 2, "runahead.py", "--prompt-len", "12", "--partition", "6,6",
+     cache={"partitions.json": "{not json", "calibration.json": "{not json"})
+case("trust-implausible", 2, "runahead.py", "--prompt-len", "64", "--partition", "searched",
+     cache={"calibration.json": json.dumps({KEY: {"lin": 1e-5, "attn": 0.0}})})
+case("trust-first-use", 2, "runahead.py", "--prompt-len", "64", "--partition", "searched")
+case("trust-one-rank", 1, "runahead.py", "--prompt-len", "32", "--dtype", "float16", "--max-new-tokens", "2")
 
 
-def test_an_implausible_calibration_is_measured_again_and_says_so(tmp_path):
-    (tmp_path / "calibration.json").write_text(json.dumps({KEY: {"lin": 1e-5, "attn": 0.0}}))
-    r = job(tmp_path, 2, "--prompt-len", "64", "--partition", "searched", timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert f"calibrated {KEY} again (the saved one has attn = 0.0 (not positive))" in r.stderr
-    saved = choose.load_calibration(KEY, str(tmp_path / "calibration.json"))
+def test_a_given_partition_reads_no_cache(harness):
+    _, ranks, _ = harness("trust-given")
+    assert "partition (6,6): 6,6  [given]" in ranks[1]["stdout"]
+
+
+def test_an_implausible_calibration_is_measured_again_and_says_so(harness):
+    _, ranks, _ = harness("trust-implausible")
+    assert f"calibrated {KEY} again (the saved one has attn = 0.0 (not positive))" in ranks[0]["stderr"]
+    saved = choose.load_calibration(KEY, str(ranks[0]["cache"] / "calibration.json"))
     assert saved.implausible() is None and saved.attn > 0
 
 
@@ -109,13 +116,12 @@ def test_the_caches_live_in_the_users_cache_folder(monkeypatch, tmp_path):
     assert choose.cache_dir() == str(tmp_path / "mine")
 
 
-def test_a_run_writes_its_calibration_to_the_cache_and_nothing_into_the_working_directory(tmp_path):
-    before = set(os.listdir(ROOT)) - {"__pycache__", ".pytest_cache"}
-    r = job(tmp_path, 2, "--prompt-len", "64", "--partition", "searched", timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert f"saved to {tmp_path / 'calibration.json'}" in r.stderr
-    assert choose.load_calibration(KEY, str(tmp_path / "calibration.json")) is not None
-    assert set(os.listdir(ROOT)) - {"__pycache__", ".pytest_cache"} == before
+def test_a_run_writes_its_calibration_to_the_cache_and_nothing_into_the_working_directory(harness):
+    _, ranks, _ = harness("trust-first-use")
+    cache = ranks[0]["cache"]
+    assert f"calibrated {KEY} on first use: saved to {cache / 'calibration.json'}" in ranks[0]["stderr"]
+    assert choose.load_calibration(KEY, str(cache / "calibration.json")) is not None
+    assert not {"calibration.json", "partitions.json"} & set(os.listdir(ROOT))   # the job's working directory
 
 
 # ----------------------------------------------------------------------------- files whole or not at all
@@ -215,10 +221,10 @@ def test_predicted_without_a_table_says_it_searched():
     assert source.startswith("predicted: no table entry for 2 ranks, so searched on given cost model")
 
 
-def test_one_rank_is_one_rank_and_float16_on_a_cpu_says_it_is_slow(tmp_path):
-    r = job(tmp_path, 1, "--prompt-len", "32", "--dtype", "float16", "--max-new-tokens", "2")
-    assert r.returncode == 0 and r.stdout.startswith("KV-Runahead: 1 rank, "), r.stdout + r.stderr
-    assert "warning: float16 on a CPU has no fast kernels" in r.stderr
+def test_one_rank_is_one_rank_and_float16_on_a_cpu_says_it_is_slow(harness):
+    _, ranks, _ = harness("trust-one-rank")
+    assert ranks[0]["stdout"].startswith("KV-Runahead: 1 rank, ")
+    assert "warning: float16 on a CPU has no fast kernels" in ranks[0]["stderr"]
 
 
 def test_the_readme_does_not_quote_an_exercises_answer():
