@@ -33,21 +33,23 @@ def calibration_path():
     return os.path.join(cache_dir(), "calibration.json")
 
 
-def load_calibration(model, path=None):
-    """The CostModel calibrated for `model` on this machine, or None."""
+def calibrations(path=None):
+    """Every CostModel in the calibration file, {model: CostModel}; {} if there is none."""
     path = path or calibration_path()
-    if not os.path.exists(path):
-        return None
-    saved = cli.read_json(path)
+    saved = cli.read_json(path) if os.path.exists(path) else {}
     if not isinstance(saved, dict):
         raise ValueError(f"{path}: not a set of calibrations ({{model: cost model}})")
-    return partition.CostModel.from_dict(saved[model], f"{path}: entry {model!r}") if model in saved else None
+    return {m: partition.CostModel.from_dict(entry, f"{path}: entry {m!r}") for m, entry in saved.items()}
+
+
+def load_calibration(model, path=None):
+    """The CostModel calibrated for `model` on this machine, or None."""
+    return calibrations(path).get(model)
 
 
 def save_calibration(model, cost, path=None):
     path = path or calibration_path()
-    saved = cli.read_json(path) if os.path.exists(path) else {}
-    saved[model] = asdict(cost)
+    saved = {m: asdict(c) for m, c in calibrations(path).items()} | {model: asdict(cost)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with cli.replace_whole(path) as tmp, open(tmp, "w") as f:
         json.dump(saved, f, indent=1)
@@ -58,12 +60,7 @@ def check_caches():
     (runahead.py does this before torch loads)."""
     if os.path.exists(table_path()):
         partition.Table.load(table_path())
-    if os.path.exists(calibration_path()):
-        saved = cli.read_json(calibration_path())
-        if not isinstance(saved, dict):
-            raise ValueError(f"{calibration_path()}: not a set of calibrations ({{model: cost model}})")
-        for model, entry in saved.items():
-            partition.CostModel.from_dict(entry, f"{calibration_path()}: entry {model!r}")
+    calibrations()
 
 
 # ----------------------------------------------------------------------------- choosing one

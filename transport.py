@@ -109,29 +109,33 @@ class Transport:
         """Start sending t; return at once."""
         self._start_sends()                            # the earlier ones first, in order
         t = t.contiguous()
-        if self.cuda:                                  # MPI may read it once the GPU has written it
-            self.queued.append((self._event(), t, dest, tag))
-        else:
-            self.pending.append((self.comm.Isend(_buf(t), dest, tag), t))
-        self._count("sends", "bytes_sent", t)
+        self._send(t, dest, tag)
+        self.stats["sends"] += 1
+        self.stats["bytes_sent"] += t.numel() * t.element_size()
 
     def recv(self, shape, dtype, source, tag):
         """Receive a tensor of `shape` and `dtype` into new memory on this rank's device."""
         self._start_sends()
         out = self._empty(shape, dtype)
-        self.wait(self.comm.Irecv(_buf(out), source, tag))
-        self._count("recvs", "bytes_recv", out)
+        self._receive(out, source, tag)
+        self.stats["recvs"] += 1
+        self.stats["bytes_recv"] += out.numel() * out.element_size()
         return out
 
     def allgather(self, t, counts, dim):
         """Concatenate every rank's t along `dim` (rank order); counts[r] = rank r's size on dim."""
         self._start_sends()
         t = t.contiguous()
-        parts, sizes, displs, flat = self._gather_layout(t, counts, dim)
-        self._event().synchronize()                    # t is written
-        self.wait(self.comm.Iallgatherv(_buf(t), [MPI.buffer.fromaddress(flat.data_ptr(), sum(sizes)),
-                                                   sizes, displs, MPI.BYTE]))
-        return self._gathered(flat, parts, sizes, dim)
+        parts = [torch.Size(t.shape[:dim] + (c,) + t.shape[dim + 1:]) for c in counts]
+        sizes = [s.numel() * t.element_size() for s in parts]
+        displs = [sum(sizes[:r]) for r in range(len(sizes))]
+        flat = self._empty((sum(sizes) // t.element_size(),), t.dtype)
+        self._gather(t, flat, sizes, displs)
+        self.stats["allgathers"] += 1
+        self.stats["bytes_sent"] += sizes[self.rank]
+        self.stats["bytes_recv"] += sum(sizes) - sizes[self.rank]
+        chunks = flat.split([s.numel() for s in parts])
+        return torch.cat([c.view(s) for c, s in zip(chunks, parts)], dim=dim)
 
     def finish(self):
         """Start every queued send and wait until all have gone."""
@@ -170,26 +174,25 @@ class Transport:
         else:
             req.Wait()
 
+    # -------------------------------------------------------------------- how the bytes move
+    # The route: MPI reads and writes the tensors themselves. StagedTransport overrides these three.
+
+    def _send(self, t, dest, tag):
+        if self.cuda:                                  # MPI may read it once the GPU has written it
+            self.queued.append((self._event(), t, dest, tag))
+        else:
+            self.pending.append((self.comm.Isend(_buf(t), dest, tag), t))
+
+    def _receive(self, out, source, tag):
+        self.wait(self.comm.Irecv(_buf(out), source, tag))
+
+    def _gather(self, t, flat, sizes, displs):
+        """Every rank's bytes into `flat`, rank r's at displs[r]."""
+        self._event().synchronize()                    # t is written
+        self.wait(self.comm.Iallgatherv(_buf(t), [MPI.buffer.fromaddress(flat.data_ptr(), sum(sizes)),
+                                                   sizes, displs, MPI.BYTE]))
+
     # -------------------------------------------------------------------- helpers
-
-    def _count(self, messages, nbytes, t):
-        self.stats[messages] += 1
-        self.stats[nbytes] += t.numel() * t.element_size()
-
-    def _gather_layout(self, t, counts, dim):
-        """Each rank's part's shape and bytes, where it starts, and the flat memory to gather into."""
-        parts = [torch.Size(t.shape[:dim] + (c,) + t.shape[dim + 1:]) for c in counts]
-        sizes = [s.numel() * t.element_size() for s in parts]
-        displs = [sum(sizes[:r]) for r in range(len(sizes))]
-        return parts, sizes, displs, self._empty((sum(sizes) // t.element_size(),), t.dtype)
-
-    def _gathered(self, flat, parts, sizes, dim):
-        """The gathered bytes as one tensor, concatenated along dim; the all-gather counted."""
-        self.stats["allgathers"] += 1
-        self.stats["bytes_sent"] += sizes[self.rank]
-        self.stats["bytes_recv"] += sum(sizes) - sizes[self.rank]
-        chunks = flat.split([s.numel() for s in parts])
-        return torch.cat([c.view(s) for c, s in zip(chunks, parts)], dim=dim)
 
     def _event(self):
         """An event on the compute stream, here: what was queued before it is done when it is."""

@@ -40,7 +40,7 @@ class StagedTransport(Transport):
         return ("MPI is not CUDA-aware: device buffers staged through pinned host memory"
                 + (", shared by the node's ranks (MPI carries slot numbers)" if self.window else ""))
 
-    # -------------------------------------------------------------------- the operations
+    # -------------------------------------------------------------------- the route
 
     def reserve(self, nbytes, slots=2):
         """Collective: shared pinned memory for `slots` staged messages of up to nbytes from this rank.
@@ -65,10 +65,8 @@ class StagedTransport(Transport):
                     torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0))
                 self.arena[r] = t
 
-    def isend(self, t, dest, tag):
-        """Start copying t down; its send starts once the copy is done. Returns at once."""
-        self._start_sends()                            # the earlier ones first, in order
-        t = t.contiguous()
+    def _send(self, t, dest, tag):
+        """Start copying t down; its send starts once the copy is done."""
         nbytes = t.numel() * t.element_size()
         if self._shared(self.rank, nbytes):
             slot = self._slot()
@@ -77,12 +75,9 @@ class StagedTransport(Transport):
             self.readers[slot] = [self.acks.Irecv([None, 0, MPI.BYTE], dest, slot)]
         else:
             self.queued.append((*self._down(t, "d2h", tag), dest, tag))
-        self._count("sends", "bytes_sent", t)
 
-    def recv(self, shape, dtype, source, tag):
-        """Receive a tensor of `shape` and `dtype` on this rank's device; its copy up is queued."""
-        self._start_sends()
-        out = self._empty(shape, dtype)
+    def _receive(self, out, source, tag):
+        """Receive into `out` on this rank's device: its copy up is queued."""
         nbytes = out.numel() * out.element_size()
         if self._shared(source, nbytes):
             self._pay_acks(wait=True)                  # never hold a sender's slot while blocked
@@ -94,14 +89,9 @@ class StagedTransport(Transport):
             host = self._pinned(nbytes)
             self.wait(self.comm.Irecv(_buf(host), source, tag))
             self.landing.append((self._up(host, out, "h2d", tag), host))
-        self._count("recvs", "bytes_recv", out)
-        return out
 
-    def allgather(self, t, counts, dim):
-        """Concatenate every rank's t along `dim` (rank order), through the slots or pinned buffers."""
-        self._start_sends()
-        t = t.contiguous()
-        parts, sizes, displs, flat = self._gather_layout(t, counts, dim)
+    def _gather(self, t, flat, sizes, displs):
+        """Every rank's bytes into `flat`, through the slots or pinned buffers."""
         if all(self._shared(r, sizes[r]) for r in range(self.size)):
             self._gather_shared(t, flat, sizes, displs)
         else:
@@ -112,7 +102,6 @@ class StagedTransport(Transport):
                                                           sizes, displs, MPI.BYTE]))
             self._release(mine)
             self.landing.append((self._up(into, flat, "h2d", "gather"), into))
-        return self._gathered(flat, parts, sizes, dim)
 
     def barrier(self):
         """Wait for every rank; afterwards no staged message is in flight (every slot acked)."""

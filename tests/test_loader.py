@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import tokens
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, FalconConfig, FalconForCausalLM
 
 from kvcache import KVCache
 from load_weights import ConfigError, LoadError, load_model, load_tokenizer
@@ -168,6 +168,16 @@ def test_no_weights(ckpt):
         load_model(str(d))
 
 
+def ours_equal_hf(d):
+    """Our model of checkpoint d, after asserting its logits torch.equal those of HF's from_pretrained."""
+    ids = tokens()
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()(ids).logits
+        model = load_model(str(d))
+        assert torch.equal(model(ids, KVCache(model.cfg, *ids.shape), 0), ref)
+    return model
+
+
 def test_tied_config_with_stored_lm_head(checkpoint, tmp_path):
     """Bitwise: when tie_word_embeddings is true but the file holds lm_head.weight anyway, HF 5.24
     uses the stored head (checked against transformers 5.24); so must we. Compared with HF from_pretrained on the same dir."""
@@ -176,13 +186,8 @@ def test_tied_config_with_stored_lm_head(checkpoint, tmp_path):
     sd = load_file(d / "model.safetensors")
     sd["lm_head.weight"] = torch.randn(sd["model.embed_tokens.weight"].shape)
     save_file(sd, d / "model.safetensors")
-    ids = tokens()
-    with torch.no_grad():
-        ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()(ids).logits
-        model = load_model(str(d))
-        logits = model(ids, KVCache(model.cfg, *ids.shape), 0)
+    model = ours_equal_hf(d)
     assert torch.equal(model.lm_head.weight, sd["lm_head.weight"])
-    assert torch.equal(logits, ref)
 
 
 @pytest.mark.parametrize("files,fragment", [
@@ -223,19 +228,13 @@ def test_safetensors_are_preferred_to_a_bin_beside_them(ckpt):
     (here the .bin holds other weights, so reading it would change the logits)."""
     d, sd = ckpt
     torch.save({k: torch.randn_like(v) for k, v in sd.items()}, d / "pytorch_model.bin")
-    ids = tokens()
-    with torch.no_grad():
-        ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()(ids).logits
-        model = load_model(str(d))
-        logits = model(ids, KVCache(model.cfg, *ids.shape), 0)
+    model = ours_equal_hf(d)
     assert torch.equal(model.embed.weight, sd["model.embed_tokens.weight"])
-    assert torch.equal(logits, ref)
 
 
 def test_new_decoder_falcon_without_num_kv_heads_has_one_per_head(tmp_path):
     """FalconConfig defaults num_kv_heads to the number of heads; a config that leaves it out must not
     be read as one KV head. Bitwise against HF on the same checkpoint."""
-    from transformers import FalconConfig, FalconForCausalLM
     torch.manual_seed(0)
     hf = FalconForCausalLM(FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
                                         new_decoder_architecture=True)).eval()
@@ -243,9 +242,4 @@ def test_new_decoder_falcon_without_num_kv_heads_has_one_per_head(tmp_path):
     cfg = json.load(open(tmp_path / "config.json"))
     cfg.pop("num_kv_heads", None)
     json.dump(cfg, open(tmp_path / "config.json", "w"))
-    model = load_model(str(tmp_path))
-    assert model.cfg.n_kv_heads == 8
-    ids = tokens()
-    with torch.no_grad():
-        ref = FalconForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()(ids).logits
-        assert torch.equal(model(ids, KVCache(model.cfg, *ids.shape), 0), ref)
+    assert ours_equal_hf(tmp_path).cfg.n_kv_heads == 8
