@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from fast import attention
 
@@ -112,11 +111,11 @@ def attend(q, k, v, start, cfg, dense=False, math_path=False):
     if not dense:
         k, v = k[:, :, :start + T], v[:, :, :start + T]
     scale = cfg.head_dim ** -0.5 if cfg.arch == "llama" else None
+    if attention.takes(q, cfg, math_path):             # half precision on a GPU: fast/attention.py
+        return attention.attend(q, k, v, start, scale, dense)
     mask, causal = causal_mask(q, k, start, cfg, dense, math_path)
     if math_path:
         return _attend_math(q, k, v, mask, cfg, scale)
-    if attention.takes(q, mask):                       # a half-precision GPU chunk: fast/attention.py
-        return attention.attend(q, k, v, start, scale, mask, causal)
     # Shared KV heads: HF Llama passes enable_gqa (even for one KV head). HF Falcon's multi-query
     # path lets its one KV head broadcast, which rounds differently in fp32, so we do the same.
     gqa = k.shape[1] < q.shape[1] and not (cfg.arch == "falcon" and k.shape[1] == 1)
@@ -126,24 +125,20 @@ def attend(q, k, v, start, cfg, dense=False, math_path=False):
 
 def causal_mask(q, k, start, cfg, dense, math_path):
     """The rule "query i sees keys 0..i" as (attn_mask, is_causal), in the form HF hands to SDPA, so
-    that the same kernel runs and the result is bitwise HF's: an explicit (T, Lk) mask when dense,
-    for ALiBi's float bias or for the math path; is_causal for a whole prompt; nothing for one
-    token (decode sees every key); else the lower-right triangle, which fused kernels take without
-    materialising it."""
+    that the same kernel runs and the result is bitwise HF's: is_causal for a whole prompt from
+    position 0; nothing for one token (decode sees every key); else an explicit (T, Lk) mask, which
+    for a chunk after a prefix is meta-llama's mask for a cached prefix (row i sees keys 0..start+i),
+    and for ALiBi carries the float bias."""
     T, Lk = q.shape[2], k.shape[2]
-    if cfg.alibi or math_path or dense:
-        mask = torch.arange(Lk, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
-        if cfg.alibi:                                  # HF rounds slopes and products to bf16
-            slopes = alibi_slopes(cfg.n_heads).to(q.device)
-            alibi = (slopes[:, None].bfloat16() * torch.arange(Lk, device=q.device)).to(q.dtype)[:, None, :]
-            mask = torch.masked_fill(alibi / math.sqrt(cfg.head_dim), ~mask, torch.finfo(q.dtype).min)
-            mask = mask if math_path else mask[None]   # 4-D: SDPA rounds a 3-D float mask differently
-        return mask, False
-    if Lk == T:                                        # a whole prompt from position 0
+    if not (cfg.alibi or math_path or dense) and (Lk == T or T == 1):
         return None, T > 1
-    if T == 1:                                         # one token (decode): every key is visible
-        return None, False
-    return causal_lower_right(T, Lk), False            # a chunk after a prefix
+    mask = torch.arange(Lk, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
+    if cfg.alibi:                                      # HF rounds slopes and products to bf16
+        slopes = alibi_slopes(cfg.n_heads).to(q.device)
+        alibi = (slopes[:, None].bfloat16() * torch.arange(Lk, device=q.device)).to(q.dtype)[:, None, :]
+        mask = torch.masked_fill(alibi / math.sqrt(cfg.head_dim), ~mask, torch.finfo(q.dtype).min)
+        mask = mask if math_path else mask[None]       # 4-D: SDPA rounds a 3-D float mask differently
+    return mask, False
 
 
 def _attend_math(q, k, v, mask, cfg, scale):

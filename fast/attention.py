@@ -9,24 +9,38 @@ round as HF's does) and the math path's. Two things differ from the teaching pat
   top-left, so it cannot take the whole block. Two cuDNN calls can: the prefix rectangle with no
   mask, and the chunk's own square with its causal triangle, merged as ring attention merges blocks.
 """
+import math
+
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias
 
 
-def takes(q, mask):
-    """Is this call the fast path's? (half precision on a GPU, and no ALiBi bias)"""
-    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and (mask is None or isinstance(mask, CausalBias) or mask.dtype == torch.bool))
+def takes(q, cfg, math_path):
+    """Is this call the fast path's? (half precision on a GPU, no ALiBi bias, not the math path)"""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not cfg.alibi and not math_path
 
 
-def attend(q, k, v, start, scale, mask, causal):
-    """q (B, nh, T, hs) at positions start..start+T-1 over k, v (B, n_kv, Lk, hs); `mask` and
-    `causal` as model.causal_mask gives them."""
-    if isinstance(mask, CausalBias) and cudnn_blocks(q, k, start):   # a chunk after a prefix
+def attend(q, k, v, start, scale, dense):
+    """q (B, nh, T, hs) at positions start..start+T-1 over k, v (B, n_kv, Lk, hs), with the rule of
+    model.causal_mask; a chunk after a prefix without the (T, Lk) mask, unless `dense`."""
+    T, Lk = q.shape[2], k.shape[2]
+    chunk = not dense and T > 1 and Lk > T             # a chunk after a prefix: lower-right causal
+    if chunk and cudnn_blocks(q, k, start):
         return blocks(q, k, v, start, scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+    if chunk and flash_fits(q):                        # FlashAttention-2's causal mask is lower-right
+        scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, scale=scale)[0]
+    mask = None
+    if dense or chunk:
+        mask = torch.arange(Lk, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=scale,
                                           enable_gqa=k.shape[1] < q.shape[1])
+
+
+def flash_fits(q):
+    """Does PyTorch's FlashAttention-2 take this head size on this GPU? (what CausalBias checks before
+    it calls the same kernel; its import would load torch._dynamo, a second of every rank's start)"""
+    return q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and torch.cuda.get_device_capability(q.device) >= (8, 0)
 
 
 def cudnn_blocks(q, k, start):

@@ -259,7 +259,7 @@ def test_the_readme_states_how_many_tests_there_are(request):
     whole suite, else a collection of its own."""
     o = request.config.option
     whole = (request.config.args in ([], ["tests"], [os.path.join(ROOT, "tests")]) and not o.keyword and not o.markexpr
-             and not o.deselect and not o.lf and not o.failedfirst)
+             and not o.deselect and not getattr(o, "lf", False) and not getattr(o, "failedfirst", False))
     if whole:
         ids = [item.nodeid for item in request.session.items]
     else:
