@@ -154,7 +154,7 @@ t.barrier()
 if comm.rank == 1:
     print("ok")
 """
-    assert run(code, n=2, timeout=60).strip() == "ok"
+    assert run(code, n=2, timeout=20).strip() == "ok"
 
 
 def test_a_polite_wait_leaves_the_core_to_the_ranks_that_compute():
