@@ -36,14 +36,19 @@ class KVCache:
 
     def update(self, layer, k, v):
         """Append k, v (B, n_kv, T, hs) to `layer`; return its keys and values so far, (B, n_kv, n+T, hs)."""
-        n, T = self.n[layer], k.shape[2]
+        room = self.claim(layer, k.shape[2])           # (2, B, n_kv, T, hs)
+        room[0], room[1] = k, v
+        n = self.n[layer]
+        return self.kv[layer][0, :, :, :n], self.kv[layer][1, :, :, :n]
+
+    def claim(self, layer, T):
+        """Count the next T positions of `layer` as held and return them, (2, B, n_kv, T, hs), to be
+        written in place: where runahead.ChainKV has MPI put the prefix it receives."""
+        n = self.n[layer]
         if n + T > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} tokens; {n} + {T} do not fit")
-        buf = self.kv[layer]
-        buf[0, :, :, n:n + T] = k
-        buf[1, :, :, n:n + T] = v
         self.n[layer] = n + T
-        return buf[0, :, :, :n + T], buf[1, :, :, :n + T]
+        return self.kv[layer][:, :, :, n:n + T]
 
     def layer(self, i):
         """(k, v) of layer i, each (B, n_kv, len, hs): views, not copies."""

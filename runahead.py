@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from calibrate import live_search, pick_partition  # noqa: E402
 from generate import sync  # noqa: E402
 from kvcache import KVCache, bytes_per_token  # noqa: E402
-from program import Done, abort_on_error, forward, report, setup  # noqa: E402
+from program import Done, abort_on_error, forward, report, setup, warm_up  # noqa: E402
 
 
 class ChainKV:
@@ -36,14 +36,12 @@ class ChainKV:
     def __init__(self, cache, transport, prefix, trace):
         self.cache, self.t, self.prefix, self.trace = cache, transport, prefix, trace
         self.last = transport.rank == transport.size - 1
-        B, n_kv, hs = cache.kv[0].shape[1], cache.kv[0].shape[2], cache.kv[0].shape[4]
-        self.inbox = (2, B, n_kv, prefix, hs)         # K and V of [0, S_{i-1}): the shape to receive
 
     def update(self, layer, k, v):
         self.trace.end("compute", layer)
-        if self.prefix:                                # wait for the left neighbour's layer
-            kv = self.t.recv(self.inbox, self.cache.kv[0].dtype, self.t.rank - 1, tag=layer)
-            self.cache.update(layer, kv[0], kv[1])
+        if self.prefix:                                # the left neighbour's K/V of [0, S_{i-1}):
+            room = self.cache.claim(layer, self.prefix)   # MPI writes them into the cache itself
+            self.t.recv_into(room, self.t.rank - 1, tag=layer)
             self.trace.end("recv", layer)
         k_all, v_all = self.cache.update(layer, k, v)  # (B, n_kv, S_i, hs)
         if not self.last:                              # the cache holds exactly S_i tokens: send it all
@@ -83,6 +81,7 @@ def main(args):
             live_search(job, args, prefill)
         return
     with abort_on_error(job.comm):
+        warm_up(job, prefill, job.c, 0, args.math)
         logits, cache, ttft = prefill(job, job.c, args.max_new_tokens, args.math)
         job.transport.finish()
         job.transport.barrier()                        # a polite wait, not gather's spin

@@ -11,6 +11,7 @@ MPI starts in `init`, not at import: a rank that computes on a GPU selects its d
 its CUDA context first, because a CUDA-aware MPI sets up CUDA IPC between a node's ranks at MPI_Init.
 """
 import ctypes
+import math
 import os
 import time
 
@@ -59,9 +60,21 @@ def cuda_aware_mpi():
 
 
 def _buf(t):
-    """A tensor's bytes as an MPI buffer (any dtype, host or device memory; t must be contiguous)."""
-    assert t.is_contiguous()
-    return [MPI.buffer.fromaddress(t.data_ptr(), t.numel() * t.element_size()), MPI.BYTE]
+    """A tensor's bytes as an MPI buffer (any dtype, host or device memory). A view that is a block of
+    a larger tensor, such as the first S tokens of a cache layer, goes as an MPI subarray type: MPI
+    reads or writes its bytes where they are, no copy."""
+    size = t.element_size()
+    if t.is_contiguous():
+        return [MPI.buffer.fromaddress(t.data_ptr(), t.numel() * size), MPI.BYTE]
+    full = [t.shape[0]] + [a // b for a, b in zip(t.stride()[:-1], t.stride()[1:])]   # the block's shape
+    assert t.stride()[-1] == 1 and all(n <= m for n, m in zip(t.shape, full)), "not a block of a larger tensor"
+    key = (tuple(full), tuple(t.shape), size)
+    if key not in _SUBARRAYS:
+        _SUBARRAYS[key] = MPI.BYTE.Create_contiguous(size).Create_subarray(full, list(t.shape), [0] * t.dim()).Commit()
+    return [MPI.buffer.fromaddress(t.data_ptr(), math.prod(full) * size), 1, _SUBARRAYS[key]]
+
+
+_SUBARRAYS = {}            # (block shape, view shape, element size) -> committed MPI datatype
 
 
 class _Passed:
@@ -115,8 +128,12 @@ class Transport:
 
     def recv(self, shape, dtype, source, tag):
         """Receive a tensor of `shape` and `dtype` into new memory on this rank's device."""
+        return self.recv_into(self._empty(shape, dtype), source, tag)
+
+    def recv_into(self, out, source, tag):
+        """Receive into `out`, which may be a view into a larger tensor (the chain's prefix lands in
+        the KV cache itself). Nothing queued on the compute stream may still use its memory."""
         self._start_sends()
-        out = self._empty(shape, dtype)
         self._receive(out, source, tag)
         self.stats["recvs"] += 1
         self.stats["bytes_recv"] += out.numel() * out.element_size()

@@ -49,16 +49,16 @@ class TimedKV:
     """Stands in for ChainKV / GatherKV while one rank is profiled: does the rank's own K/V work,
     communicates nothing, and marks the clock where the real rank would meet the other ranks.
 
-    Chain (`inbox`: random K/V of the S_{i-1} prefix tokens, as if received): append the prefix and
-    the own K/V to the cache, then mark: here the real rank has its K/V [0, S_i) and sends them.
-    (It waits just before the prefix append; marking after it keeps the send after the copy.)
+    Chain (`prefix`: S_{i-1} tokens whose random K/V are in the cache already, where the real rank's
+    receive puts them): claim them, append the own K/V, then mark: here the real rank has its K/V
+    [0, S_i) and sends them. (The real rank waits for the prefix just before the claim.)
     All-gather (`gathered`: random K/V of all C tokens): stack own K and V, mark (the real rank
     enters the all-gather), then what follows it: copy out the gathered K/V, zigzag's reordering,
     the emitter's cache append. With neither: a plain KV cache, marked after each append.
     """
 
-    def __init__(self, clock, cache=None, inbox=None, gathered=None, order=None, dense=False):
-        self.clock, self.cache, self.inbox, self.gathered, self.order = clock, cache, inbox, gathered, order
+    def __init__(self, clock, cache=None, prefix=0, gathered=None, order=None, dense=False):
+        self.clock, self.cache, self.prefix, self.gathered, self.order = clock, cache, prefix, gathered, order
         self.dense = dense
 
     def reset(self):
@@ -67,8 +67,8 @@ class TimedKV:
 
     def update(self, layer, k, v):
         if self.gathered is None:
-            if self.inbox is not None:
-                self.cache.update(layer, self.inbox[0], self.inbox[1])
+            if self.prefix:
+                self.cache.claim(layer, self.prefix)
             k, v = self.cache.update(layer, k, v)
             self.clock.mark()
             return k, v
@@ -105,8 +105,9 @@ def profile_chunk(model, c, prefix, repeats=3, warmup=1):
     """One KV-Runahead rank: c tokens after a prefix of `prefix` tokens. L+1 segment times (s)."""
     (device, dtype), cfg = _where(model), model.cfg
     cache = KVCache(cfg, 1, prefix + c, dtype, device)
-    inbox = torch.randn((2, 1, cfg.n_kv_heads, prefix, cfg.head_dim), dtype=dtype, device=device) if prefix else None
-    return _time(model, c, TimedKV(Clock(device), cache, inbox), prefix, repeats, warmup)
+    for kv in cache.kv:                                # the prefix as received: random K/V
+        kv[:, :, :, :prefix] = torch.randn_like(kv[:, :, :, :prefix])
+    return _time(model, c, TimedKV(Clock(device), cache, prefix), prefix, repeats, warmup)
 
 
 def profile_kvr(model, c, repeats=3, warmup=1):

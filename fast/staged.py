@@ -11,6 +11,8 @@ on a communicator of its own), and the sender reuses a slot only once every read
 CPU copies the bytes. Other staged messages travel through MPI in private pinned buffers.
 On the CPU the same protocol runs with plain copies: that is how the tests check it without a GPU.
 """
+import ctypes
+
 import torch
 
 from transport import MPI, Transport, _buf, _Passed, local_comm   # transport decides when MPI starts
@@ -205,7 +207,8 @@ class StagedTransport(Transport):
             return _Passed()
         with torch.cuda.stream(self.up):
             span = self._span(name, layer)
-            out.copy_(host.view(out.dtype).view(out.shape), non_blocking=True)
+            if out.is_contiguous() or not _copy_rows(out, host, self.up):
+                out.copy_(host.view(out.dtype).view(out.shape), non_blocking=True)
             done = self._span_end(span)
         torch.cuda.current_stream().wait_event(done)
         return done
@@ -237,3 +240,36 @@ class StagedTransport(Transport):
         """Return a staging buffer to the pool (other buffers are the caller's tensors)."""
         if id(buf) in self.staging:
             self.free[buf.numel()].append(buf)
+
+
+def _cudart():
+    """The CUDA runtime library torch loaded (for cudaMemcpy2DAsync, which torch does not wrap), or None."""
+    with open("/proc/self/maps") as maps:
+        paths = [line.split()[-1] for line in maps if "/libcudart.so" in line]
+    return ctypes.CDLL(paths[0]) if paths else None
+
+
+_CUDART = []               # [library or None], found on first use
+
+
+def _copy_rows(out, host, stream):
+    """Copy contiguous host bytes up into `out`, the first tokens of a cache layer (rows of contiguous
+    bytes at the layer's pitch), as one 2-D copy: torch's copy_ would copy into new memory first and
+    then copy that into place. False where it cannot (then the caller copies)."""
+    try:
+        rows = out.view(-1, out.shape[-2] * out.shape[-1])   # (2 B n_kv, T hs), pitch capacity hs
+    except RuntimeError:
+        return False
+    if not _CUDART:
+        _CUDART.append(_cudart())
+    if _CUDART[0] is None or rows.stride(1) != 1:
+        return False
+    size = out.element_size()
+    width, pitch = rows.shape[1] * size, rows.stride(0) * size
+    c = ctypes.c_size_t
+    err = _CUDART[0].cudaMemcpy2DAsync(ctypes.c_void_p(rows.data_ptr()), c(pitch), ctypes.c_void_p(host.data_ptr()),
+                                       c(width), c(width), c(rows.shape[0]), 1,   # 1: host to device
+                                       ctypes.c_void_p(stream.cuda_stream))
+    if err:
+        raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {err}")
+    return True

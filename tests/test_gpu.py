@@ -44,6 +44,40 @@ def test_cudnn_blocks_are_as_close_to_fp32_as_the_unsplit_kernel(T, P, dtype, he
     assert e_ours <= 2 * e_unsplit, (e_ours, e_unsplit)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(32, 32, 128), (32, 8, 128), (71, 1, 64)], ids=["mha", "gqa", "falcon-mq"])
+def test_a_small_chunk_after_a_prefix_is_flash_attentions_lower_right_kernel(dtype, heads):
+    """torch.equal: below the cuDNN blocks' size, attend() calls FlashAttention-2 itself, and gets
+    what SDPA gives for CausalBias's lower-right mask (the same kernel); dense gets the masked call."""
+    nh, nkv, hs = heads
+    T, P = 128, 1000
+    g = torch.Generator(device="cuda").manual_seed(T + P)
+    q = torch.randn(1, nh, T, hs, device="cuda", dtype=dtype, generator=g)
+    k, v = (torch.randn(1, nkv, P + T, hs, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+    cfg = model.Config(arch="llama", dim=nh * hs, n_heads=nh, n_kv_heads=nkv, head_dim=hs)
+    assert not attention.cudnn_blocks(q, k, P)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, P + T), enable_gqa=True,
+                                          scale=hs ** -0.5)
+    assert torch.equal(model.attend(q, k, v, P, cfg), want)
+    mask = torch.arange(P + T, device="cuda") <= torch.arange(P, P + T, device="cuda")[:, None]
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, scale=hs ** -0.5)
+    assert torch.equal(model.attend(q, k, v, P, cfg, dense=True), dense)
+
+
+def test_a_staged_prefix_lands_in_the_cache_by_one_2d_copy():
+    """The staged route's copy up into the first tokens of a cache layer (not contiguous) is one
+    cudaMemcpy2DAsync, and writes those positions only."""
+    from fast.staged import _copy_rows
+    cache = torch.full((2, 1, 4, 100, 64), -1.0, dtype=torch.float16, device="cuda")
+    room = cache[:, :, :, :37]
+    src = torch.randn(2, 1, 4, 37, 64, dtype=torch.float16)
+    host = src.reshape(-1).view(torch.uint8).pin_memory()
+    stream = torch.cuda.Stream()
+    assert _copy_rows(room, host, stream)
+    stream.synchronize()
+    assert torch.equal(room.cpu(), src) and (cache[:, :, :, 37:] == -1).all()
+
+
 def test_staged_slots_on_the_gpu():
     """The staged route's shared slots with device tensors (side streams, pinned shared window):
     a 3-rank chain of 6 layers through 2 slots, then all-gathers; every tensor arrives intact."""

@@ -58,6 +58,34 @@ if comm.rank == 0:
                                       "{'sends': 0, 'recvs': 1, 'allgathers': 1, 'bytes_sent': 32, 'bytes_recv': 64}]")
 
 
+@pytest.mark.parametrize("route", ["transport.Transport", "StagedTransport"])
+def test_recv_into_a_block_of_a_cache_writes_that_block_only(route):
+    """The chain's receive: a layer's K/V of S tokens land in the first S positions of a cache layer
+    (2, B, n_kv, capacity, hs), a view that is not contiguous, and nothing else there changes."""
+    code = f"""
+import torch, transport
+from fast.staged import StagedTransport
+comm, dev = transport.init('cpu')
+t = {route}(comm, dev, polite=True)
+t.reserve(2 * 3 * 4 * 5 * 8 if comm.rank == 0 else 0)
+for layer in range(3):                               # more messages than the staged route's 2 slots
+    kv = torch.arange(2 * 3 * 4 * 5, dtype=torch.float64).view(2, 1, 3, 4, 5) + 1000 * layer
+    if comm.rank == 0:
+        t.isend(kv, 1, tag=layer)
+    else:
+        cache = torch.full((2, 1, 3, 7, 5), -1.0, dtype=torch.float64)
+        room = cache[:, :, :, :4]
+        assert not room.is_contiguous()
+        assert t.recv_into(room, 0, tag=layer) is room
+        assert torch.equal(cache[:, :, :, :4], kv) and (cache[:, :, :, 4:] == -1).all()
+t.finish()
+t.barrier()
+if comm.rank == 1:
+    print(t.stats["recvs"], t.stats["bytes_recv"])
+"""
+    assert run(code, n=2).strip() == "3 2880"
+
+
 def test_staged_protocol_through_shared_slots():
     """The staged route's slots, acks and all-gather, run on the CPU (plain copies for the GPU's): a chain of 7
     layers through 2 slots per rank (so rank 0 must wait for acks to reuse them), then an all-gather,
