@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from generate import sync  # noqa: E402
 from kvcache import KVCache, bytes_per_token  # noqa: E402
-from program import Done, abort_on_error, forward, report, setup  # noqa: E402
+from program import Done, abort_on_error, forward, report, setup, warm_up  # noqa: E402
 
 
 class GatherKV:
@@ -78,6 +78,7 @@ def prefill(job, zigzag, decode_room=0, math_path=False):
 def main(args):
     job = setup(args, prepare=lambda job: tsp_layout(job.tokens.shape[1], job.size, args.zigzag))
     with abort_on_error(job.comm):
+        warm_up(job, prefill, args.zigzag, 0, args.math)
         logits, cache, ttft, emitter = prefill(job, args.zigzag, args.max_new_tokens, args.math)
         job.transport.barrier()                        # a polite wait, not gather's spin
         stats = job.comm.gather(job.transport.stats, root=emitter)
