@@ -201,6 +201,12 @@ class Transport:
             self.pending.append((self.comm.Isend(_buf(t), dest, tag), t))
 
     def _receive(self, out, source, tag):
+        if self.cuda and not out.is_contiguous():      # a CUDA-aware Open MPI unpacks a device subarray
+            whole = self._empty(out.shape, out.dtype)  # through host memory: 6x slower on an H200 than
+            self.wait(self.comm.Irecv(_buf(whole), source, tag))   # landing it whole and copying once
+            out.copy_(whole)
+            whole.record_stream(torch.cuda.current_stream())   # not reused before the copy has run
+            return
         self.wait(self.comm.Irecv(_buf(out), source, tag))
 
     def _gather(self, t, flat, sizes, displs):
