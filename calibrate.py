@@ -7,6 +7,7 @@ searched|predicted and --search-live). partition.py holds the searches themselve
   measure          ... and the link: ranks 0 and 1 time one layer's K/V there and back
   calibrate        measure until the fit is plausible, and save it in the cache
   pick_partition   rank 0 decides (calibrating first if it must), every rank gets the answer
+  versus_even      a partition searched on the cost model, timed against the even split
   live_search      the grid search with a real prefill of all ranks as the score
 """
 import itertools
@@ -133,15 +134,17 @@ def calibrate(job, why, tries=3):
 
 def pick_partition(job, spec, recalibrate=False):
     """Rank 0 decides, reading the caches and calibrating first if it must; every rank gets the
-    same partition, or the same error (Transport.agree), so no rank is left waiting."""
+    same partition, or the same error (Transport.agree), so no rank is left waiting. Sets job.c,
+    job.c_source, and job.c_modelled: searched on the cost model (then versus_even times it)."""
     C, p, key = job.tokens.shape[1], job.size, job.model_key
 
-    def why_calibrate():                               # None: the cost model is not needed, or is fine
-        if spec not in ("searched", "predicted"):
-            return None
+    def from_table():
         path = choose.table_path()
         table = partition.Table.load(path) if os.path.exists(path) else partition.Table()
-        if table.get(key, p, C) or (spec == "predicted" and table.contexts(key, p)):
+        return bool(table.get(key, p, C) or (spec == "predicted" and table.contexts(key, p)))
+
+    def why_calibrate():                               # None: the cost model is not needed, or is fine
+        if spec not in ("searched", "predicted") or from_table():
             return None
         if recalibrate:
             return "as asked (--recalibrate)"
@@ -154,7 +157,37 @@ def pick_partition(job, spec, recalibrate=False):
     why = job.transport.agree(why_calibrate)
     if why:
         calibrate(job, why)
+    searched = spec in ("searched", "predicted") and not job.transport.agree(from_table)
     job.c, job.c_source = job.transport.agree(lambda: choose.explain(spec, C, p, key))
+    job.c_modelled = searched and job.c != partition.even(C, p)
+
+
+def versus_even(job, prefill, repeats=3):
+    """The cost model's pick against the even split, timed by real prefills of all ranks (after one
+    untimed, alternated, median of `repeats`): the faster one runs, and goes into the table, which
+    later runs read. A model of a few coefficients can misjudge a machine (a chunk's fixed cost, its
+    rate after a long prefix); a measurement cannot, so `searched` is never slower than the even
+    split beyond noise."""
+    C, p, path = job.tokens.shape[1], job.size, choose.table_path()
+    picks = {"searched": job.c, "even": partition.even(C, p)}
+    prefill(job, picks["even"])                        # a GPU's first prefill loads its kernels
+    times = {k: [] for k in picks}
+    for _ in range(repeats):
+        for k, c in picks.items():
+            times[k].append(prefill(job, c)[2])        # the last rank's figure is the TTFT
+    job.transport.finish()
+    ms = job.transport.agree(lambda: {k: statistics.median(t) * 1e3 for k, t in times.items()}, root=p - 1)
+    win = min(ms, key=ms.get)
+
+    def store():
+        table = partition.Table.load(path) if os.path.exists(path) else partition.Table()
+        table.add(job.model_key, picks[win])
+        table.save(path)
+    job.transport.agree(store)
+    job.transport.stats = dict.fromkeys(job.transport.stats, 0)   # the run's own messages only
+    job.c = picks[win]
+    job.c_source += (f"; timed against the even split: {ms['searched']:.4g} vs {ms['even']:.4g} ms, "
+                     f"{win} kept, saved to {path}")
 
 
 def live_search(job, args, prefill):

@@ -50,6 +50,7 @@ class Job:
     transport: transport.Transport   # how tensors move between ranks
     c: list = None              # runahead.py: the partition, one chunk per rank (set by its `prepare`)
     c_source: str = ""          # ... and where it came from
+    c_modelled: bool = False    # ... searched on the cost model: calibrate.versus_even times it
 
 
 class Done(Exception):

@@ -22,7 +22,7 @@ if __name__ == "__main__":                             # --help and bad options 
 
 import torch  # noqa: E402
 
-from calibrate import live_search, pick_partition  # noqa: E402
+from calibrate import live_search, pick_partition, versus_even  # noqa: E402
 from generate import sync  # noqa: E402
 from kvcache import KVCache, bytes_per_token  # noqa: E402
 from program import Done, abort_on_error, forward, report, setup, warm_up  # noqa: E402
@@ -81,6 +81,8 @@ def main(args):
             live_search(job, args, prefill)
         return
     with abort_on_error(job.comm):
+        if job.c_modelled:                             # a cost model's pick, not yet measured here
+            versus_even(job, prefill)
         warm_up(job, prefill, job.c, 0, args.math)
         logits, cache, ttft = prefill(job, job.c, args.max_new_tokens, args.math)
         job.transport.finish()

@@ -239,6 +239,8 @@ def ranks(a):
             job.tokens = torch.randint(3, job.model.cfg.vocab_size, (1, C),
                                        generator=torch.Generator().manual_seed(C)).to(job.device)
             calibrate.pick_partition(job, "searched")
+            if job.c_modelled:                          # as runahead.py runs it: timed against even
+                calibrate.versus_even(job, runahead.prefill)
             searched[C] = job.c
         for C in a.C:
             job.tokens = torch.randint(3, job.model.cfg.vocab_size, (1, C),

@@ -15,6 +15,7 @@ Claims, each tested below:
 The runs of the programs go through tests/harness.py: one `mpirun` job per rank count runs every
 case of that count through the program's own `main`, so each case costs its work, not a job's start.
 """
+import json
 import os
 import re
 import signal
@@ -326,9 +327,19 @@ def test_default_demo_runs(harness):
 
 @pytest.mark.parametrize("spec", ["searched", "predicted"])
 def test_searched_and_predicted_partitions_run(harness, spec):
+    """With no table entry, the partition is searched on the calibrated cost model, then timed
+    against the even split by real prefills; the faster runs and goes into the table."""
     d, ranks, _ = harness(f"partition-{spec}")
-    c = [int(x) for x in re.search(rf"partition \({spec}\): ([\d,]+)", ranks[2]["stdout"]).group(1).split(",")]
+    line = re.search(rf"partition \({spec}\): ([\d,]+)  \[(.*)\]", ranks[2]["stdout"])
+    c = [int(x) for x in line.group(1).split(",")]
     assert c == d["partition"] and len(c) == 3 and sum(c) == 300 and min(c) >= 1
+    timed = re.search(r"timed against the even split: ([\d.]+) vs ([\d.]+) ms, (searched|even) kept", line.group(2))
+    assert timed, line.group(0)
+    searched_ms, even_ms, kept = float(timed.group(1)), float(timed.group(2)), timed.group(3)
+    assert (kept == "even") == (c == [100, 100, 100]) and (searched_ms < even_ms) == (kept == "searched")
+    table = json.loads((ranks[0]["cache"] / "partitions.json").read_text())
+    assert list(table.values())[0]["3"]["300"] == c
+    assert d["messages"][2]["recvs"] == 4              # the timed run's own: 4 layers from rank 1
 
 
 def test_live_search_measures_and_stores(tmp_path):
