@@ -66,8 +66,10 @@ def _buf(t):
     size = t.element_size()
     if t.is_contiguous():
         return [MPI.buffer.fromaddress(t.data_ptr(), t.numel() * size), MPI.BYTE]
-    full = [t.shape[0]] + [a // b for a, b in zip(t.stride()[:-1], t.stride()[1:])]   # the block's shape
-    assert t.stride()[-1] == 1 and all(n <= m for n, m in zip(t.shape, full)), "not a block of a larger tensor"
+    st = t.stride()
+    full = [t.shape[0]] + [a // b for a, b in zip(st[:-1], st[1:])]   # the shape of the tensor it is a block of
+    assert (st[-1] == 1 and all(a % b == 0 for a, b in zip(st[:-1], st[1:]))
+            and all(n <= m for n, m in zip(t.shape, full))), "not a block of a larger tensor"
     key = (tuple(full), tuple(t.shape), size)
     if key not in _SUBARRAYS:
         _SUBARRAYS[key] = MPI.BYTE.Create_contiguous(size).Create_subarray(full, list(t.shape), [0] * t.dim()).Commit()
