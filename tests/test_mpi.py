@@ -336,7 +336,8 @@ def test_searched_and_predicted_partitions_run(harness, spec):
     timed = re.search(r"timed against the even split: ([\d.]+) vs ([\d.]+) ms, (searched|even) kept", line.group(2))
     assert timed, line.group(0)
     searched_ms, even_ms, kept = float(timed.group(1)), float(timed.group(2)), timed.group(3)
-    assert (kept == "even") == (c == [100, 100, 100]) and (searched_ms < even_ms) == (kept == "searched")
+    assert (kept == "even") == (c == [100, 100, 100])
+    assert (searched_ms <= even_ms) if kept == "searched" else (even_ms <= searched_ms)   # as printed, rounded
     table = json.loads((ranks[0]["cache"] / "partitions.json").read_text())
     assert list(table.values())[0]["3"]["300"] == c
     assert d["messages"][2]["recvs"] == 4              # the timed run's own: 4 layers from rank 1
