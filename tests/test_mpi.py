@@ -334,7 +334,9 @@ def test_searched_and_predicted_partitions_run(harness, spec):
     c = [int(x) for x in line.group(1).split(",")]
     assert c == d["partition"] and len(c) == 3 and sum(c) == 300 and min(c) >= 1
     timed = re.search(r"timed against the even split: ([\d.]+) vs ([\d.]+) ms, (searched|even) kept", line.group(2))
-    assert timed, line.group(0)
+    if timed is None:                                  # only if the cost model itself picked the even split
+        assert c == [100, 100, 100] and "searched on calibration" in line.group(2), line.group(0)
+        return
     searched_ms, even_ms, kept = float(timed.group(1)), float(timed.group(2)), timed.group(3)
     assert (kept == "even") == (c == [100, 100, 100])
     assert (searched_ms <= even_ms) if kept == "searched" else (even_ms <= searched_ms)   # as printed, rounded
