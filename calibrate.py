@@ -12,7 +12,6 @@ searched|predicted and --search-live). partition.py holds the searches themselve
 """
 import itertools
 import math
-import os
 import statistics
 import time
 
@@ -139,12 +138,13 @@ def pick_partition(job, spec, recalibrate=False):
     C, p, key = job.tokens.shape[1], job.size, job.model_key
 
     def from_table():
-        path = choose.table_path()
-        table = partition.Table.load(path) if os.path.exists(path) else partition.Table()
+        table = choose.load_table()
         return bool(table.get(key, p, C) or (spec == "predicted" and table.contexts(key, p)))
 
+    modelled = spec in ("searched", "predicted") and not job.transport.agree(from_table)
+
     def why_calibrate():                               # None: the cost model is not needed, or is fine
-        if spec not in ("searched", "predicted") or from_table():
+        if not modelled:
             return None
         if recalibrate:
             return "as asked (--recalibrate)"
@@ -157,20 +157,18 @@ def pick_partition(job, spec, recalibrate=False):
     why = job.transport.agree(why_calibrate)
     if why:
         calibrate(job, why)
-    searched = spec in ("searched", "predicted") and not job.transport.agree(from_table)
     job.c, job.c_source = job.transport.agree(lambda: choose.explain(spec, C, p, key))
-    job.c_modelled = searched and job.c != partition.even(C, p)
+    job.c_modelled = modelled and job.c != partition.even(C, p)
 
 
 def versus_even(job, prefill, repeats=3):
-    """The cost model's pick against the even split, timed by real prefills of all ranks (after one
-    untimed, alternated, median of `repeats`): the faster one runs, and goes into the table, which
-    later runs read. A model of a few coefficients can misjudge a machine (a chunk's fixed cost, its
-    rate after a long prefix); a measurement cannot, so `searched` is never slower than the even
-    split beyond noise."""
+    """The cost model's pick against the even split, timed by real prefills of all ranks (alternated,
+    median of `repeats`, so one cold first prefill does not decide): the faster one runs, and goes
+    into the table, which later runs read. A model of a few coefficients can misjudge a machine (a
+    chunk's fixed cost, its rate after a long prefix); a measurement cannot, so `searched` is never
+    slower than the even split beyond noise."""
     C, p, path = job.tokens.shape[1], job.size, choose.table_path()
     picks = {"searched": job.c, "even": partition.even(C, p)}
-    prefill(job, picks["even"])                        # a GPU's first prefill loads its kernels
     times = {k: [] for k in picks}
     for _ in range(repeats):
         for k, c in picks.items():
@@ -180,11 +178,11 @@ def versus_even(job, prefill, repeats=3):
     win = min(ms, key=ms.get)
 
     def store():
-        table = partition.Table.load(path) if os.path.exists(path) else partition.Table()
+        table = choose.load_table(path)
         table.add(job.model_key, picks[win])
         table.save(path)
     job.transport.agree(store)
-    job.transport.stats = dict.fromkeys(job.transport.stats, 0)   # the run's own messages only
+    job.transport.reset_stats()                        # the run's own messages only
     job.c = picks[win]
     job.c_source += (f"; timed against the even split: {ms['searched']:.4g} vs {ms['even']:.4g} ms, "
                      f"{win} kept, saved to {path}")
@@ -194,7 +192,7 @@ def live_search(job, args, prefill):
     """KVR-S measured live: rank 0 runs the grid search, and every candidate it scores is a real
     prefill by all ranks (runahead.prefill; median TTFT of --repeats). The best goes into the table."""
     comm, C, p, path = job.comm, job.tokens.shape[1], job.size, choose.table_path()
-    table = job.transport.agree(lambda: partition.Table.load(path) if os.path.exists(path) else partition.Table())
+    table = job.transport.agree(lambda: choose.load_table(path))
 
     def measure(c):                                    # every rank runs this for every candidate
         ts = [prefill(job, c)[2] for _ in range(args.repeats)]

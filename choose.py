@@ -55,11 +55,16 @@ def save_calibration(model, cost, path=None):
         json.dump(saved, f, indent=1)
 
 
+def load_table(path=None):
+    """The partitions table (default: the cache's), empty if there is none."""
+    path = path or table_path()
+    return partition.Table.load(path) if os.path.exists(path) else partition.Table()
+
+
 def check_caches():
     """Read both caches whole, as a run would, so that a file it could not use is refused at once
     (runahead.py does this before torch loads)."""
-    if os.path.exists(table_path()):
-        partition.Table.load(table_path())
+    load_table()
     calibrations()
 
 
@@ -82,8 +87,8 @@ def explain(spec, C, p, model="", table=None, cost=None):
         return partition.parse(spec, C, p), "given"
     if spec == "even":
         return partition.even(C, p), "even split"
-    table = table or (table_path() if os.path.exists(table_path()) else None)
-    t = partition.Table.load(table) if table else partition.Table()
+    table = table or table_path()
+    t = load_table(table)
     if t.get(model, p, C):
         return list(t.get(model, p, C)), f"table {table}"
     if spec == "predicted" and t.contexts(model, p):

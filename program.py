@@ -75,7 +75,7 @@ def warm_up(job, prefill, *args):
     if job.device.type == "cuda":
         prefill(job, *args)
         job.transport.finish()
-        job.transport.stats = dict.fromkeys(job.transport.stats, 0)
+        job.transport.reset_stats()
 
 
 def setup(args, prepare=None):

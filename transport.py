@@ -109,6 +109,10 @@ class Transport:
             self.up = torch.cuda.Stream(self.device)   # where received memory is allocated (_empty)
         self.queued = []           # (event, buffer, dest, tag): sends waiting for their bytes
         self.pending = []          # (request, buffer): a buffer lives until its request is done
+        self.reset_stats()
+
+    def reset_stats(self):
+        """Count messages and bytes from zero (a warm-up's are not the run's)."""
         self.stats = dict(sends=0, recvs=0, allgathers=0, bytes_sent=0, bytes_recv=0)
 
     @property

@@ -12,6 +12,7 @@ CPU copies the bytes. Other staged messages travel through MPI in private pinned
 On the CPU the same protocol runs with plain copies: that is how the tests check it without a GPU.
 """
 import ctypes
+import functools
 
 import torch
 
@@ -242,14 +243,12 @@ class StagedTransport(Transport):
             self.free[buf.numel()].append(buf)
 
 
+@functools.cache
 def _cudart():
     """The CUDA runtime library torch loaded (for cudaMemcpy2DAsync, which torch does not wrap), or None."""
     with open("/proc/self/maps") as maps:
         paths = [line.split()[-1] for line in maps if "/libcudart.so" in line]
     return ctypes.CDLL(paths[0]) if paths else None
-
-
-_CUDART = []               # [library or None], found on first use
 
 
 def _copy_rows(out, host, stream):
@@ -260,14 +259,12 @@ def _copy_rows(out, host, stream):
         rows = out.view(-1, out.shape[-2] * out.shape[-1])   # (2 B n_kv, T hs), pitch capacity hs
     except RuntimeError:
         return False
-    if not _CUDART:
-        _CUDART.append(_cudart())
-    if _CUDART[0] is None or rows.stride(1) != 1:
+    if _cudart() is None or rows.stride(1) != 1:
         return False
     size = out.element_size()
     width, pitch = rows.shape[1] * size, rows.stride(0) * size
     c = ctypes.c_size_t
-    err = _CUDART[0].cudaMemcpy2DAsync(ctypes.c_void_p(rows.data_ptr()), c(pitch), ctypes.c_void_p(host.data_ptr()),
+    err = _cudart().cudaMemcpy2DAsync(ctypes.c_void_p(rows.data_ptr()), c(pitch), ctypes.c_void_p(host.data_ptr()),
                                        c(width), c(width), c(rows.shape[0]), 1,   # 1: host to device
                                        ctypes.c_void_p(stream.cuda_stream))
     if err:
