@@ -7,6 +7,8 @@ import time
 
 import torch
 
+import fast.decode
+
 
 def sync(device):
     """Wait until the device has done what was queued (a GPU runs behind the host)."""
@@ -34,8 +36,13 @@ def generate(model, prompt, max_new_tokens, cache, stop_at_eos=False):
 
 
 @torch.no_grad()
-def decode(model, tok, cache, steps, stop_at_eos=False):
-    """The extension phase: feed back each greedy token through the KV cache. Returns (B, 1+steps)."""
+def decode(model, tok, cache, steps, stop_at_eos=False, graphs=True):
+    """The extension phase: feed back each greedy token through the KV cache. Returns (B, 1+steps).
+
+    On a GPU one step is a few hundred small kernels, and launching them takes longer than running
+    them: unless graphs=False, fast/decode.py replays each step as one CUDA graph instead."""
+    if graphs and fast.decode.takes(model, cache):
+        return fast.decode.decode(model, tok, cache, steps, stop_at_eos)
     out = [tok]
     for _ in range(steps):
         if stop_at_eos and (tok == model.cfg.eos_token_id).all():

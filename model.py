@@ -128,11 +128,11 @@ def causal_mask(q, k, start, cfg, dense, math_path):
     that the same kernel runs and the result is bitwise HF's: is_causal for a whole prompt from
     position 0; nothing for one token (decode sees every key); else an explicit (T, Lk) mask, which
     for a chunk after a prefix is meta-llama's mask for a cached prefix (row i sees keys 0..start+i),
-    and for ALiBi carries the float bias."""
+    and for ALiBi carries the float bias. `start` may be a tensor (fast/decode.py's static step)."""
     T, Lk = q.shape[2], k.shape[2]
     if not (cfg.alibi or math_path or dense) and (Lk == T or T == 1):
         return None, T > 1
-    mask = torch.arange(Lk, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
+    mask = torch.arange(Lk, device=q.device) <= (start + torch.arange(T, device=q.device))[:, None]
     if cfg.alibi:                                      # HF rounds slopes and products to bf16
         slopes = alibi_slopes(cfg.n_heads).to(q.device)
         alibi = (slopes[:, None].bfloat16() * torch.arange(Lk, device=q.device)).to(q.dtype)[:, None, :]
@@ -204,7 +204,7 @@ class Attention(nn.Module):
             q, k, v = f[:, :, :, :-2].flatten(2, 3), f[:, :, :, -2], f[:, :, :, -1]
         elif self.cfg.qkv_layout == "mq":              # [q_0 ... q_nh-1, k, v]
             f = fused.view(B, T, nh + 2, hs)
-            q, k, v = f[:, :, :-2], f[:, :, [-2]], f[:, :, [-1]]
+            q, k, v = f[:, :, :-2], f[:, :, -2:-1], f[:, :, -1:]
         else:                                          # per head: [q_i, k_i, v_i]
             f = fused.view(B, T, nh, 3, hs)
             q, k, v = f[..., 0, :], f[..., 1, :], f[..., 2, :]

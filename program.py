@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+import fast.decode
 import transport
 from cli import replace_whole, say
 from fast.compiled import fuse
@@ -288,8 +289,9 @@ def report(job, args, title, emitter, partition, stats, lines, logits, cache, tt
     t0 = time.perf_counter()
     tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1)[0].tolist()
     tpot = (time.perf_counter() - t0) / max(1, len(tokens) - 1)
+    how = ", a CUDA graph a step after one eager step" if fast.decode.takes(job.model, cache) else ""
     print(f"{title}: {job.size} rank{'s' * (job.size != 1)}, {job.name}, {C} prompt tokens, {args.dtype} on {job.device}")
-    for line in lines + [f"decode: {tpot * 1e3:.2f} ms per output token after the first"]:
+    for line in lines + [f"decode: {tpot * 1e3:.2f} ms per output token after the first{how}"]:
         print(line)
     print(f"transport: {job.transport.path}; waits: "
           + (f"polite ({job.local_size} ranks on {job.cores} cores)" if job.polite else "blocking"))

@@ -5,6 +5,7 @@ Each module is behind one seam, and the code before the seam reads the same with
              merged by log-sum-exp)
   compiled   fuse(model): each layer's pre and post compiled (torch.compile), optionally replayed as
              CUDA graphs (--fuse, --graphs)
+  decode     generate.decode hands decoding on a GPU to static steps replayed as CUDA graphs
   staged     StagedTransport: GPU tensors through pinned host memory when the MPI is not CUDA-aware
              (program.setup picks it); transport.Transport is the interface
 """

@@ -32,7 +32,7 @@ def attend(q, k, v, start, scale, dense):
         return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, scale=scale)[0]
     mask = None
     if dense or chunk:
-        mask = torch.arange(Lk, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]
+        mask = torch.arange(Lk, device=q.device) <= (start + torch.arange(T, device=q.device))[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, scale=scale,
                                           enable_gqa=k.shape[1] < q.shape[1])
 

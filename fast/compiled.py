@@ -18,6 +18,7 @@ def fuse(model, backend="inductor", graphs=False):
     for block in model.layers:
         block.pre = torch.compile(block.pre, backend=backend, mode=mode)
         block.post = torch.compile(block.post, backend=backend, mode=mode)
+    model.graphs = graphs                              # fast/decode.py's graphs cannot hold these
     if graphs:                                         # each forward is a new step: the graphs' outputs
         model.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
     return model                                       # of the last one may be overwritten

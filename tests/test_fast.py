@@ -5,7 +5,11 @@ import math
 import pytest
 import torch
 
+import fast.decode
+import generate
+import model
 from fast import attention
+from kvcache import KVCache
 
 
 def reference(q, k, v, causal_from=None):
@@ -31,3 +35,31 @@ def test_merging_two_blocks_by_log_sum_exp_is_attention_over_both(T, P):
     whole, _ = reference(q, k, v, causal_from=P)
     torch.testing.assert_close(attention.merge(a, lse_a, b, lse_b), whole, atol=1e-12, rtol=0)
     torch.testing.assert_close(attention.merge(b, lse_b, a, lse_a), whole, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "falcon"])
+def test_static_decode_steps_compute_what_the_teaching_decode_computes(arch):
+    """To float64 rounding, not bitwise: fast/decode.py's static step (position as a tensor, K/V
+    written in place, attention over the whole capacity with the unwritten keys masked) gives the
+    teaching decode's tokens and cache. Bitwise, the CUDA graph against the same steps run eagerly,
+    is tests/test_gpu.py's claim."""
+    m = model.builtin(arch, seed=0, dtype=torch.float64)
+    prompt = torch.randint(3, 1024, (1, 37), generator=torch.Generator().manual_seed(2))
+    out, caches = [], []
+    for static in (False, True):
+        cache = KVCache(m.cfg, 1, 37 + 12, torch.float64)
+        tok = m(prompt, cache, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        run = fast.decode.decode if static else generate.decode
+        out.append(run(m, tok, cache, 9, graphs=False))
+        caches.append(cache)
+    assert torch.equal(out[0], out[1]) and len(caches[0]) == len(caches[1]) == 37 + 9
+    for a, b in zip(caches[0].kv, caches[1].kv):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_static_decode_refuses_steps_past_the_capacity():
+    m = model.builtin("llama", dtype=torch.float64)
+    cache = KVCache(m.cfg, 1, 8, torch.float64)
+    m(torch.ones(1, 6, dtype=torch.long), cache, 0)
+    with pytest.raises(ValueError, match="KV cache holds 8 tokens; 6 \\+ 3 do not fit"):
+        fast.decode.decode(m, torch.ones(1, 1, dtype=torch.long), cache, 3, graphs=False)

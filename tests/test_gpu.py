@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+import fast.decode
+import generate
 import model
 from fast import attention
 from fast.compiled import fuse
@@ -126,3 +128,43 @@ def test_cuda_graphs_replay_the_fused_kernels_exactly(arch):
         out.append(runs[-1])
     for x, y in zip(*out):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("arch", ["llama", "falcon"])
+def test_decode_graphs_replay_the_static_steps_exactly(arch, fused):
+    """Bitwise: decode as CUDA graphs (fast/decode.py, what generate.decode runs on a GPU) gives the
+    tokens and the whole cache of the same static steps run eagerly, fused or not. Against the
+    teaching loop (attention over the keys so far, unmasked) the kernels differ: fp16 agrees to
+    rounding, checked on the cache."""
+    m = model.builtin(arch, seed=0, dtype=torch.float16).cuda()
+    m = fuse(m) if fused else m
+    prompt = torch.randint(3, 1024, (1, 100), generator=torch.Generator().manual_seed(3)).cuda()
+    out, kv = {}, {}
+    for way in ("graphs", "eager", "teaching"):
+        cache = KVCache(m.cfg, 1, 100 + 40, torch.float16, "cuda")
+        with torch.inference_mode():
+            tok = m(prompt, cache, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            if way == "teaching":
+                out[way] = generate.decode(m, tok, cache, 30, graphs=False)
+            else:
+                assert fast.decode.takes(m, cache)
+                out[way] = fast.decode.decode(m, tok, cache, 30, graphs=way == "graphs")
+        assert len(cache) == 130
+        kv[way] = torch.stack(cache.kv)
+    assert torch.equal(out["graphs"], out["eager"]) and torch.equal(kv["graphs"], kv["eager"])
+    n = int((out["graphs"] == out["teaching"]).cumprod(1).sum())   # the same tokens up to here
+    torch.testing.assert_close(kv["graphs"][..., :100 + n, :], kv["teaching"][..., :100 + n, :], atol=2e-2, rtol=2e-2)
+    assert n >= 10, n
+
+
+def test_a_layers_breakdown_adds_up():
+    """bench.profiling.breakdown sorts a late rank's kernels: GEMMs and attention both run, every kind
+    is non-negative, at 1024 tokens the matmuls outweigh the rest, and the gaps are a share of the layer
+    (a little below 0 if the profiler stretches kernels)."""
+    from bench.profiling import breakdown
+    from load_weights import dims_model
+    m = dims_model("llama7b", torch.float16, "cuda", 2)
+    b = breakdown(m, 1024, 4096, repeats=3)
+    assert b["GEMMs"] > 0 and b["attention"] > 0 and b["copies"] >= 0 and b["other kernels"] > 0
+    assert b["GEMMs"] + b["attention"] > b["copies"] + b["other kernels"] and -0.2 < b["gaps"] / b["layer"] < 1

@@ -85,6 +85,7 @@ def test_the_rooms_depend_one_way():
         assert not {n for n in GRAPH[m] if n.startswith("bench")}, f"{m} imports a tool"
     assert GRAPH["model"] == {"fast.attention"} and GRAPH["kvcache"] == set()
     assert GRAPH["fast.attention"] == GRAPH["fast.compiled"] == set() and GRAPH["fast.staged"] == {"transport"}
+    assert GRAPH["fast.decode"] == {"model"}           # the blocks it replays, and their RoPE
     assert "transport" not in GRAPH["partition"] | GRAPH["bench.sim"]
 
 
@@ -122,7 +123,7 @@ def test_pure_modules_do_not_import_mpi4py():
     """The model, the cache, generation, the partitions and their calibration, the loader and the
     simulator start no MPI; the replay and the partitions do not even load torch."""
     assert loaded("model", "kvcache", "generate", "partition", "calibrate", "load_weights", "bench.sim",
-                  "bench.profiling", "fast.attention", "fast.compiled") == "torch"
+                  "bench.profiling", "fast.attention", "fast.compiled", "fast.decode") == "torch"
     assert loaded("bench.sim", "partition", "cli") == ""
 
 

@@ -1,0 +1,85 @@
+"""Decode as CUDA graphs: the host launches a whole step, some 400 kernels at 7B, with one call.
+
+A decode step is launch-bound on a GPU: at Llama-7B dims the H200 reads the 13.5 GB of weights in
+2.8 ms, while the host takes some 60 ms to launch the step kernel by kernel. A CUDA graph records the
+step once and replays it; but a recording fixes every shape and address, and the teaching decode
+(generate.decode) fixes neither: its keys grow by one a step, and its position is a Python int. So
+the step here is static, as in gpt-fast:
+- the position is a tensor on the GPU, and the step advances it itself;
+- the new K/V go into the cache at that position (`index_copy_`), and attention reads the cache's
+  whole capacity, masked so that key j is seen iff j <= position (`dense`, as TSP's baseline masks);
+- the step writes its greedy token where the next step reads it.
+The blocks are the model's own (Block.forward); only the K/V exchange is this file's (StaticKV).
+Replaying the graph launches exactly the kernels the step launches eagerly: the same bits.
+"""
+import torch
+
+from model import rope, rope_inv_freq
+
+
+def takes(model, cache):
+    """Does decode from `cache` run as CUDA graphs? On a GPU, unless the step would record a constant
+    that must change: ALiBi's bias is built on the host for each length, dynamic-NTK RoPE stretches
+    its base as the cache outgrows max_position_embeddings, and fuse(graphs=True)'s own graphs do
+    not nest in ours."""
+    cfg = model.cfg
+    dynamic = (cfg.rope is not None and cfg.rope["rope_type"] == "dynamic"
+               and cache.capacity > cfg.max_position_embeddings)
+    return cache.kv[0].is_cuda and not cfg.alibi and not dynamic and not getattr(model, "graphs", False)
+
+
+class StaticKV:
+    """The cache as one static step sees it: the new K/V written at the step's position, and every
+    position up to the capacity handed to attention, which masks the ones not yet written."""
+
+    dense = True
+
+    def __init__(self, cache, pos):
+        self.cache, self.pos = cache, pos
+
+    def update(self, layer, k, v):
+        kv = self.cache.kv[layer]                      # (2, B, n_kv, capacity, hs)
+        kv.index_copy_(3, self.pos, torch.stack((k, v)))
+        return kv[0], kv[1]
+
+
+class Step:
+    """One decode step with static shapes: feeds `tok` (B, 1) at `pos` (1,), leaves the greedy next
+    token in `tok` and pos + 1 in `pos`."""
+
+    def __init__(self, model, cache, tok):
+        cfg, dev = model.cfg, tok.device
+        self.model, self.tok = model, tok.clone()
+        self.pos = torch.tensor([len(cache)], device=dev)
+        self.kv = StaticKV(cache, self.pos)            # RoPE's frequencies made here: a recording cannot copy to the GPU
+        self.inv_freq = rope_inv_freq(cfg, cache.capacity).to(dev) if cfg.rope is not None else None
+
+    def __call__(self):
+        m = self.model
+        x = m.embed(self.tok)                          # (B, 1, d)
+        cos_sin = None if self.inv_freq is None else rope(self.pos, self.inv_freq, x.dtype)
+        for block in m.layers:
+            x = block(x, self.kv, [(self.pos, 1)], cos_sin, False)
+        self.tok.copy_(m.lm_head(m.norm(x))[:, -1].argmax(-1, keepdim=True))
+        self.pos += 1
+
+
+@torch.no_grad()
+def decode(model, tok, cache, steps, stop_at_eos=False, graphs=True, eager_steps=1):
+    """generate.decode's contract with static steps: the first `eager_steps` run as they are (they
+    warm cuBLAS and the allocator up), then one step is recorded as a CUDA graph and replayed for the
+    rest (graphs=False: every step eager, the same kernels). Returns (B, 1+steps)."""
+    if len(cache) + steps > cache.capacity:
+        raise ValueError(f"KV cache holds {cache.capacity} tokens; {len(cache)} + {steps} do not fit")
+    step, out, graph = Step(model, cache, tok), [tok], None
+    for i in range(steps):
+        if stop_at_eos and (step.tok == model.cfg.eos_token_id).all():
+            break
+        if graphs and i == eager_steps:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):              # recorded, not run
+                step()
+        graph.replay() if graph else step()
+        out.append(step.tok.clone())
+    cache.n = [len(cache) + len(out) - 1] * len(cache.n)
+    return torch.cat(out, dim=1)
