@@ -4,6 +4,8 @@ commands (bench/simulated.py makes the simulated ones).
     python -m bench.measured single [--dims llama7b falcon7b] [--dtype bfloat16 float16] [--C 4096 8192 16384]
         one process on a GPU: our prefill, eager and fused, against transformers' own model, same
         run, same GPU; TTFT medians and MFU.
+    python -m bench.measured decode [--dims llama7b] [--C 128] [--new 72]
+        one process on a GPU: decode per token, the teaching loop against CUDA graphs, alternated.
     mpirun -n P python -m bench.measured ranks [--C 1024 2048 4096] [--model builtin:llama] [--device cpu]
         P real ranks: one process, TSP, TSP-zigzag, KVR-E, KVR-S and KVR-P on each context length,
         the variants alternated within each repeat; TTFT medians; optional per-rank traces.
@@ -32,6 +34,8 @@ import torch
 
 import calibrate
 import cli
+import fast.decode
+import generate
 import partition
 import runahead
 import transport
@@ -221,6 +225,51 @@ def single_tables(rows):
         print()
         table([{"dtype": dt, "C": C, "Falcon fused / Llama fused": f"{t['falcon7b', dt, C, 'ours fused']['ttft_s'] / t['llama7b', dt, C, 'ours fused']['ttft_s']:.3f}"}
                for dt, C in pairs], ["dtype", "C", "Falcon fused / Llama fused"])
+
+
+def decode_bench(a):
+    """Decode on one process, per output token: the teaching loop (generate.decode, graphs=False) and
+    fast/decode.py's static steps, eager and as CUDA graphs, alternated in each repeat after the same
+    prefill, against reading the weights once at the GPU's bandwidth. The graphs' tokens are checked
+    torch.equal to the eager static steps' (the same kernels), and compared with the teaching loop's."""
+    rows = []
+    for name in a.dims:
+        cfg, dtype = Config(**DIMS[name]), getattr(torch, a.dtype)
+        model = dims_model(name, dtype, "cuda")
+        cache = KVCache(cfg, 1, a.C + a.new, dtype, "cuda")
+        prompt = torch.randint(3, cfg.vocab_size, (1, a.C), device="cuda")
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        ways = {"teaching loop": dict(graphs=False), "static eager": dict(graphs=True, fast=False),
+                "CUDA graphs": dict(graphs=True, fast=True)}
+        times, toks = defaultdict(list), {}
+        with torch.inference_mode():
+            for _ in range(1 + a.repeats):             # the first repeat warms up and is not counted
+                for way, kw in ways.items():
+                    cache.reset()
+                    tok = model(prompt, cache, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
+                    sync("cuda")
+                    t0 = time.perf_counter()
+                    if kw["graphs"]:
+                        out = fast.decode.decode(model, tok, cache, a.new - 1, graphs=kw["fast"])
+                    else:
+                        out = generate.decode(model, tok, cache, a.new - 1, graphs=False)
+                    sync("cuda")
+                    times[way].append((time.perf_counter() - t0) / (a.new - 1))
+                    toks[way] = out
+        same = torch.equal(toks["CUDA graphs"], toks["static eager"])
+        agree = int((toks["CUDA graphs"] == toks["teaching loop"]).cumprod(1).sum())
+        for way in ways:
+            ms = statistics.median(times[way][1:]) * 1e3
+            rows.append(dict(model=name, dtype=a.dtype, C=a.C, new=a.new, way=way, ms_per_token=ms,
+                             raw_s=times[way][1:], bound_ms=weights / a.bandwidth * 1e3,
+                             graphs_equal_eager=same, tokens_as_teaching=agree))
+            print(f"{name} {a.dtype} {a.C}+{a.new}: {way}: {ms:.2f} ms per token (median of {a.repeats})", flush=True)
+        print(f"{name}: weights {weights / 1e9:.2f} GB, read once at {a.bandwidth / 1e12:.1f} TB/s: "
+              f"{weights / a.bandwidth * 1e3:.2f} ms; CUDA graphs' tokens torch.equal to the static steps' "
+              f"eager: {same}; first {agree} of {a.new} tokens as the teaching loop's", flush=True)
+        model = cache = None
+        torch.cuda.empty_cache()
+    save(a.out, machine(), rows)
 
 
 # ----------------------------------------------------------------------------- real ranks
@@ -421,6 +470,14 @@ def main(argv=None):
     s.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers")
     s.add_argument("--out", default="results/single.json")
     s.add_argument("--rows", help="print the tables of this results file instead of measuring")
+    d = sub.add_parser("decode", help="one process on a GPU: decode per token, teaching loop vs CUDA graphs")
+    d.add_argument("--dims", nargs="+", default=["llama7b"], choices=["llama7b", "falcon7b"])
+    d.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    d.add_argument("--C", type=cli.at_least(1), default=128, help="prompt tokens")
+    d.add_argument("--new", type=cli.at_least(3), default=72, help="new tokens (the first from the prefill)")
+    d.add_argument("--repeats", type=cli.at_least(1), default=5)
+    d.add_argument("--bandwidth", type=float, default=4.8e12, help="the GPU's memory bandwidth, bytes/s (H200)")
+    d.add_argument("--out", default="results/decode.json")
     r = sub.add_parser("ranks", help="real ranks under mpirun: every variant, alternated")
     r.add_argument("--model", default="builtin:llama")
     r.add_argument("--C", nargs="+", type=cli.at_least(1), default=[1024, 2048, 4096])
@@ -445,7 +502,7 @@ def main(argv=None):
     pl.add_argument("--traces", nargs="*", help="trace JSON files to draw as one timeline figure")
     pl.add_argument("--timeline", default="results/timeline.png")
     a = ap.parse_args(argv)
-    {"single": single, "ranks": ranks, "merge": merge, "link": link, "plot": plot}[a.cmd](a)
+    {"single": single, "decode": decode_bench, "ranks": ranks, "merge": merge, "link": link, "plot": plot}[a.cmd](a)
 
 
 if __name__ == "__main__":

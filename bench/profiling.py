@@ -5,6 +5,7 @@ A rank is profiled alone: TimedKV stands in for the K/V it would receive or gath
 the L+1 segments bench/sim.py replays (its docstring draws them). Host clock on a CPU, CUDA events on a GPU.
 
     python -m bench.profiling --model llama7b --dtype float16 --device cuda --kernels kernels.json
+    python -m bench.profiling --fuse --breakdown 2048:14336 128:14336    # where a late rank's layer goes
 """
 import platform
 import statistics
@@ -16,6 +17,7 @@ import torch
 import cli
 import partition
 from bench import sim
+from fast.compiled import fuse
 from generate import sync
 from kvcache import KVCache, bytes_per_token
 from load_weights import DIMS, dims_model
@@ -137,6 +139,32 @@ def profile_tsp(model, C, p, zigzag=False, repeats=3, warmup=1, math_path=False)
     return out
 
 
+KINDS = {"attention": ("flash", "fmha", "cudnn", "sdpa", "attention"),   # torch.profiler's kernel names,
+         "GEMMs": ("gemm", "nvjet", "cutlass", "xmma", "cublas"),         # matched in this order
+         "copies": ("copy", "memcpy", "memset")}
+
+
+def breakdown(model, c, prefix, repeats=5):
+    """Where a layer of one KV-Runahead rank goes on a GPU: c tokens after `prefix`, as profile_chunk
+    runs them. Returns ms per layer: the layer's time (CUDA events, median of `repeats`), its kernels
+    by kind (torch.profiler, the sum over `repeats` forwards / repeats / layers, so the LM head of
+    one token counts too), "other kernels" (fused elementwise, norms, the cuDNN blocks' merge) and
+    the gaps: the GPU idle, waiting for the host to launch."""
+    device, dtype = _where(model)
+    layer = statistics.median(profile_chunk(model, c, prefix, repeats, 2)[1:-1])
+    cache = KVCache(model.cfg, 1, prefix + c, dtype, device)
+    kv = TimedKV(Clock(device), cache, prefix)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _time(model, c, kv, prefix, repeats, 0)
+    out = {"layer": layer * 1e3, **{k: 0.0 for k in KINDS}, "other kernels": 0.0}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kind = next((k for k, words in KINDS.items() if any(w in e.name.lower() for w in words)), "other kernels")
+            out[kind] += e.device_time / 1e3 / repeats / model.cfg.n_layers
+    out["gaps"] = out["layer"] - sum(v for k, v in out.items() if k != "layer")
+    return out
+
+
 def measure_table(model, cs, prefixes, max_len=None, layers=None, repeats=5, warmup=1):
     """A sim.KernelTable: one rank profiled at every (c, P) with P + c <= max_len (default max(cs)).
     `layers`: how many layers its segments() give (default the model's; a 4-layer model can stand in
@@ -181,10 +209,25 @@ def main(argv=None):
     ap.add_argument("--cs", type=cli.ints(1), default=[128, 256, 512, 1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--prefixes", type=cli.ints(0), default=[0, 1024, 2048, 4096, 8192, 12288])
     ap.add_argument("--repeats", type=cli.at_least(1), default=10, help="timed runs per grid point (median)")
+    ap.add_argument("--fuse", action="store_true", help="compile each layer's pre and post (fast.compiled.fuse)")
+    ap.add_argument("--breakdown", nargs="+", metavar="C:P", help="instead of the table: where a layer of C tokens "
+                    "after P goes (GEMMs, attention, copies, other kernels, gaps), for each C:P")
     a = ap.parse_args(argv)
+    if a.breakdown and a.device != "cuda":
+        ap.error("--breakdown sorts a GPU's kernels: use --device cuda")
     t0 = time.perf_counter()
     small = None if a.model.startswith("builtin:") else a.layers
     m = dims_model(a.model, getattr(torch, a.dtype), a.device, small)
+    m = fuse(m) if a.fuse else m
+    if a.breakdown:
+        rows = []
+        for cp in a.breakdown:
+            c, P = map(int, cp.split(":"))
+            rows.append({"chunk": c, "prefix": P, **{k: f"{v:.3f}" for k, v in breakdown(m, c, P, a.repeats).items()}})
+        print(f"ms per layer, {a.model} {a.dtype}{', fused' if a.fuse else ''}, on {torch.cuda.get_device_name()}")
+        print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
+        print("\n".join("| " + " | ".join(map(str, r.values())) + " |" for r in rows))
+        return
     kt = measure_table(m, a.cs, a.prefixes, layers=small and DIMS[a.model]["n_layers"],
                        repeats=a.repeats)
     kt.save(a.kernels)
