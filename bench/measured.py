@@ -239,23 +239,21 @@ def decode_bench(a):
         cache = KVCache(cfg, 1, a.C + a.new, dtype, "cuda")
         prompt = torch.randint(3, cfg.vocab_size, (1, a.C), device="cuda")
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        ways = {"teaching loop": dict(graphs=False), "static eager": dict(graphs=True, fast=False),
-                "CUDA graphs": dict(graphs=True, fast=True)}
+        n = a.new - 1
+        ways = {"teaching loop": lambda tok: generate.decode(model, tok, cache, n, graphs=False),
+                "static eager": lambda tok: fast.decode.decode(model, tok, cache, n, graphs=False),
+                "CUDA graphs": lambda tok: fast.decode.decode(model, tok, cache, n, graphs=True)}
         times, toks = defaultdict(list), {}
         with torch.inference_mode():
             for _ in range(1 + a.repeats):             # the first repeat warms up and is not counted
-                for way, kw in ways.items():
+                for way, run in ways.items():
                     cache.reset()
                     tok = model(prompt, cache, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
                     sync("cuda")
                     t0 = time.perf_counter()
-                    if kw["graphs"]:
-                        out = fast.decode.decode(model, tok, cache, a.new - 1, graphs=kw["fast"])
-                    else:
-                        out = generate.decode(model, tok, cache, a.new - 1, graphs=False)
+                    toks[way] = run(tok)
                     sync("cuda")
-                    times[way].append((time.perf_counter() - t0) / (a.new - 1))
-                    toks[way] = out
+                    times[way].append((time.perf_counter() - t0) / n)
         same = torch.equal(toks["CUDA graphs"], toks["static eager"])
         agree = int((toks["CUDA graphs"] == toks["teaching loop"]).cumprod(1).sum())
         for way in ways:

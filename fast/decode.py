@@ -51,7 +51,8 @@ class Step:
         cfg, dev = model.cfg, tok.device
         self.model, self.tok = model, tok.clone()
         self.pos = torch.tensor([len(cache)], device=dev)
-        self.kv = StaticKV(cache, self.pos)            # RoPE's frequencies made here: a recording cannot copy to the GPU
+        self.kv = StaticKV(cache, self.pos)
+        # RoPE's frequencies go to the GPU here, once: a recording cannot copy from the host
         self.inv_freq = rope_inv_freq(cfg, cache.capacity).to(dev) if cfg.rope is not None else None
 
     def __call__(self):
@@ -81,5 +82,6 @@ def decode(model, tok, cache, steps, stop_at_eos=False, graphs=True, eager_steps
                 step()
         graph.replay() if graph else step()
         out.append(step.tok.clone())
-    cache.n = [len(cache) + len(out) - 1] * len(cache.n)
+    for layer in range(len(cache.kv)):                 # the positions the steps wrote, now held
+        cache.claim(layer, len(out) - 1)
     return torch.cat(out, dim=1)
