@@ -151,7 +151,7 @@ def program(description):
     ap.add_argument("--fuse", action="store_true",
                     help="compile each layer's elementwise work (torch.compile; for GPUs, slow to start)")
     ap.add_argument("--graphs", action="store_true",
-                    help="--fuse, and replay the compiled work as CUDA graphs (GPU; pays under ~1k tokens a rank)")
+                    help="--fuse, and prefills as CUDA graphs between K/V exchanges (GPU; pays under ~1k tokens a rank)")
     ap.add_argument("--trace", type=output_file, help="write a per-rank timeline (Chrome trace JSON) to this file")
     ap.add_argument("--save", type=output_file, help="torch.save logits, KV cache, partition, TTFT and tokens here")
     return ap

@@ -72,11 +72,12 @@ def forward(job, tokens, kv, start, math_path=False):
 
 def warm_up(job, prefill, *args):
     """On a GPU, one prefill first, untimed: the first loads and tunes kernels (hundreds of ms), a cost
-    a serving process pays once, not per prompt. The messages are counted again from zero after it."""
-    if job.device.type == "cuda":
+    a serving process pays once, not per prompt; with --graphs a second records them (fast/segments.py).
+    The messages are counted again from zero after it."""
+    for _ in range((job.device.type == "cuda") * (1 + getattr(job.model, "graphs", False))):
         prefill(job, *args)
-        job.transport.finish()
-        job.transport.reset_stats()
+    job.transport.finish()
+    job.transport.reset_stats()
 
 
 def setup(args, prepare=None):
@@ -284,7 +285,7 @@ def _wait_until_stderr_read(timeout=2.0):
 
 def report(job, args, title, emitter, partition, stats, lines, logits, cache, ttft):
     """On the rank that holds the whole cache: decode on from it, print the result, --save it."""
-    C = job.tokens.shape[1]
+    C, graphs = job.tokens.shape[1], getattr(job.model.forward, "ran", None)   # how the prefill ran (--graphs)
     prompt_kv = [tuple(t.clone().cpu() for t in cache.layer(i)) for i in range(job.model.cfg.n_layers)]
     t0 = time.perf_counter()
     tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1)[0].tolist()
@@ -296,6 +297,7 @@ def report(job, args, title, emitter, partition, stats, lines, logits, cache, tt
     print(f"transport: {job.transport.path}; waits: "
           + (f"polite ({job.local_size} ranks on {job.cores} cores)" if job.polite else "blocking"))
     warm = ", after an untimed warm-up prefill" if job.device.type == "cuda" else ""
+    warm += {"replayed": ", replayed as CUDA graphs", "eagerly": ", eagerly: the cache moved"}.get(graphs, "")
     print(f"TTFT: {ttft * 1e3:.2f} ms (rank {emitter}, barrier to first token id{warm})")
     print(f"tokens: {tokens}", flush=True)
     if job.tokenizer:

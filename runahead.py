@@ -81,7 +81,7 @@ def main(args):
             live_search(job, args, prefill)
         return
     with abort_on_error(job.comm):
-        warm_up(job, prefill, job.c, 0, args.math)
+        warm_up(job, prefill, job.c, args.max_new_tokens, args.math)
         if job.c_modelled:                             # a cost model's pick, not yet measured here
             versus_even(job, prefill)
         logits, cache, ttft = prefill(job, job.c, args.max_new_tokens, args.math)

@@ -78,7 +78,7 @@ def prefill(job, zigzag, decode_room=0, math_path=False):
 def main(args):
     job = setup(args, prepare=lambda job: tsp_layout(job.tokens.shape[1], job.size, args.zigzag))
     with abort_on_error(job.comm):
-        warm_up(job, prefill, args.zigzag, 0, args.math)
+        warm_up(job, prefill, args.zigzag, args.max_new_tokens, args.math)
         logits, cache, ttft, emitter = prefill(job, args.zigzag, args.max_new_tokens, args.math)
         job.transport.barrier()                        # a polite wait, not gather's spin
         stats = job.comm.gather(job.transport.stats, root=emitter)

@@ -109,6 +109,7 @@ def profile_chunk(model, c, prefix, repeats=3, warmup=1):
     cache = KVCache(cfg, 1, prefix + c, dtype, device)
     for kv in cache.kv:                                # the prefix as received: random K/V
         kv[:, :, :, :prefix] = torch.randn_like(kv[:, :, :, :prefix])
+    warmup += getattr(model, "graphs", False)          # --graphs: the second forward records them
     return _time(model, c, TimedKV(Clock(device), cache, prefix), prefix, repeats, warmup)
 
 
@@ -154,6 +155,7 @@ def breakdown(model, c, prefix, repeats=5):
     layer = statistics.median(profile_chunk(model, c, prefix, repeats, 2)[1:-1])
     cache = KVCache(model.cfg, 1, prefix + c, dtype, device)
     kv = TimedKV(Clock(device), cache, prefix)
+    _time(model, c, kv, prefix, 1, 1)                  # --graphs: record them into this cache
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         _time(model, c, kv, prefix, repeats, 0)
     out = {"layer": layer * 1e3, **{k: 0.0 for k in KINDS}, "other kernels": 0.0}
@@ -210,6 +212,7 @@ def main(argv=None):
     ap.add_argument("--prefixes", type=cli.ints(0), default=[0, 1024, 2048, 4096, 8192, 12288])
     ap.add_argument("--repeats", type=cli.at_least(1), default=10, help="timed runs per grid point (median)")
     ap.add_argument("--fuse", action="store_true", help="compile each layer's pre and post (fast.compiled.fuse)")
+    ap.add_argument("--graphs", action="store_true", help="--fuse, and each forward as CUDA graphs (fast/segments.py)")
     ap.add_argument("--breakdown", nargs="+", metavar="C:P", help="instead of the table: where a layer of C tokens "
                     "after P goes (GEMMs, attention, copies, other kernels, gaps), for each C:P")
     a = ap.parse_args(argv)
@@ -218,13 +221,14 @@ def main(argv=None):
     t0 = time.perf_counter()
     small = None if a.model.startswith("builtin:") else a.layers
     m = dims_model(a.model, getattr(torch, a.dtype), a.device, small)
-    m = fuse(m) if a.fuse else m
+    m = fuse(m, graphs=a.graphs) if a.fuse or a.graphs else m
     if a.breakdown:
         rows = []
         for cp in a.breakdown:
             c, P = map(int, cp.split(":"))
             rows.append({"chunk": c, "prefix": P, **{k: f"{v:.3f}" for k, v in breakdown(m, c, P, a.repeats).items()}})
-        print(f"ms per layer, {a.model} {a.dtype}{', fused' if a.fuse else ''}, on {torch.cuda.get_device_name()}")
+        how = ", fused" * (a.fuse or a.graphs) + ", CUDA graphs" * a.graphs
+        print(f"ms per layer, {a.model} {a.dtype}{how}, on {torch.cuda.get_device_name()}")
         print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
         print("\n".join("| " + " | ".join(map(str, r.values())) + " |" for r in rows))
         return

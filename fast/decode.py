@@ -20,12 +20,11 @@ from model import rope, rope_inv_freq
 def takes(model, cache):
     """Does decode from `cache` run as CUDA graphs? On a GPU, unless the step would record a constant
     that must change: ALiBi's bias is built on the host for each length, dynamic-NTK RoPE stretches
-    its base as the cache outgrows max_position_embeddings, and fuse(graphs=True)'s own graphs do
-    not nest in ours."""
+    its base as the cache outgrows max_position_embeddings."""
     cfg = model.cfg
     dynamic = (cfg.rope is not None and cfg.rope["rope_type"] == "dynamic"
                and cache.capacity > cfg.max_position_embeddings)
-    return cache.kv[0].is_cuda and not cfg.alibi and not dynamic and not getattr(model, "graphs", False)
+    return cache.kv[0].is_cuda and not cfg.alibi and not dynamic
 
 
 class StaticKV:

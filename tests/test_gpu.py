@@ -111,34 +111,53 @@ print("ok" if r == 0 else "", end="")
 
 @pytest.mark.parametrize("arch", ["llama", "falcon"])
 def test_cuda_graphs_replay_the_fused_kernels_exactly(arch):
-    """Bitwise: fuse(graphs=True) replays the kernels fuse() launches, so the logits and
-    the K/V of a whole prompt and of a chunk after it (and of a second forward, after the graphs'
-    outputs were reused) are torch.equal to the fused model's."""
+    """Bitwise: fuse(graphs=True) replays, segment by segment, the kernels fuse() launches, so the
+    logits and the K/V of a whole prompt and of a chunk after it are torch.equal to the fused model's.
+    Into the same cache the first forward of a shape runs eagerly, the second records, the third replays."""
     tok = torch.randint(3, 1024, (1, 384), generator=torch.Generator().manual_seed(1)).cuda()
     out = []
     for graphs in (False, True):
         m = fuse(model.builtin(arch, seed=0, dtype=torch.float16).cuda(), graphs=graphs)
-        runs = []
-        for _ in range(3):                             # the graphs are recorded after a warm-up
-            cache = KVCache(m.cfg, 1, 384, torch.float16, "cuda")
+        cache, ran = KVCache(m.cfg, 1, 384, torch.float16, "cuda"), []
+        for _ in range(3):
+            cache.reset()
             with torch.inference_mode():
-                a = m(tok[:, :256], cache, 0).clone()
-                b = m(tok[:, 256:], cache, 256).clone()
-            runs.append((a, b, cache.kv[0].clone()))
-        out.append(runs[-1])
+                a = m(tok[:, :256], cache, 0)
+                ran.append(getattr(m.forward, "ran", None))
+                b = m(tok[:, 256:], cache, 256)
+        out.append((a, b, torch.stack(cache.kv)))
+    assert ran == ["eagerly", "recorded", "replayed"] and m.forward.ran == "replayed"
     for x, y in zip(*out):
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_the_chain_replays_its_segments_as_cuda_graphs(tmp_path):
+    """Bitwise: runahead.py --graphs on 3 ranks sharing the GPU (the exchange between the graphs, and
+    ranks 0 and 1 ending after their last send) gives the logits and the prompt's cache of --fuse,
+    and its timed prefill replays the graphs its warm-up recorded."""
+    saved, printed = {}, {}
+    for flag in ("--fuse", "--graphs"):
+        r = subprocess.run([MPIRUN, "-n", "3", sys.executable, "runahead.py", "--device", "cuda", "--dtype", "float16",
+                            "--prompt-len", "384", "--max-new-tokens", "4", flag, "--save", str(tmp_path / flag)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=400,
+                           env={**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+        assert r.returncode == 0, r.stdout + r.stderr
+        printed[flag], saved[flag] = r.stdout, torch.load(tmp_path / flag)
+    assert "replayed as CUDA graphs" in printed["--graphs"], printed["--graphs"]
+    assert torch.equal(saved["--fuse"]["logits"], saved["--graphs"]["logits"])
+    for x, y in zip(saved["--fuse"]["past_key_values"], saved["--graphs"]["past_key_values"]):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+
+
+@pytest.mark.parametrize("fused", [False, True, "graphs"], ids=["eager", "fused", "fused-graphs"])
 @pytest.mark.parametrize("arch", ["llama", "falcon"])
 def test_decode_graphs_replay_the_static_steps_exactly(arch, fused):
     """Bitwise: decode as CUDA graphs (fast/decode.py, what generate.decode runs on a GPU) gives the
-    tokens and the whole cache of the same static steps run eagerly, fused or not. Against the
+    tokens and the whole cache of the same static steps run eagerly, fused or not (with --graphs too). Against the
     teaching loop (attention over the keys so far, unmasked) the kernels differ: fp16 agrees to
     rounding, checked on the cache."""
     m = model.builtin(arch, seed=0, dtype=torch.float16).cuda()
-    m = fuse(m) if fused else m
+    m = fuse(m, graphs=fused == "graphs") if fused else m
     prompt = torch.randint(3, 1024, (1, 100), generator=torch.Generator().manual_seed(3)).cuda()
     out, kv = {}, {}
     for way in ("graphs", "eager", "teaching"):
@@ -168,3 +187,15 @@ def test_a_layers_breakdown_adds_up():
     b = breakdown(m, 1024, 4096, repeats=3)
     assert b["GEMMs"] > 0 and b["attention"] > 0 and b["copies"] >= 0 and b["other kernels"] > 0
     assert b["GEMMs"] + b["attention"] > b["copies"] + b["other kernels"] and -0.2 < b["gaps"] / b["layer"] < 1
+
+
+def test_a_gpu_calibration_keeps_the_chunk_times_it_fitted():
+    """On a GPU calibrate_model times fast/table.py's 15 (chunk, prefix) pairs and the cost model keeps
+    them: at each, chunk_time is fixed + the time measured (or a longer chunk's, if that was less)."""
+    import calibrate
+    import fast.table
+    m = model.builtin("llama", seed=0, dtype=torch.float16).cuda()
+    cost = calibrate.calibrate_model(m, "cuda", torch.float16, max_len=2048, repeats=2)
+    assert sorted((c, c + P) for c, P, _ in cost.measured) == sorted(fast.table.points(2048))
+    for c, P, s in cost.measured:
+        assert 0 < cost.chunk_time(c, c + P) - cost.fixed <= s

@@ -1,0 +1,57 @@
+"""The cost model on a GPU: chunk times measured on a grid and interpolated (the kernel table).
+
+On a CPU a chunk's time is close to CostModel's fixed + lin c + attn c S. On a GPU it is not: small
+chunks are launch-bound, attention switches kernels with the chunk's shape, and a chunk after a long
+prefix runs at its own rate. A partition searched on three coefficients fitted to such times loses to
+the even split (BENCHMARKS.md). So on a GPU calibrate.py keeps the times themselves, on GRID, and
+CostModel.chunk_time reads them from here, interpolated, where they reach; bench/sim.py's KernelTable
+does the same with a rank's segments.
+"""
+import bisect
+
+GRID = [(c, P) for P in (0, 1 / 4, 1 / 2, 3 / 4) for c in (1 / 16, 1 / 8, 1 / 4, 1 / 2) if P + c <= 1]   # of max_len
+
+
+def points(max_len):
+    """The (c, S) that calibrate.py times on a GPU, chunks of max_len/16 to max_len/2 after prefixes."""
+    return [(round(c * max_len), round((P + c) * max_len)) for c, P in GRID]
+
+
+def lerp(xs, ys, x):
+    """Piecewise linear through (xs, ys), xs ascending: below xs[0] the first value (small work is
+    launch-bound, not proportionally cheaper), above xs[-1] the last piece extended."""
+    j = bisect.bisect_left(xs, x)
+    if j < len(xs) and xs[j] == x:
+        return ys[j]
+    if j == 0 or len(xs) == 1:
+        return ys[0]
+    j = min(j, len(xs) - 1)
+    return ys[j - 1] + (ys[j] - ys[j - 1]) * (x - xs[j - 1]) / (xs[j] - xs[j - 1])
+
+
+def interpolate(measured, c, P):
+    """Seconds for c tokens after a prefix of P, from times measured [(c, P, s), ...]: piecewise linear
+    in c within each measured prefix, then in P. A time above a longer chunk's after the same prefix
+    is noise, and a search would exploit it: it counts as the longer chunk's."""
+    rows = {}
+    for ci, Pi, s in sorted(measured, reverse=True):  # the longest chunk of each prefix first
+        cs, ts = rows.setdefault(Pi, ([], []))
+        cs.insert(0, ci)
+        ts.insert(0, min([s] + ts[:1]))
+    Ps = sorted(rows)
+    return lerp(Ps, [lerp(*rows[Q], c) for Q in Ps], P)
+
+
+def number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def rows(measured):
+    """Is this times measured as CostModel keeps them, a list of [c, P, s]?"""
+    return isinstance(measured, list) and all(isinstance(r, list) and len(r) == 3 and all(map(number, r))
+                                              for r in measured)
+
+
+def reach(measured):
+    """The longest prompt (c + P) the times cover: beyond it CostModel falls back on its fit."""
+    return max((c + P for c, P, _ in measured), default=0)
