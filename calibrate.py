@@ -20,6 +20,7 @@ import torch
 
 import choose
 import partition
+from fast import table
 from cli import say
 from generate import sync
 from kvcache import KVCache, bytes_per_token
@@ -53,19 +54,21 @@ def fit(measure, points, **fields):
 def calibrate_model(model, device="cpu", dtype=None, max_len=4096, repeats=5, **fields):
     """Time real chunks of `model` (model.py's Transformer) and fit a CostModel to them.
 
-    For six (c, S) pairs up to S = max_len (>= 8), fill a fresh KVCache with the S - c prefix
-    tokens (untimed), then time one forward of c more tokens at positions S - c .. S - 1, keeping
-    the fastest of `repeats` after a warm-up. n_layers comes from model.cfg; the other **fields as
-    in fit. On a CPU shared with other work, timings spike: set torch threads to free cores.
+    For six (c, S) pairs up to S = max_len (>= 8; on a GPU fast/table.py's 15, whose times the cost
+    model keeps), fill a fresh KVCache with the S - c prefix tokens (untimed), then time one forward
+    of c more tokens at positions S - c .. S - 1, keeping the fastest of `repeats` after a warm-up.
+    n_layers comes from model.cfg; the other **fields as in fit. On a CPU shared with other work,
+    timings spike: set torch threads to free cores.
     """
     dtype = dtype or next(model.parameters()).dtype
     tokens = torch.randint(model.cfg.vocab_size, (1, max_len), device=device)
-    points = [(c, prev + c) for c in (max_len // 8, max_len // 4, max_len // 2)
-              for prev in (0, max_len // 2)]
+    gpu, times = torch.device(device).type == "cuda", {}
+    points = table.points(max_len) if gpu else [(max_len // k, max_len // k + P)
+                                                for k in (8, 4, 2) for P in (0, max_len // 2)]
 
     @torch.inference_mode()
     def measure(c, S):
-        kv, times = KVCache(model.cfg, 1, S, dtype, device), []
+        kv, runs = KVCache(model.cfg, 1, S, dtype, device), []
         for _ in range(1 + repeats):                 # the first run warms up and is not counted
             kv.reset()
             if S > c:
@@ -74,19 +77,22 @@ def calibrate_model(model, device="cpu", dtype=None, max_len=4096, repeats=5, **
             t0 = time.perf_counter()
             model(tokens[:, S - c:S], kv, S - c, last_only=True)
             sync(device)
-            times.append(time.perf_counter() - t0)
-        return min(times[1:])
+            runs.append(time.perf_counter() - t0)
+        times[c, S] = min(runs[1:])
+        return times[c, S]
 
-    return fit(measure, points, **{"n_layers": model.cfg.n_layers, **fields})
+    cost = fit(measure, points, **{"n_layers": model.cfg.n_layers, **fields})
+    cost.measured = [[c, S - c, s] for (c, S), s in times.items()] if gpu else []
+    return cost
 
 
 def measure(job):
     """Measure this machine for the cost model: rank 0 times prefill chunks, ranks 0 and 1 the link.
     Returns the CostModel on rank 0 (the others' copy lacks the link)."""
     t = job.transport
-    cost = t.agree(lambda: calibrate_model(job.model, job.device, job.dtype,    # 1k tokens at least:
-                                           max_len=min(4096, max(1024, job.tokens.shape[1]))))   # shorter
-    cfg, times, big = job.model.cfg, {}, 4096                                  # ones hide attention
+    n = max(1024, min(job.tokens.shape[1], 4096 if job.device.type == "cpu" else math.inf))   # a GPU's
+    cost = t.agree(lambda: calibrate_model(job.model, job.device, job.dtype, max_len=n))   # table: the prompt
+    cfg, times, big = job.model.cfg, {}, 4096
     t.reserve(big * bytes_per_token(cfg, job.dtype))   # staged K/V goes by the route prefill takes
     if job.size > 1 and job.rank < 2:                  # one layer's K/V of n tokens, there and back,
         polite, t.polite = t.polite, False             # timed by waits that spin (a sleeping poll
@@ -138,8 +144,8 @@ def pick_partition(job, spec, recalibrate=False):
     C, p, key = job.tokens.shape[1], job.size, job.model_key
 
     def from_table():
-        table = choose.load_table()
-        return bool(table.get(key, p, C) or (spec == "predicted" and table.contexts(key, p)))
+        saved = choose.load_table()
+        return bool(saved.get(key, p, C) or (spec == "predicted" and saved.contexts(key, p)))
 
     modelled = spec in ("searched", "predicted") and not job.transport.agree(from_table)
 
@@ -151,7 +157,7 @@ def pick_partition(job, spec, recalibrate=False):
         cost = choose.load_calibration(key)
         if cost is None:
             return "on first use"
-        bad = cost.implausible()
+        bad = cost.implausible() or (job.device.type == "cuda" and not cost.measured and "no chunk times")
         return f"again (the saved one has {bad})" if bad else None
 
     why = job.transport.agree(why_calibrate)

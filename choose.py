@@ -71,13 +71,8 @@ def check_caches():
 # ----------------------------------------------------------------------------- choosing one
 
 
-def choose(spec, C, p, model="", table=None, cost=None):
-    """The partition to run: spec is even | searched | predicted | 'c0,c1,...' (runahead.py)."""
-    return explain(spec, C, p, model, table, cost)[0]
-
-
 def explain(spec, C, p, model="", table=None, cost=None):
-    """(partition, where it came from), as choose picks it.
+    """The partition to run, and where it came from: spec is even | searched | predicted | 'c0,c1,...'.
 
     searched and predicted answer in seconds: a table entry for (model, p, C) if there is one;
     for predicted, else an interpolation of the table's entries for (model, p); else a search
@@ -97,7 +92,7 @@ def explain(spec, C, p, model="", table=None, cost=None):
     cost = cost or load_calibration(model)
     if cost is None:
         cost, source = partition.CostModel(), "CostModel() defaults (H100, uncalibrated)"
-    c = partition.searched(C, p, cost.ttft)
+    c, source = partition.searched(C, p, cost.ttft), source + " (its chunk times measured)" * bool(cost.measured)
     how = "searched" if spec == "searched" else f"predicted: no table entry for {p} ranks, so searched"
     return c, (f"{how} on {source}: predicted TTFT {cost.ttft(c):.4g} s, "
                f"even split {cost.ttft(partition.even(C, p)):.4g} s, TSP {cost.ttft_tsp(C, p):.4g} s")

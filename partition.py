@@ -19,11 +19,12 @@ import itertools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 import cli
+from fast import table
 
 
 class PartitionError(ValueError):
@@ -137,17 +138,21 @@ class CostModel:
     head: float = 1e-3             # s: final norm and LM head on the last token, last rank only
     fixed: float = 0.0             # s: anything paid once per prefill (calibrate.fit's intercept)
     n_layers: int = 32
+    measured: list = field(default_factory=list)   # on a GPU, the chunk times fitted, [(c, P, s), ...]
 
     def chunk_time(self, c, S):
-        """One rank alone prefilling c tokens that end at S (S - c already cached): what calibrate.fit fits."""
+        """One rank alone prefilling c tokens that end at S (S - c already cached): what calibrate.fit fits,
+        or on a GPU fixed + what calibrate.py measured, interpolated where it reaches (fast/table.py)."""
+        if self.measured and S <= table.reach(self.measured):     # all of it the layers' (their launches)
+            return self.fixed + table.interpolate(self.measured, c, S - c)
         return self.fixed + self.lin * c + self.attn * c * S
 
     def rank_times(self, c):
         """When each rank finishes its last layer, in s after the start, with the chain's waits.
 
-        Layers are equal, so rank i spends work_i = (lin c_i + attn c_i S_i) / L on each. Its left
-        link carries one layer's K/V, the S_{i-1} tokens before it, in hop_i = (latency +
-        comm_per_token S_{i-1}) / L, one layer at a time, starting when rank i-1 has the layer:
+        Layers are equal, so rank i spends work_i = (chunk_time(c_i, S_i) - fixed) / L on each (lin c_i
+        + attn c_i S_i on the fit). Its left link carries one layer's K/V, the S_{i-1} tokens before it, in
+        hop_i = (latency + comm_per_token S_{i-1}) / L, one layer at a time, starting when rank i-1 has it:
             a_i(l) = max(a_i(l-1), t_{i-1}(l)) + hop_i     (layer l's K/V arrive at rank i)
             t_i(l) = max(t_i(l-1), a_i(l)) + work_i        (rank i finishes layer l)
         with a_i(0) = t_i(0) = 0 and rank 0 never waiting. Sends are asynchronous, so a slow link
@@ -157,7 +162,7 @@ class CostModel:
         """
         L, prev, out = self.n_layers, [0.0] * self.n_layers, []
         for i, (ci, Si) in enumerate(zip(c, prefix_sums(c))):
-            work = (self.lin * ci + self.attn * ci * Si) / L
+            work = (self.chunk_time(ci, Si) - self.fixed) / L
             hop = (self.latency + self.comm_per_token * (Si - ci)) / L if i else 0.0
             t, arrive, cur = 0.0, 0.0, []
             for l in range(L):
@@ -197,8 +202,8 @@ class CostModel:
         if not isinstance(d, dict) or set(d) - set(known):
             extra = sorted(set(d) - set(known)) if isinstance(d, dict) else d
             raise ValueError(f"{where}: not a cost model (unexpected {extra}; fields are {', '.join(known)})")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.values()):
-            raise ValueError(f"{where}: every field of a cost model is a number")
+        if not table.plain(d):
+            raise ValueError(f"{where}: every field of a cost model is a number, and `measured` a list of [c, P, s]")
         return cls(**d)
 
     def implausible(self):
@@ -222,12 +227,11 @@ def _stretch(b, j, x, C):
 def searched(C, p, score, steps=8, levels=3, history=None):
     """KVR-S: the partition with the lowest score(c), by hierarchical grid search over boundaries.
 
-    Start from the even split. Level 0 moves boundaries on a grid of spacing about C/steps over the
-    whole prompt; each later level shrinks the spacing by the same factor, (C/steps)**(1/(levels-1)),
-    so that the last level is one token, and looks only within one old spacing of the incumbent.
-    A full grid over all p-1 boundaries at once would be steps**(p-1) candidates (2M for p = 8), so
-    within a level we do coordinate search instead: for one boundary j at a time, each grid point x
-    is tried twice,
+    Start from the even split. Level 0 moves boundaries on a grid of spacing about C/steps over the whole
+    prompt; each later level shrinks the spacing by the same factor, (C/steps)**(1/(levels-1)), so that
+    the last level is one token, and looks only within one old spacing of the incumbent. A full grid over
+    all p-1 boundaries at once would be steps**(p-1) candidates (2M for p = 8), so within a level we do
+    coordinate search instead: for one boundary j at a time, each grid point x is tried twice,
       slide:    b[j] = x, the other boundaries stay;
       stretch:  b[j] = x, the chunks on either side of it scale with it (_stretch).
     Any improvement is kept, and all boundaries are swept again until a sweep improves nothing.

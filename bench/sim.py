@@ -20,7 +20,6 @@ recv of the chain, TSP's all-gather):
     python -m bench.profiling --model llama7b --dtype float16 --device cuda --kernels kernels.json
     python -m bench.sim --kernels kernels.json --ps 2,4,8 --Cs 1024,2048,4096,8192,16384
 """
-import bisect
 import json
 import random
 import statistics
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 
 import cli
 import partition
+from fast.table import lerp
 
 def expand(segs, n_layers):
     """A rank's L+1 segments stretched to n_layers: first, n_layers-1 middles (their median: the
@@ -223,18 +223,6 @@ def compare(real, simulated):
 
 # ----------------------------------------------------------------------------- at scale
 
-def _lerp(xs, ys, x):
-    """Piecewise linear through (xs, ys), xs ascending: below xs[0] the first value (small work is
-    launch-bound, not proportionally cheaper), above xs[-1] the last piece extended."""
-    j = bisect.bisect_left(xs, x)
-    if j < len(xs) and xs[j] == x:
-        return ys[j]
-    if j == 0 or len(xs) == 1:
-        return ys[0]
-    j = min(j, len(xs) - 1)
-    return ys[j - 1] + (ys[j] - ys[j - 1]) * (x - xs[j - 1]) / (xs[j] - xs[j - 1])
-
-
 class KernelTable:
     """A KV-Runahead rank's segment times on a grid of (chunk c, prefix P), interpolated in between.
 
@@ -243,7 +231,7 @@ class KernelTable:
     More tokens never take less time, so within a prefix a time above a longer chunk's is noise (a
     search would exploit it): each is lowered to the least time of the chunks not shorter. Then
     segments(c, P) interpolates piecewise-linearly in c within each measured prefix, then in P
-    between prefixes (_lerp: clamped below the grid, extended linearly above it), floored at 0.
+    between prefixes (fast.table.lerp: clamped below the grid, extended linearly above it), floored at 0.
     """
 
     def __init__(self, grid, meta):
@@ -275,8 +263,8 @@ class KernelTable:
         """L+1 segment times (s) of a rank with c tokens after a prefix of P."""
         if (c, P) not in self._memo:
             Ps = sorted(self.rows)
-            at_c = [[_lerp(self.rows[Q][0], [t[k] for t in self.rows[Q][1]], c) for Q in Ps] for k in range(3)]
-            first, middle, last = (max(0.0, _lerp(Ps, v, P)) for v in at_c)
+            at_c = [[lerp(self.rows[Q][0], [t[k] for t in self.rows[Q][1]], c) for Q in Ps] for k in range(3)]
+            first, middle, last = (max(0.0, lerp(Ps, v, P)) for v in at_c)
             self._memo[c, P] = [first] + [middle] * (self.meta["layers"] - 1) + [last]
         return self._memo[c, P]
 

@@ -42,14 +42,13 @@ def interpolate(measured, c, P):
     return lerp(Ps, [lerp(*rows[Q], c) for Q in Ps], P)
 
 
-def number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def rows(measured):
-    """Is this times measured as CostModel keeps them, a list of [c, P, s]?"""
-    return isinstance(measured, list) and all(isinstance(r, list) and len(r) == 3 and all(map(number, r))
-                                              for r in measured)
+def plain(fields):
+    """Are these a CostModel's fields as JSON holds them: numbers, and `measured` a list of [c, P, s]?"""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    rows = fields.get("measured", [])
+    return (all(number(v) for k, v in fields.items() if k != "measured") and isinstance(rows, list)
+            and all(isinstance(r, list) and len(r) == 3 and all(map(number, r)) for r in rows))
 
 
 def reach(measured):

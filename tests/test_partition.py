@@ -1,10 +1,12 @@
-"""partition.py: validation, the paper's counts, the cost model, KVR-S search, KVR-P table, CLI."""
+"""partition.py: validation, the paper's counts, the cost model (and fast/table.py's measured times), KVR-S
+search, KVR-P table, CLI."""
 import os
 import random
 import re
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import pytest
 
@@ -13,6 +15,7 @@ sys.path.insert(0, ROOT)
 import calibrate  # noqa: E402
 import choose  # noqa: E402
 import partition as P  # noqa: E402
+import fast.table  # noqa: E402
 
 
 def boundaries(c):
@@ -270,14 +273,14 @@ def test_table_round_trip(table, tmp_path):
 def test_choose(table, tmp_path):
     table.save(tmp_path / "t.json")
     t = str(tmp_path / "t.json")
-    assert choose.choose("4,3,2", 9, 3) == [4, 3, 2]
-    assert choose.choose("even", 10, 3) == [4, 3, 3]
-    assert choose.choose("searched", 1000, 4, "m", table=t) == [400, 300, 200, 100]
-    assert choose.choose("predicted", 1500, 4, "m", table=t) == P.predicted(1500, 4, table, "m")
+    assert choose.explain("4,3,2", 9, 3)[0] == [4, 3, 2]
+    assert choose.explain("even", 10, 3)[0] == [4, 3, 3]
+    assert choose.explain("searched", 1000, 4, "m", table=t)[0] == [400, 300, 200, 100]
+    assert choose.explain("predicted", 1500, 4, "m", table=t)[0] == P.predicted(1500, 4, table, "m")
     # by hand (test_predicted_interpolates_off_the_midpoint): C = 1250 is 1/4 of the way to 2000
-    assert choose.choose("predicted", 1250, 4, "m", table=t) == [469, 375, 265, 141]
+    assert choose.explain("predicted", 1250, 4, "m", table=t)[0] == [469, 375, 265, 141]
     m = P.CostModel(lin=1e-6, attn=1e-9)
-    assert choose.choose("searched", 1500, 4, "m", t, m) == P.searched(1500, 4, m.ttft)
+    assert choose.explain("searched", 1500, 4, "m", t, m)[0] == P.searched(1500, 4, m.ttft)
     # No table entry for p = 2: searched and predicted fall back to searching the cost model. By hand,
     # with attention only (lin 0, no links, head and fixed constant), a layer costs w0 = a c0^2 on
     # rank 0 and w1 = a c1 C on rank 1 (a = attn / L), and TTFT = w0 + w1 + (L-1) max(w0, w1)
@@ -287,8 +290,8 @@ def test_choose(table, tmp_path):
     # Of the two integers: c0 = 618: 618^2 = 381924 < 382 * 1000 = 382000, TTFT/a = 381924 + 382000 L;
     # c0 = 619: 619^2 = 383161 > 381000, TTFT/a = 383161 L + 381000, larger by 1161 L - 924 > 0.
     golden = P.CostModel(lin=0.0, attn=1e-9, comm_per_token=0.0, latency=0.0)
-    assert choose.choose("searched", 1000, 2, "m", t, golden) == [618, 382]
-    assert choose.choose("predicted", 1000, 2, "m", t, golden) == [618, 382]
+    assert choose.explain("searched", 1000, 2, "m", t, golden)[0] == [618, 382]
+    assert choose.explain("predicted", 1000, 2, "m", t, golden)[0] == [618, 382]
 
 
 def test_calibration_file_is_keyed_by_model(tmp_path):
@@ -320,3 +323,55 @@ def test_cli_table_and_errors(table, tmp_path):
     assert (r.returncode, r.stdout) == (0, "600,600,500,300\n")
     r = cli("even", "--C", "2", "-p", "3")
     assert r.returncode != 0 and "3 ranks but only 2 prompt tokens" in r.stderr
+
+
+# ----------------------------------------------------------------------------- on a GPU: measured chunk times
+
+def test_measured_chunk_times_are_interpolated_where_they_reach_and_fitted_beyond():
+    """chunk_time is fixed + the measured grid: exact at its points, linear between them in c and then in
+    the prefix, the first time below the grid, a time above a longer chunk's counted as the longer one's
+    (noise a search would exploit); past the longest prompt measured, the fit."""
+    m = P.CostModel(lin=1e-3, attn=0, fixed=0.5, measured=[[100, 0, 1.0], [200, 0, 3.0], [100, 200, 2.0],
+                                                            [200, 200, 1.5]])
+    at = {(100, 100): 1.0, (150, 150): 2.0, (200, 200): 3.0, (200, 400): 1.5, (100, 300): 1.5, (100, 200): 1.25,
+          (50, 50): 1.0}
+    for (c, S), t in at.items():
+        assert m.chunk_time(c, S) == pytest.approx(0.5 + t), (c, S)
+    assert m.chunk_time(100, 401) == pytest.approx(0.5 + 1e-3 * 100)
+
+
+def test_a_cost_model_keeps_its_measured_times_and_refuses_bad_ones(tmp_path):
+    m = P.CostModel(measured=[[128, 0, 0.01], [256, 128, 0.03]])
+    m.save(tmp_path / "cost.json")
+    assert P.CostModel.load(tmp_path / "cost.json") == m
+    for bad in ([[128, 0]], [[128, 0, "fast"]], {"128": 0.01}, [[128, 0, True]]):
+        with pytest.raises(ValueError, match="`measured` a list of \\[c, P, s\\]"):
+            P.CostModel.from_dict({"measured": bad}, "here")
+
+
+@pytest.mark.parametrize("truth", ["kernel switch", "launch floor"])
+@pytest.mark.parametrize("C, p", [(4096, 4), (4096, 8), (16384, 4)])
+def test_searching_on_measured_times_finds_what_the_fit_misses(truth, C, p):
+    """A GPU's chunk time is not fixed + lin c + attn c S: attention switches kernels at a size (here at
+    twice the rate from 16M query-key pairs), small chunks are launch-bound (a floor). Timed on
+    calibrate's GPU grid (fast/table.py), the partition searched on the times themselves comes within 2%
+    of the true optimum, and beats the one searched on the three coefficients fitted to the same times."""
+    f = {"kernel switch": lambda c, S: 3e-4 + 1.2e-6 * c + (4e-10 if c * S >= 16e6 else 8e-10) * c * (S - c / 2),
+         "launch floor": lambda c, S: max(2e-3, 1.2e-6 * c) + 4e-10 * c * (S - c / 2)}[truth]
+
+    class Truth(P.CostModel):
+        def chunk_time(self, c, S):
+            return f(c, S)
+
+    fields = dict(comm_per_token=1e-6, latency=1e-4, head=0, n_layers=8)
+    real = Truth(**fields)
+    fitted = calibrate.fit(f, fast.table.points(C), **fields)
+    measured = P.CostModel(**{**asdict(fitted), "measured": [[c, S - c, f(c, S)] for c, S in fast.table.points(C)]})
+    best = real.ttft(P.searched(C, p, real.ttft))
+    on_table, on_fit = (real.ttft(P.searched(C, p, m.ttft)) for m in (measured, fitted))
+    assert on_table <= 1.02 * best and on_table < on_fit and on_table < real.ttft(P.even(C, p))
+
+
+def test_choose_says_when_the_search_read_measured_times():
+    m = P.CostModel(measured=[[c, S - c, 1e-6 * c * S] for c, S in fast.table.points(4096)])
+    assert "(its chunk times measured)" in choose.explain("searched", 4096, 4, cost=m)[1]
