@@ -90,9 +90,9 @@ def measure(job):
     """Measure this machine for the cost model: rank 0 times prefill chunks, ranks 0 and 1 the link.
     Returns the CostModel on rank 0 (the others' copy lacks the link)."""
     t = job.transport
-    n = max(1024, min(job.tokens.shape[1], 4096 if job.device.type == "cpu" else math.inf))   # a GPU's
-    cost = t.agree(lambda: calibrate_model(job.model, job.device, job.dtype, max_len=n))   # table: the prompt
-    cfg, times, big = job.model.cfg, {}, 4096
+    n = job.tokens.shape[1] if job.device.type == "cuda" else min(4096, job.tokens.shape[1])   # a GPU's table:
+    cost = t.agree(lambda: calibrate_model(job.model, job.device, job.dtype, max_len=max(1024, n)))   # all of C;
+    cfg, times, big = job.model.cfg, {}, 4096                      # 1k tokens at least: shorter ones hide attention
     t.reserve(big * bytes_per_token(cfg, job.dtype))   # staged K/V goes by the route prefill takes
     if job.size > 1 and job.rank < 2:                  # one layer's K/V of n tokens, there and back,
         polite, t.polite = t.polite, False             # timed by waits that spin (a sleeping poll

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import cli
 import partition
-from fast.table import lerp
+import fast.table
 
 def expand(segs, n_layers):
     """A rank's L+1 segments stretched to n_layers: first, n_layers-1 middles (their median: the
@@ -231,16 +231,12 @@ class KernelTable:
     More tokens never take less time, so within a prefix a time above a longer chunk's is noise (a
     search would exploit it): each is lowered to the least time of the chunks not shorter. Then
     segments(c, P) interpolates piecewise-linearly in c within each measured prefix, then in P
-    between prefixes (fast.table.lerp: clamped below the grid, extended linearly above it), floored at 0.
+    between prefixes (fast.table.at: clamped below the grid, extended linearly above it), floored at 0.
     """
 
     def __init__(self, grid, meta):
         self.grid, self.meta, self._memo = grid, meta, {}      # grid {(c, P): (first, middle, last)}
-        self.rows = {}                                         # {P: ([c...], [(first, middle, last)...])}
-        for (c, P), t in sorted(grid.items(), key=lambda kv: (kv[0][1], -kv[0][0])):
-            cs, ts = self.rows.setdefault(P, ([], []))
-            cs.insert(0, c)
-            ts.insert(0, tuple(map(min, t, ts[0])) if ts else t)
+        self.rows = fast.table.grid([(c, P, t) for (c, P), t in grid.items()])
 
     def save(self, path):
         with cli.replace_whole(path) as tmp, open(tmp, "w") as f:
@@ -262,9 +258,7 @@ class KernelTable:
     def segments(self, c, P):
         """L+1 segment times (s) of a rank with c tokens after a prefix of P."""
         if (c, P) not in self._memo:
-            Ps = sorted(self.rows)
-            at_c = [[lerp(self.rows[Q][0], [t[k] for t in self.rows[Q][1]], c) for Q in Ps] for k in range(3)]
-            first, middle, last = (max(0.0, lerp(Ps, v, P)) for v in at_c)
+            first, middle, last = (max(0.0, fast.table.at(self.rows, c, P, k)) for k in range(3))
             self._memo[c, P] = [first] + [middle] * (self.meta["layers"] - 1) + [last]
         return self._memo[c, P]
 

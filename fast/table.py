@@ -29,17 +29,27 @@ def lerp(xs, ys, x):
     return ys[j - 1] + (ys[j] - ys[j - 1]) * (x - xs[j - 1]) / (xs[j] - xs[j - 1])
 
 
-def interpolate(measured, c, P):
-    """Seconds for c tokens after a prefix of P, from times measured [(c, P, s), ...]: piecewise linear
-    in c within each measured prefix, then in P. A time above a longer chunk's after the same prefix
-    is noise, and a search would exploit it: it counts as the longer chunk's."""
+def grid(measured):
+    """{P: ([c, ...] ascending, [times, ...])} from [(c, P, times), ...], times a tuple (bench/sim.py's
+    KernelTable keeps three per chunk). A time above a longer chunk's after the same prefix is noise,
+    and a search would exploit it: it counts as the longer chunk's."""
     rows = {}
-    for ci, Pi, s in sorted(measured, reverse=True):  # the longest chunk of each prefix first
-        cs, ts = rows.setdefault(Pi, ([], []))
-        cs.insert(0, ci)
-        ts.insert(0, min([s] + ts[:1]))
+    for c, P, t in sorted(measured, key=lambda r: (r[1], -r[0])):   # per prefix, the longest chunk first
+        cs, ts = rows.setdefault(P, ([], []))
+        cs.insert(0, c)
+        ts.insert(0, tuple(map(min, t, ts[0])) if ts else tuple(t))
+    return rows
+
+
+def at(rows, c, P, k=0):
+    """Time k for c tokens after a prefix of P: piecewise linear in c within each measured prefix, then in P."""
     Ps = sorted(rows)
-    return lerp(Ps, [lerp(*rows[Q], c) for Q in Ps], P)
+    return lerp(Ps, [lerp(rows[Q][0], [t[k] for t in rows[Q][1]], c) for Q in Ps], P)
+
+
+def interpolate(measured, c, P):
+    """Seconds for c tokens after a prefix of P, from the times CostModel keeps, [(c, P, s), ...]."""
+    return at(grid([(ci, Pi, (s,)) for ci, Pi, s in measured]), c, P)
 
 
 def plain(fields):
