@@ -55,9 +55,9 @@ class Segments:
             self.seen = {key} | (self.seen if len(self.seen) < 64 else set())
             self.ran = "eagerly"
             return forward(kv)
-        if len(self.recs) == 4:                        # the oldest recording's memory goes back:
-            del self.recs[next(iter(self.recs))]       # to the device now, as the allocator would not
-            torch.cuda.empty_cache()                   # take it back to record the next (out of memory)
+        if len(self.recs) == 4:                        # the oldest recording goes, and its graph pool
+            del self.recs[next(iter(self.recs))]       # back to the device now: the allocator releases a
+            torch.cuda.empty_cache()                   # freed pool only here, not when a capture runs out
         rec = self.recs[key] = Recording(key)
         self.ran = "recorded"
         try:
