@@ -7,6 +7,7 @@ the L+1 segments bench/sim.py replays (its docstring draws them). Host clock on 
     python -m bench.profiling --model llama7b --dtype float16 --device cuda --kernels kernels.json
     python -m bench.profiling --fuse --breakdown 2048:14336 128:14336    # where a late rank's layer goes
 """
+import collections
 import platform
 import statistics
 import time
@@ -87,6 +88,9 @@ def _where(model):
     return p.device, p.dtype
 
 
+TIMED = collections.Counter()                          # how the timed forwards ran (--graphs: replayed)
+
+
 @torch.inference_mode()
 def _time(model, n, kv, start, repeats, warmup, math_path=False):
     """Segment durations (L+1 floats, s) of a forward of n tokens at `start`: median of `repeats`."""
@@ -100,6 +104,7 @@ def _time(model, n, kv, start, repeats, warmup, math_path=False):
         d = kv.clock.read()
         if r >= warmup:
             runs.append(d)
+            TIMED[getattr(model.forward, "ran", "eagerly")] += 1
     return [statistics.median(col) for col in zip(*runs)]
 
 
@@ -109,7 +114,8 @@ def profile_chunk(model, c, prefix, repeats=3, warmup=1):
     cache = KVCache(cfg, 1, prefix + c, dtype, device)
     for kv in cache.kv:                                # the prefix as received: random K/V
         kv[:, :, :, :prefix] = torch.randn_like(kv[:, :, :, :prefix])
-    warmup += getattr(model, "graphs", False)          # --graphs: the second forward records them
+    warmup += 2 * getattr(model, "graphs", False)      # --graphs: eagerly or recorded, then recorded or
+                                                       # replayed: the timed forwards replay
     return _time(model, c, TimedKV(Clock(device), cache, prefix), prefix, repeats, warmup)
 
 

@@ -118,6 +118,7 @@ def profile(a):
             if a.fuse or a.graphs:
                 fuse(m, graphs=a.graphs)
             t0 = time.perf_counter()
+            profiling.TIMED.clear()
             layers = DIMS[name]["n_layers"] if name in DIMS else None   # builtin: all its layers timed
             kt = profiling.measure_table(m, a.cs, a.prefixes, layers=layers, repeats=a.repeats)
             pool = pool or multiprocessing.get_context("spawn").Pool(a.workers)
@@ -131,10 +132,12 @@ def profile(a):
                     for (v, c), segs in profile_block(m, C, p, parts, a.repeats, (C, p) in paper).items():
                         rows.append(dict(variant=v, C=C, p=1 if v == "one process" else p,
                                          partition=list(c) if c else None, segs=segs))
-                print(f"{name}: profiled C={C} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                print(f"{name}: profiled C={C} ({time.perf_counter() - t0:.0f} s; timed forwards "
+                      f"{dict(profiling.TIMED)})", flush=True)
             save(a.out.format(model=name.replace(":", "-")), dict(
                 machine(), run=a.run, model=name, dtype=a.dtype, fused=a.fuse or a.graphs, graphs=a.graphs,
-                layers_timed=a.layers, rounds=a.repeats, links=measured, shortlist=short, search=dict(steps=a.steps, levels=a.levels),
+                layers_timed=a.layers, rounds=a.repeats, timed_forwards=dict(profiling.TIMED), links=measured,
+                shortlist=short, search=dict(steps=a.steps, levels=a.levels),
                 kernels=dict(meta=kt.meta, grid=[[c, P, *t] for (c, P), t in sorted(kt.grid.items())])), rows)
     finally:
         if pool:

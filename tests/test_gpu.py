@@ -131,6 +131,27 @@ def test_cuda_graphs_replay_the_fused_kernels_exactly(arch):
         assert torch.equal(x, y)
 
 
+def test_a_graphs_profile_times_replays_and_eviction_returns_graph_memory():
+    """bench.simulated's rounds alternate more shapes than Segments keeps (4), so a shape is recorded
+    again each round: profile_chunk's timed forwards are still replays, never a recording or an eager
+    run. And the evicted recordings' memory goes back to the device: reserved memory after 12 new
+    shapes stays under twice what it was with 4 recordings alive (if freed pools stayed, about 3x)."""
+    from bench import profiling
+    m = fuse(model.builtin("llama", seed=0, dtype=torch.float16).cuda(), graphs=True)
+    profiling.TIMED.clear()
+    for _ in range(2):                                 # two rounds, as profile_block's
+        for c in ([256, 128], [128, 128, 128], [384]):
+            profiling.profile_kvr(m, c, 1, 0)
+    assert profiling.TIMED == {"replayed": 12}, profiling.TIMED
+    torch.cuda.empty_cache()
+    base, grown = torch.cuda.memory_reserved(), []
+    for n in range(12):                                # 12 new shapes of like size: 256 tokens after 64n+1
+        profiling.profile_chunk(m, 256, 64 * n + 1, 1, 0)
+        grown.append(torch.cuda.memory_reserved() - base)
+    assert len(m.forward.recs) == 4
+    assert grown[-1] < 2 * grown[3], [g >> 20 for g in grown]   # kept: 3x grown[3] if pools stayed
+
+
 def test_the_chain_replays_its_segments_as_cuda_graphs(tmp_path):
     """Bitwise: runahead.py --graphs on 3 ranks sharing the GPU (the exchange between the graphs, and
     ranks 0 and 1 ending after their last send) gives the logits and the prompt's cache of --fuse,
