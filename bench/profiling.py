@@ -108,14 +108,19 @@ def _time(model, n, kv, start, repeats, warmup, math_path=False):
     return [statistics.median(col) for col in zip(*runs)]
 
 
+def _recording(model):
+    """Untimed forwards that --graphs adds: eagerly or recorded, then recorded or replayed, so that
+    every timed forward replays (profile_block's rounds re-record a shape that Segments evicted)."""
+    return 2 * getattr(model, "graphs", False)
+
+
 def profile_chunk(model, c, prefix, repeats=3, warmup=1):
     """One KV-Runahead rank: c tokens after a prefix of `prefix` tokens. L+1 segment times (s)."""
     (device, dtype), cfg = _where(model), model.cfg
     cache = KVCache(cfg, 1, prefix + c, dtype, device)
     for kv in cache.kv:                                # the prefix as received: random K/V
         kv[:, :, :, :prefix] = torch.randn_like(kv[:, :, :, :prefix])
-    warmup += 2 * getattr(model, "graphs", False)      # --graphs: eagerly or recorded, then recorded or
-                                                       # replayed: the timed forwards replay
+    warmup += _recording(model)
     return _time(model, c, TimedKV(Clock(device), cache, prefix), prefix, repeats, warmup)
 
 
@@ -138,7 +143,7 @@ def profile_tsp(model, C, p, zigzag=False, repeats=3, warmup=1, math_path=False)
     spans, emitter = partition.tsp_layout(C, p, zigzag)
     gathered = torch.randn((2, 1, cfg.n_kv_heads, C, cfg.head_dim), dtype=dtype, device=device)
     order = torch.cat([torch.arange(a, a + n) for s in spans for a, n in s]).argsort().to(device) if zigzag else None
-    out = []
+    out, warmup = [], warmup + _recording(model)      # the emitter records; the other ranks run eagerly
     for r, mine in enumerate(spans):
         cache = KVCache(cfg, 1, C, dtype, device) if r == emitter else None
         kv = TimedKV(Clock(device), cache, gathered=gathered, order=order, dense=not zigzag)
