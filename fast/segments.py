@@ -37,7 +37,7 @@ class Segments:
     `ran` says how the last forward ran: eagerly, recorded, or replayed."""
 
     def __init__(self, model):
-        self.model, self.seen, self.recs, self.ran = model, set(), {}, "eagerly"
+        self.model, self.seen, self.recs, self.ran, self.side = model, set(), {}, "eagerly", None
 
     def __call__(self, tokens, kv, start=0, last_only=False, math_path=False, rope_len=None):
         def forward(kv):
@@ -60,8 +60,9 @@ class Segments:
             torch.cuda.empty_cache()                   # freed pool only here, not when a capture runs out
         rec = self.recs[key] = Recording(key)
         self.ran = "recorded"
-        try:
-            return rec.record(self.model, forward, kv)
+        self.side = self.side or torch.cuda.Stream()   # one for all recordings: cuBLAS keeps a workspace
+        try:                                           # per stream (32 MiB on an H200), never freed
+            return rec.record(self.model, forward, kv, self.side)
         finally:
             if rec.capturing:                          # it failed mid-graph: nothing to replay
                 del self.recs[key]
@@ -79,8 +80,8 @@ class Recording:
     def dense(self):
         return self.kv.dense
 
-    def record(self, model, forward, kv):
-        side = torch.cuda.Stream()                     # a capture cannot run on the default stream
+    def record(self, model, forward, kv, side):
+        """Run forward on the stream `side` (a capture cannot run on the default stream), recording it."""
         side.wait_stream(torch.cuda.current_stream())
         hook = model.layers[0].register_forward_pre_hook(self._first)
         self.kv = kv
