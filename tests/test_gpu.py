@@ -134,9 +134,10 @@ def test_cuda_graphs_replay_the_fused_kernels_exactly(arch):
 def test_a_graphs_profile_times_replays_and_eviction_returns_graph_memory():
     """bench.simulated's rounds alternate more shapes than Segments keeps (4), so a shape is recorded
     again each round: the timed forwards of KV-Runahead's ranks and of TSP's emitter are still replays,
-    never a recording or an eager run (TSP's other ranks gather into new memory: eagerly). And memory stays bounded: over 12 new shapes of 2 layers of Llama-7B dims, reserved memory
-    stays under 1.5 times what it was with 4 recordings alive (the evicted graphs' pools go back to
-    the device, and no recording leaves a cuBLAS workspace behind; kept, it grew linearly)."""
+    never a recording or an eager run (TSP's other ranks gather into new memory: eagerly). And memory
+    stays bounded: over 12 new shapes of 2 layers of Llama-7B dims, reserved memory stays under 1.5
+    times what it was with 4 recordings alive (the evicted graphs' pools go back to the device, and
+    no recording leaves a cuBLAS workspace behind; kept, it grew linearly)."""
     from bench import profiling
     from load_weights import dims_model
     m = fuse(model.builtin("llama", seed=0, dtype=torch.float16).cuda(), graphs=True)
