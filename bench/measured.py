@@ -111,6 +111,16 @@ def spread(xs, fmt, ranged=True):
     return m + (f" ({fmt.format(min(xs))}-{fmt.format(max(xs))})" if ranged and len(xs) > 1 else "")
 
 
+def order(keys, r):
+    """Round r's order of keys, a Williams design: over n rounds (2n for an odd n) each key runs once
+    in every position and once right after every other key (twice for an odd n). A rotation would
+    keep each key's predecessor fixed, so a variant that slows the next one (on the shared H200, a
+    KV-Runahead run slowed the one after it by 2%) would bias one key only."""
+    n = len(keys)
+    row = [keys[(r + (j + 1) // 2 if j % 2 else r - j // 2) % n] for j in range(n)]   # r, r+1, r-1, r+2, ...
+    return row[::-1] if n % 2 and r // n % 2 else row
+
+
 def table(rows, cols):
     """Print rows (dicts) as a Markdown table of the given columns."""
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
@@ -323,8 +333,8 @@ def ranks(a):
                 variants[v] = ((lambda c=c: runahead.prefill(job, c)[2]), p - 1)
             times = {v: [] for v in variants}
             names = list(variants)
-            for r in range(a.repeats + 1):              # repeat 0 warms up; the order rotates
-                for v in names[r % len(names):] + names[:r % len(names)]:
+            for r in range(a.repeats + 1):              # repeat 0 warms up; then balanced orders
+                for v in order(names, r):
                     fn, emitter = variants[v]
                     t = fn()
                     job.transport.finish()

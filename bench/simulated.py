@@ -27,7 +27,7 @@ import cli
 import partition
 import program
 from bench import profiling, sim
-from bench.measured import machine, save, spread, table
+from bench.measured import machine, order, save, spread, table
 from fast.compiled import fuse
 from kvcache import bytes_per_token
 from load_weights import DIMS, dims_model
@@ -83,8 +83,8 @@ def shortlist(kt, name, Cs, ps, nets, table_C, steps, levels, pool):
 
 
 def profile_block(m, C, p, parts, rounds, math_tsp=False):
-    """Every variant of one (C, p) profiled interleaved: each round runs each variant once, in an
-    order rotated every round, after one round of warm-up. Returns {(variant, partition): per rank,
+    """Every variant of one (C, p) profiled interleaved: each round runs each variant once, in a
+    balanced order (bench.measured.order), after one round of warm-up. Returns {(variant, partition): per rank,
     the median of each segment over the rounds}."""
     jobs = {("one process", None): lambda: profiling.profile_single(m, C, 1, 0),
             ("TSP", None): lambda: profiling.profile_tsp(m, C, p, False, 1, 0),
@@ -94,7 +94,7 @@ def profile_block(m, C, p, parts, rounds, math_tsp=False):
     jobs.update({("KVR", c): (lambda c=c: profiling.profile_kvr(m, list(c), 1, 0)) for c in parts})
     keys, runs = list(jobs), {k: [] for k in jobs}
     for r in range(rounds + 1):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+        for k in order(keys, r):
             segs = jobs[k]()
             if r:
                 runs[k].append(segs)

@@ -1,5 +1,7 @@
 """bench/sim.py and bench/profiling.py: replays computed by hand, agreement with partition.CostModel, links, the
-shared device, profiles of the built-in model, the kernel table, the search on it, calibration."""
+shared device, profiles of the built-in model, the kernel table, the search on it, calibration, and the order
+in which the benchmarks interleave their variants."""
+import collections
 import json
 import os
 import sys
@@ -13,6 +15,7 @@ sys.path.insert(0, ROOT)
 import calibrate  # noqa: E402
 import partition as P  # noqa: E402
 from bench import profiling, sim  # noqa: E402
+from bench.measured import order  # noqa: E402
 from kvcache import bytes_per_token  # noqa: E402
 from load_weights import dims_model  # noqa: E402
 
@@ -212,3 +215,19 @@ def test_fit_link_recovers_latency_and_bandwidth():
     sizes = [2**20 * k for k in (1, 4, 16, 64)]
     link = sim.fit_link(sizes, [20e-6 + n / 50e9 for n in sizes])
     assert link.bandwidth == pytest.approx(50e9) and link.latency == pytest.approx(20e-6)
+
+
+# ----------------------------------------------------------------------------- interleaving
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_order_balances_positions_and_predecessors(n):
+    """Over any n consecutive rounds (2n for an odd n) each variant runs equally often in every position
+    and right after every other variant, so a variant that slows its successor biases them all alike."""
+    keys, cycle = [f"v{i}" for i in range(n)], n if n % 2 == 0 else 2 * n
+    for start in (0, 1, 3):
+        rounds = [order(keys, r) for r in range(start, start + cycle)]
+        assert all(sorted(row) == keys for row in rounds)
+        positions = collections.Counter((i, k) for row in rounds for i, k in enumerate(row))
+        assert set(positions.values()) == {cycle // n}
+        pairs = collections.Counter(pair for row in rounds for pair in zip(row, row[1:]))
+        assert n == 1 or (len(pairs) == n * (n - 1) and set(pairs.values()) == {cycle // n})
