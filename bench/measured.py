@@ -290,7 +290,7 @@ def ranks(a):
     job = setup(args)
     comm, p, rows = job.comm, job.size, []
     with abort_on_error(comm):
-        searched = {}
+        searched, chosen = {}, {}
         for C in sorted(a.C, reverse=True):             # KVR-S first (KVR-P interpolates them);
                                                         # the largest C calibrates the cost model
             job.tokens = torch.randint(3, job.model.cfg.vocab_size, (1, C),
@@ -298,7 +298,7 @@ def ranks(a):
             calibrate.pick_partition(job, "searched")
             if job.c_modelled:                          # as runahead.py runs it: timed against even
                 calibrate.versus_even(job, runahead.prefill)
-            searched[C] = job.c
+            searched[C], chosen[C] = job.c, job.c_source
         for C in a.C:
             job.tokens = torch.randint(3, job.model.cfg.vocab_size, (1, C),
                                        generator=torch.Generator().manual_seed(C)).to(job.device)
@@ -353,7 +353,8 @@ def ranks(a):
             link = job.transport.path + ("" if job.device.type == "cpu" else "; one GPU shared")
             for v in names:
                 rows.append(dict(model=job.model_key, C=C, p=p, variant=v, ttft_s=statistics.median(times[v]),
-                                 raw_s=times[v], partition=parts.get(v), source="measured", link=link))
+                                 raw_s=times[v], partition=parts.get(v), source="measured", link=link,
+                                 **({"chosen": chosen[C]} if v == "KVR-S" else {})))   # how the search picked it
             if job.rank == 0:
                 tsp_t = statistics.median(times["TSP"])
                 print(f"C={C}: " + ", ".join(f"{v} {statistics.median(times[v]) * 1e3:.1f} ms "
