@@ -112,10 +112,10 @@ def spread(xs, fmt, ranged=True):
 
 
 def order(keys, r):
-    """Round r's order of keys, a Williams design: over n rounds (2n for an odd n) each key runs once
-    in every position and once right after every other key (twice for an odd n). A rotation would
-    keep each key's predecessor fixed, so a variant that slows the next one (on the shared H200, a
-    KV-Runahead run slowed the one after it by 2%) would bias one key only."""
+    """Round r's order of keys, a Williams design: over n rounds (2n for an odd n) each key runs
+    equally often in every position and right after every other key. A rotation would keep each
+    key's predecessor fixed, so a variant that slows the next one (on the shared H200, a KV-Runahead
+    run slowed the one after it by up to 2%) would bias one key only."""
     n = len(keys)
     row = [keys[(r + (j + 1) // 2 if j % 2 else r - j // 2) % n] for j in range(n)]   # r, r+1, r-1, r+2, ...
     return row[::-1] if n % 2 and r // n % 2 else row
