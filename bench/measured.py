@@ -354,7 +354,7 @@ def ranks(a):
             for v in names:
                 rows.append(dict(model=job.model_key, C=C, p=p, variant=v, ttft_s=statistics.median(times[v]),
                                  raw_s=times[v], partition=parts.get(v), source="measured", link=link,
-                                 **({"chosen": chosen[C]} if v == "KVR-S" else {})))   # how the search picked it
+                                 chosen=chosen[C] if v == "KVR-S" else None))   # how the search picked it
             if job.rank == 0:
                 tsp_t = statistics.median(times["TSP"])
                 print(f"C={C}: " + ", ".join(f"{v} {statistics.median(times[v]) * 1e3:.1f} ms "
