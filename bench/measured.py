@@ -9,6 +9,9 @@ commands (bench/simulated.py makes the simulated ones).
     mpirun -n P python -m bench.measured ranks [--C 1024 2048 4096] [--model builtin:llama] [--device cpu]
         P real ranks: one process, TSP, TSP-zigzag, KVR-E, KVR-S and KVR-P on each context length,
         the variants alternated within each repeat; TTFT medians; optional per-rank traces.
+    mpirun -n P python -m bench.measured share [--model dims:llama7b] [--C 16384]
+        P ranks sharing one GPU: one process and the even chain, each run profiled on every rank;
+        how long the GPU was busy, idle, and how many ranks' kernels were in flight at once.
     mpirun -n 2 python -m bench.measured link [--device cuda]
         the link between two ranks: GB/s of one message of 1 MiB .. 256 MiB on each route (direct
         if the MPI is CUDA-aware; staged through the node's shared pinned slots; staged-mpi: through
@@ -282,6 +285,24 @@ def decode_bench(a):
 
 # ----------------------------------------------------------------------------- real ranks
 
+def one_process(job):
+    """The prompt prefilled by the last rank alone; the others wait politely (a rank spinning in MPI
+    beside it would slow it: caches, memory, SMT). Returns the last rank's seconds, 0 elsewhere."""
+    job.transport.barrier()
+    t, last = 0.0, job.rank == job.size - 1
+    if last:
+        cache = KVCache(job.model.cfg, 1, job.tokens.shape[1], job.dtype, job.device)
+        sync(job.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            job.model(job.tokens, cache, 0, last_only=True)[0, -1].argmax().item()
+        t = time.perf_counter() - t0
+    polite, job.transport.polite = job.transport.polite, job.transport.polite or not last
+    job.transport.barrier()
+    job.transport.polite = polite
+    return t
+
+
 def ranks(a):
     """All variants on the same real ranks, alternated; rank 0 prints and saves."""
     args = cli.program("").parse_args(["--model", a.model, "--prompt-len", str(max(a.C)), "--dtype", a.dtype,
@@ -310,22 +331,7 @@ def ranks(a):
             if len(a.C) > 1:                            # KVR-P: predicted without C's own entry
                 parts["KVR-P"] = partition.predicted(C, p, others, job.model_key)
 
-            def one_process():                          # the last rank alone; the others wait
-                job.transport.barrier()                 # politely: a rank spinning in MPI beside
-                t = 0.0                                 # it would slow it (caches, memory, SMT)
-                if job.rank == p - 1:
-                    cache = KVCache(job.model.cfg, 1, C, job.dtype, job.device)
-                    sync(job.device)
-                    t0 = time.perf_counter()
-                    with torch.inference_mode():
-                        job.model(job.tokens, cache, 0, last_only=True)[0, -1].argmax().item()
-                    t = time.perf_counter() - t0
-                polite, job.transport.polite = job.transport.polite, job.transport.polite or job.rank != p - 1
-                job.transport.barrier()
-                job.transport.polite = polite
-                return t
-
-            variants = {"one process": (one_process, p - 1),
+            variants = {"one process": (lambda: one_process(job), p - 1),
                         "TSP": (lambda: tsp.prefill(job, False)[2], p - 1)}
             if C >= 2 * p:
                 variants["TSP-zigzag"] = (lambda: tsp.prefill(job, True)[2], 0)
@@ -370,6 +376,92 @@ def ranks(a):
                     speedup=f"{next(x['ttft_s'] for x in rows if x['C'] == r['C'] and x['variant'] == 'TSP') / r['ttft_s']:.2f}",
                     partition=",".join(map(str, r["partition"])) if r["partition"] else "")
                for r in rows], ["C", "p", "variant", "ttft_ms", "speedup", "partition"])
+
+
+def covered(spans):
+    """The time that (start, end) spans cover, overlaps counted once."""
+    total, reach = 0, float("-inf")
+    for start, end in sorted(spans):
+        total += max(0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
+
+
+def gpu_spans(prof):
+    """(kind, start_ns, end_ns) of a profile's GPU activities (kernel, copy HtoD/DtoH/DtoD/PtoP, memset)
+    and of its "go" mark, all on the profiler's clock, which the ranks of one machine share."""
+    spans = []
+    for e in prof.profiler.kineto_results.events():
+        name = e.name()
+        if name == "go":
+            spans.append(("go", e.start_ns(), e.end_ns()))
+        elif e.device_type() == torch.autograd.DeviceType.CUDA:
+            kind = ("copy " + name.split()[1] if name.startswith("Memcpy") else
+                    "memset" if name.startswith("Memset") else "kernel")
+            spans.append((kind, e.start_ns(), e.end_ns()))
+    return spans
+
+
+def shared(spans_by_rank):
+    """One profiled run of every rank: how long from the first "go" to the last GPU activity (window),
+    how much of it some rank kept the GPU busy, and each rank's kernel and copy time. On one GPU
+    without MPS the contexts are time-sliced: a kernel whose context is switched out stays in flight,
+    so the ranks' busy times add up to more than the window."""
+    t0 = min(s for spans in spans_by_rank for k, s, e in spans if k == "go")
+    gpu = [[(k, s, e) for k, s, e in spans if k != "go"] for spans in spans_by_rank]
+    t1 = max(e for spans in gpu for k, s, e in spans)
+    per = []
+    for spans in gpu:
+        kinds = defaultdict(int)
+        for k, s, e in spans:
+            kinds[k] += e - s
+        per.append(dict(busy_ms=covered([(s, e) for k, s, e in spans]) / 1e6,
+                        **{k.replace(" ", "_") + "_ms": v / 1e6 for k, v in sorted(kinds.items())}))
+    busy = covered([(s, e) for spans in gpu for k, s, e in spans]) / 1e6
+    return dict(window_ms=(t1 - t0) / 1e6, busy_ms=busy, idle_ms=(t1 - t0) / 1e6 - busy,
+                in_flight=sum(r["busy_ms"] for r in per) / busy,
+                copy_ms=sum(v for r in per for k, v in r.items() if k.startswith("copy")), ranks=per)
+
+
+def share(a):
+    """Where the time goes when ranks share one GPU: one process and the even chain, alternated,
+    each run profiled on every rank (torch.profiler: CUPTI's kernel and copy spans), merged on one
+    clock. Idle time is the host's (launches, waits); time-slicing shows as spans in flight at once."""
+    from torch.profiler import ProfilerActivity, profile
+    args = cli.program("").parse_args(["--model", a.model, "--prompt-len", str(a.C), "--dtype", a.dtype,
+                                       "--device", "cuda", "--max-new-tokens", "1"])
+    job = setup(args)
+    comm, rows = job.comm, []
+    with abort_on_error(comm):
+        job.tokens = torch.randint(3, job.model.cfg.vocab_size, (1, a.C),
+                                   generator=torch.Generator().manual_seed(a.C)).to(job.device)
+
+        def chain():
+            runahead.prefill(job, partition.even(a.C, job.size))
+            job.transport.finish()
+            job.transport.barrier()
+
+        variants = {"one process": lambda: one_process(job), "KVR-E": chain}
+        for r in range(a.repeats + 1):                  # repeat 0 warms up, unprofiled
+            for v in order(list(variants), r):
+                if not r:
+                    variants[v]()
+                    continue
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    job.transport.barrier()
+                    with torch.profiler.record_function("go"):
+                        pass
+                    variants[v]()
+                    sync(job.device)
+                spans = comm.gather(gpu_spans(prof), root=0)
+                if job.rank == 0:
+                    rows.append(dict(variant=v, repeat=r, **shared(spans)))
+    if job.rank == 0:
+        save(a.out, dict(machine(), ranks=job.size, model=job.name, model_key=job.model_key, C=a.C,
+                         dtype=a.dtype, route=job.transport.path), rows)
+        table([dict(r, **{k: f"{r[k]:.1f}" for k in ("window_ms", "busy_ms", "idle_ms", "copy_ms")},
+                    in_flight=f"{r['in_flight']:.2f}") for r in rows],
+              ["variant", "repeat", "window_ms", "busy_ms", "idle_ms", "in_flight", "copy_ms"])
 
 
 def merge(a):
@@ -497,6 +589,12 @@ def main(argv=None):
     r.add_argument("--repeats", type=cli.at_least(1), default=5)
     r.add_argument("--trace-dir", help="also write one traced TSP, zigzag and KVR-S run at the largest C here")
     r.add_argument("--out", default="results/ranks.json")
+    sh = sub.add_parser("share", help="ranks sharing one GPU: where the time goes (GPU busy, idle, in flight)")
+    sh.add_argument("--model", default="dims:llama7b")
+    sh.add_argument("--C", type=cli.at_least(1), default=16384)
+    sh.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    sh.add_argument("--repeats", type=cli.at_least(1), default=2)
+    sh.add_argument("--out", default="results/share.json")
     lk = sub.add_parser("link", help="2 ranks: GB/s of one message, 1 MiB .. 256 MiB, each route")
     lk.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     lk.add_argument("--mib", nargs="+", type=cli.at_least(1), default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
@@ -511,7 +609,7 @@ def main(argv=None):
     pl.add_argument("--traces", nargs="*", help="trace JSON files to draw as one timeline figure")
     pl.add_argument("--timeline", default="results/timeline.png")
     a = ap.parse_args(argv)
-    {"single": single, "decode": decode_bench, "ranks": ranks, "merge": merge, "link": link, "plot": plot}[a.cmd](a)
+    {"single": single, "decode": decode_bench, "ranks": ranks, "share": share, "merge": merge, "link": link, "plot": plot}[a.cmd](a)
 
 
 if __name__ == "__main__":

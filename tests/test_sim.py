@@ -15,7 +15,7 @@ sys.path.insert(0, ROOT)
 import calibrate  # noqa: E402
 import partition as P  # noqa: E402
 from bench import profiling, sim  # noqa: E402
-from bench.measured import order  # noqa: E402
+from bench.measured import covered, order, shared  # noqa: E402
 from kvcache import bytes_per_token  # noqa: E402
 from load_weights import dims_model  # noqa: E402
 
@@ -231,3 +231,17 @@ def test_order_balances_positions_and_predecessors(n):
         assert set(positions.values()) == {cycle // n}
         pairs = collections.Counter(pair for row in rounds for pair in zip(row, row[1:]))
         assert n == 1 or (len(pairs) == n * (n - 1) and set(pairs.values()) == {cycle // n})
+
+
+def test_shared_counts_overlapping_spans_once():
+    """`bench.measured share`'s arithmetic: the GPU's busy time is the union of every rank's spans,
+    idle the rest of the window from the first "go", and spans of ranks in flight at once show as
+    in_flight > 1 (time-slicing), which summing the ranks' busy times would hide."""
+    ms = 1_000_000
+    rank0 = [("go", 0, 0), ("kernel", 10 * ms, 50 * ms), ("copy HtoD", 40 * ms, 60 * ms)]
+    rank1 = [("go", 5 * ms, 5 * ms), ("kernel", 30 * ms, 70 * ms), ("kernel", 100 * ms, 120 * ms)]
+    s = shared([rank0, rank1])
+    assert (s["window_ms"], s["busy_ms"], s["idle_ms"]) == (120, 80, 40)
+    assert [r["busy_ms"] for r in s["ranks"]] == [50, 60] and s["in_flight"] == 110 / 80
+    assert s["copy_ms"] == 20 and s["ranks"][0]["kernel_ms"] == 40 and s["ranks"][1]["kernel_ms"] == 60
+    assert covered([]) == 0 and covered([(0, 5), (1, 2), (5, 7)]) == 7
