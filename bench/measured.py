@@ -34,6 +34,7 @@ import time
 from collections import defaultdict
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import calibrate
 import cli
@@ -427,7 +428,6 @@ def share(a):
     """Where the time goes when ranks share one GPU: one process and the even chain, alternated,
     each run profiled on every rank (torch.profiler: CUPTI's kernel and copy spans), merged on one
     clock. Idle time is the host's (launches, waits); time-slicing shows as spans in flight at once."""
-    from torch.profiler import ProfilerActivity, profile
     args = cli.program("").parse_args(["--model", a.model, "--prompt-len", str(a.C), "--dtype", a.dtype,
                                        "--device", "cuda", "--max-new-tokens", "1"])
     job = setup(args)
