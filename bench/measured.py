@@ -286,6 +286,12 @@ def decode_bench(a):
 
 # ----------------------------------------------------------------------------- real ranks
 
+def random_prompt(job, C):
+    """C random token ids (none of the first 3, the special ids), seeded by C: the same on every rank."""
+    return torch.randint(3, job.model.cfg.vocab_size, (1, C),
+                         generator=torch.Generator().manual_seed(C)).to(job.device)
+
+
 def one_process(job):
     """The prompt prefilled by the last rank alone; the others wait politely (a rank spinning in MPI
     beside it would slow it: caches, memory, SMT). Returns the last rank's seconds, 0 elsewhere."""
@@ -315,15 +321,13 @@ def ranks(a):
         searched, chosen = {}, {}
         for C in sorted(a.C, reverse=True):             # KVR-S first (KVR-P interpolates them);
                                                         # the largest C calibrates the cost model
-            job.tokens = torch.randint(3, job.model.cfg.vocab_size, (1, C),
-                                       generator=torch.Generator().manual_seed(C)).to(job.device)
+            job.tokens = random_prompt(job, C)
             calibrate.pick_partition(job, "searched")
             if job.c_modelled:                          # as runahead.py runs it: timed against even
                 calibrate.versus_even(job, runahead.prefill)
             searched[C], chosen[C] = job.c, job.c_source
         for C in a.C:
-            job.tokens = torch.randint(3, job.model.cfg.vocab_size, (1, C),
-                                       generator=torch.Generator().manual_seed(C)).to(job.device)
+            job.tokens = random_prompt(job, C)
             others = partition.Table()
             for K in a.C:
                 if K != C:
@@ -433,8 +437,7 @@ def share(a):
     job = setup(args)
     comm, rows = job.comm, []
     with abort_on_error(comm):
-        job.tokens = torch.randint(3, job.model.cfg.vocab_size, (1, a.C),
-                                   generator=torch.Generator().manual_seed(a.C)).to(job.device)
+        job.tokens = random_prompt(job, a.C)
 
         def chain():
             runahead.prefill(job, partition.even(a.C, job.size))
@@ -609,7 +612,8 @@ def main(argv=None):
     pl.add_argument("--traces", nargs="*", help="trace JSON files to draw as one timeline figure")
     pl.add_argument("--timeline", default="results/timeline.png")
     a = ap.parse_args(argv)
-    {"single": single, "decode": decode_bench, "ranks": ranks, "share": share, "merge": merge, "link": link, "plot": plot}[a.cmd](a)
+    {"single": single, "decode": decode_bench, "ranks": ranks, "share": share, "merge": merge, "link": link,
+     "plot": plot}[a.cmd](a)
 
 
 if __name__ == "__main__":
