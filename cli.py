@@ -65,6 +65,7 @@ def replace_whole(path):
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
     os.close(fd)
     try:
+        os.chmod(tmp, _mode(path))                     # mkstemp's 0600 would survive the rename
         yield tmp
         os.replace(tmp, path)
     finally:
@@ -72,13 +73,26 @@ def replace_whole(path):
             os.remove(tmp)
 
 
-# The number of ranks as launchers tell it before MPI starts: MPICH's Hydra, Open MPI, MVAPICH, Slurm.
-WORLD_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
+def _mode(path):
+    """The permissions a file written at `path` gets: those of the file it replaces, else what
+    open() would give a new file under this process's umask."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)                            # read it the only way there is: set it back
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+# The number of ranks as launchers tell it before MPI starts: MPICH's Hydra, Open MPI, MVAPICH, and
+# Slurm's srun (the tasks of its step: SLURM_NTASKS is the allocation's, set for a plain `python`
+# inside `salloc -n 4` too, where MPI starts one rank).
+WORLD_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 
 
 def launched_ranks():
     """How many ranks the launcher started (1 without one), or None if it does not say."""
-    if not any(v.startswith(("PMI_", "OMPI_", "MV2_", "SLURM_", "HYDRA_")) for v in os.environ):
+    if not any(v.startswith(("PMI_", "OMPI_", "MV2_", "SLURM_STEP_", "HYDRA_")) for v in os.environ):
         return 1                                       # no launcher: MPI starts a single rank
     return next((int(os.environ[v]) for v in WORLD_SIZE if os.environ.get(v, "").isdigit()), None)
 

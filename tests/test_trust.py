@@ -148,6 +148,39 @@ def test_a_process_killed_while_saving_leaves_no_file(tmp_path):
     assert r.returncode == -signal.SIGKILL and not (tmp_path / "x.pt").exists()
 
 
+def test_replace_whole_gives_the_mode_a_plain_open_would(tmp_path):
+    """A new file gets 0666 less the umask, a replaced file keeps its mode: the temporary is made
+    0600, and before, that mode survived the rename (every result and cache became owner-only)."""
+    old = os.umask(0o022)
+    try:
+        with cli.replace_whole(str(tmp_path / "new.json")) as tmp:
+            open(tmp, "w").write("{}")
+        (tmp_path / "shared.json").write_text("old")
+        os.chmod(tmp_path / "shared.json", 0o664)
+        with cli.replace_whole(str(tmp_path / "shared.json")) as tmp:
+            open(tmp, "w").write("new")
+        os.umask(0o077)
+        with cli.replace_whole(str(tmp_path / "private.json")) as tmp:
+            open(tmp, "w").write("{}")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"new.json": 0o644, "shared.json": 0o664, "private.json": 0o600}, modes
+
+
+def test_replace_whole_writes_its_temporary_beside_the_target(tmp_path, monkeypatch):
+    """Beside it, not in $TMPDIR: a rename is atomic only within one file system, and fails across two."""
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.setenv("TMPDIR", str(other))
+    monkeypatch.setattr("tempfile.tempdir", str(other))
+    (tmp_path / "out").mkdir()
+    with cli.replace_whole(str(tmp_path / "out" / "x.json")) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path / "out")
+        open(tmp, "w").write("{}")
+    assert os.listdir(other) == [] and os.listdir(tmp_path / "out") == ["x.json"]
+
+
 def writes(path):
     """(line, the path written) of every call in `path` that writes a file: open(path, "w"),
     torch.save(obj, path), fig.savefig(path)."""
@@ -188,6 +221,33 @@ def test_input_errors_answer_before_torch_loads(args, message):
     errors = [line for line in r.stderr.splitlines() if not line.startswith("import time:")]
     assert r.returncode == 2 and errors == [f"error: {message}"], r.stderr[-2000:]
     assert "torch" not in loaded
+
+
+@pytest.mark.parametrize("env,ranks", [
+    ({}, 1),                                                          # no launcher
+    ({"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"}, 1),                  # a plain python inside salloc -n 4
+    ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2"}, 4),   # srun -n 4
+    ({"SLURM_NTASKS": "8", "PMI_SIZE": "2", "PMI_RANK": "0"}, 2),     # mpirun -n 2 inside salloc -n 8
+    ({"OMPI_COMM_WORLD_SIZE": "3"}, 3),
+    ({"HYDRA_CONTROL_FD": "5"}, None),                                # a launcher that does not say
+])
+def test_the_ranks_a_launcher_started_are_its_own_not_the_allocations(monkeypatch, env, ranks):
+    for v in list(os.environ):
+        if v.startswith(("PMI_", "OMPI_", "MV2_", "SLURM_", "HYDRA_")):
+            monkeypatch.delenv(v)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert cli.launched_ranks() == ranks
+
+
+def test_one_rank_inside_a_slurm_allocation_runs():
+    """`python runahead.py` inside `salloc -n 4` is one rank: before, SLURM_NTASKS made the early
+    check count four and refuse a one-rank partition (`partition 64 has 1 chunks for 4 ranks`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "HYDRA_", "SLURM_"))}
+    r = subprocess.run([sys.executable, "runahead.py", "--prompt-len", "64", "--partition", "64", "--threads", "1",
+                        "--max-new-tokens", "2"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**env, "SLURM_NTASKS": "4", "SLURM_NPROCS": "4", "SLURM_JOB_ID": "7"})
+    assert r.returncode == 0 and "partition (64): 64  [given]" in r.stdout, r.stderr
 
 
 def test_too_many_new_tokens_are_refused_before_the_work(tmp_path):
