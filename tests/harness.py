@@ -11,8 +11,10 @@ how often its model ran the final norm (a rank that does not emit the first toke
 its last K/V are exchanged), and OUT/ID.rankR.out and .err, what it printed. A case may set
 environment variables ("env": the cache folder). As in the programs, an exception on any
 rank ends the whole job (MPI Abort): the cases before it have their files, the rest are missing, and
-the test of each says which case the job died in.
+the test of each says which case the job died in. So does a case that hangs: a rank still in a case
+after CASE_LIMIT seconds writes where it is (faulthandler) and exits, which ends the job.
 """
+import faulthandler
 import json
 import os
 import sys
@@ -27,6 +29,7 @@ import transport  # noqa: E402
 import tsp  # noqa: E402
 from program import abort_on_error, say  # noqa: E402
 
+CASE_LIMIT = float(os.environ.get("KVR_CASE_LIMIT", 60))   # s; every case here takes a few
 PROGRAMS = {"runahead.py": (cli.runahead, runahead.main), "tsp.py": (cli.tsp, tsp.main)}
 NORM_CALLS = []
 _load = program.load
@@ -54,6 +57,7 @@ def main(cases_file, out):
         NORM_CALLS.clear()
         os.environ.update(case.get("env", {}))
         base = os.path.join(out, f"{case['id']}.rank{comm.rank}")
+        faulthandler.dump_traceback_later(CASE_LIMIT, exit=True)   # to fd 2: a hang ends the job
         with abort_on_error(comm), open(base + ".err", "w") as err:
             stderr = os.dup(2)                         # the rank's lines (cli.say writes to fd 2)
             os.dup2(err.fileno(), 2)
@@ -62,9 +66,11 @@ def main(cases_file, out):
                     run(parser().parse_args(case["args"] + extra))
             finally:
                 os.dup2(stderr, 2)
+                os.close(stderr)
             with open(base + ".json", "w") as f:
                 json.dump(dict(norm_calls=len(NORM_CALLS)), f)
             comm.Barrier()
+        faulthandler.cancel_dump_traceback_later()
 
 
 if __name__ == "__main__":

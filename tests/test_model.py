@@ -18,10 +18,10 @@ from conftest import FORMATS, VARIANTS, B, T, build_hf, tokens
 from transformers import DynamicCache
 
 from fast.compiled import fuse
-from generate import generate
+from generate import decode, generate
 from kvcache import KVCache
 from load_weights import load_model
-from model import Config
+from model import Config, builtin
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 ATOL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -192,3 +192,23 @@ def test_fuse_compiles_pre_and_post_without_changing_results(checkpoint, name):
     assert torch.equal(logits, fused_logits)
     assert len(cache.kv) == len(fused_cache.kv) == model.cfg.n_layers
     assert all(torch.equal(a, b) for a, b in zip(cache.kv, fused_cache.kv, strict=True))
+
+
+
+@pytest.mark.parametrize("arch", ["llama", "falcon"])
+def test_the_builtin_models_tokens_wander_so_a_quoted_list_catches_a_wrong_cache(arch):
+    """The README quotes the built-in model's greedy tokens as the check of a run. They must not
+    settle into a cycle (with std-0.02 weights they alternated two ids whatever the cache held), and
+    a few stale positions in the cache must change them."""
+    m = builtin(arch)
+    ids = torch.randint(3, 1024, (1, 512), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for spoil in (False, True):
+        cache = KVCache(m.cfg, 1, 512 + 16)
+        m(ids[:, :256], cache, 0)
+        if spoil:                                      # 16 positions of one layer stale (zeros)
+            cache.kv[1][:, :, :, 100:116] = 0
+        first = m(ids[:, 256:], cache, 256, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        runs.append(decode(m, first, cache, 15)[0].tolist())
+    assert len(set(runs[0])) >= 12, runs[0]
+    assert runs[0] != runs[1]

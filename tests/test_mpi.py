@@ -374,13 +374,12 @@ def test_live_search_measures_and_stores(tmp_path):
     (2, ["--threads", "0"], "argument --threads: 0 is out of range"),
 ])
 def test_bad_input_fails_on_every_rank(n, args, message):
-    t = time.time()
     prompt = [] if {"--prompt-ids", "--prompt"} & set(args) else ["--prompt-len", "9"]
     r = mpirun(n, "runahead.py", *prompt, *args, timeout=60)
     assert r.returncode != 0
     lines = [x for x in r.stderr.splitlines() if x.startswith("error")]
     assert len(lines) == n and all(message in x for x in lines), r.stderr
-    assert time.time() - t < 30
+    assert "TTFT" not in r.stdout                      # refused before the work
 
 
 def test_tsp_rejects_zigzag_without_two_tokens_per_rank():
@@ -399,19 +398,18 @@ def test_exception_on_one_rank_aborts_the_job(tmp_path):
         "with abort_on_error(comm):\n"
         "    if t.rank == 1: raise RuntimeError('boom')\n"
         "    t.recv((4,), torch.float32, 1, tag=0)\n" % ROOT)
-    t = time.time()
     r = subprocess.run([MPIRUN, "-n", "2", sys.executable, str(script)], capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and "error (rank 1): RuntimeError: boom" in r.stderr
-    assert time.time() - t < 30
+    assert r.returncode != 0 and "error (rank 1): RuntimeError: boom" in r.stderr   # a hang: the timeout
 
 
 def test_killed_rank_ends_the_job(tmp_path):
-    """SIGKILL rank 0 while rank 1 waits on it: mpirun must end, not hang."""
+    """SIGKILL rank 0 as soon as it runs (rank 1, its whole prompt but one token later, waits on it
+    or will): mpirun must end, not hang. No sleep: whenever the kill lands, the job must end."""
     marker = str(tmp_path / "killme.pt")
     p = subprocess.Popen([MPIRUN, "-n", "2", sys.executable, os.path.join(ROOT, "runahead.py"),
                           "--prompt-len", "12000", "--partition", "11999,1", "--save", marker],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim, deadline = None, time.time() + 60
+    victim, deadline = None, time.time() + 30
     while victim is None and time.time() < deadline:   # the rank whose command line has our marker
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
@@ -422,10 +420,9 @@ def test_killed_rank_ends_the_job(tmp_path):
                 env = open(f"/proc/{pid}/environ", "rb").read()
                 if b"PMI_RANK=0\0" in env:
                     victim = int(pid)
-        time.sleep(0.2)
+        if victim is None:
+            time.sleep(0.2)
     assert victim, "rank 0 never started"
-    time.sleep(3)                                      # rank 0 is computing, rank 1 waiting
     os.kill(victim, signal.SIGKILL)
-    t = time.time()
-    p.communicate(timeout=60)
-    assert p.returncode != 0 and time.time() - t < 30
+    p.communicate(timeout=50)                          # a hang: TimeoutExpired
+    assert p.returncode != 0 and not os.path.exists(marker)

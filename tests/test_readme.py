@@ -28,6 +28,7 @@ import time
 import pytest
 
 from bench.figures import read_trace
+from conftest import FETCH_LIMIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -111,7 +112,9 @@ def test_readme_quotes_commands():
     assert len(commands()) >= 10
 
 
-@pytest.mark.parametrize("line,command,expected", commands(), ids=[f"README.md:{c[0]}" for c in commands()])
+@pytest.mark.parametrize("line,command,expected", [   # a fetch converts the real model: minutes, not one
+    pytest.param(*c, marks=[pytest.mark.timeout(FETCH_LIMIT)] * ("fetch_model.py" in c[1])) for c in commands()],
+    ids=[f"README.md:{c[0]}" for c in commands()])
 def test_command(clone, line, command, expected):
     root, env = clone
     t = time.time()
@@ -123,7 +126,48 @@ def test_command(clone, line, command, expected):
     assert accounts_for(expected, got), (f"README.md:{line}: `{command}` ({time.time() - t:.1f} s) printed "
                                          "other lines than quoted:\n  " + "\n  ".join(expected)
                                          + "\n--- it printed:\n" + output)
+    ratios_agree(got)
     share_fetched_models(root)
+
+
+def ratios_agree(lines):
+    """A printed table with ttft_ms and speedup columns: every speedup is its TSP row's ttft_ms (same C
+    and p) over its own, to the printed rounding. `~N` accepts any number, so the quote alone would
+    not notice a ratio printed upside down or against another row. Returns the rows checked."""
+    rows, names = [], None
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+        if cells and "ttft_ms" in cells and "speedup" in cells:
+            names = cells
+        elif cells and names and not set(cells[0]) <= set("-"):
+            rows.append(dict(zip(names, cells)))
+        elif not cells:
+            names = None
+    for r in rows:
+        tsp = next(x for x in rows if (x["C"], x["p"], x["variant"]) == (r["C"], r["p"], "TSP"))
+        a, b = float(tsp["ttft_ms"]), float(r["ttft_ms"])   # each printed to 0.1 ms, the ratio to 0.01
+        assert (a - 0.05) / (b + 0.05) - 0.005 <= float(r["speedup"]) <= (a + 0.05) / (b - 0.05) + 0.005, (
+            f"speedup {r['speedup']} of {r['variant']} at C={r['C']} is not TSP's {a} ms over its {b} ms")
+    return len(rows)
+
+
+def test_the_quoted_token_lists_could_catch_a_wrong_cache():
+    """A quoted `tokens: [...]` checks a run only if a wrong cache would print other tokens: a list
+    that repeats a cycle of two ids (the built-in model's once did) would pass almost any run."""
+    lists = [json.loads(line[len("tokens: "):]) for _, lines in blocks("console") for line in lines
+             if line.startswith("tokens: [")]
+    assert len(lists) >= 6
+    for ids in lists:
+        assert len(set(ids)) >= 3 * len(ids) // 4, ids
+
+
+def test_a_ratio_is_checked_against_its_rows():
+    table = ["| C | p | variant | ttft_ms | speedup | partition |", "|---|---|---|---|---|---|",
+             "| 512 | 2 | TSP | 35.2 | 1.00 |  |", "| 512 | 2 | KVR-E | 31.0 | 1.14 | 256,256 |"]
+    assert ratios_agree(table) == 2
+    for wrong in ("0.88", "1.20"):                     # upside down; another row's
+        with pytest.raises(AssertionError, match="is not TSP's"):
+            ratios_agree(table[:3] + [table[3].replace("1.14", wrong)])
 
 
 def _link_or_copy(src, dst):

@@ -124,6 +124,22 @@ def test_a_run_writes_its_calibration_to_the_cache_and_nothing_into_the_working_
     assert not {"calibration.json", "partitions.json"} & set(os.listdir(ROOT))   # the job's working directory
 
 
+def test_a_case_still_running_at_its_limit_ends_the_harness_job_and_is_named(tmp_path):
+    """tests/harness.py bounds every case: a rank still in one after KVR_CASE_LIMIT seconds writes
+    where it is and exits, which ends the job (a deadlock fails its case, not the whole suite after
+    ten minutes). Here the limit is 2 s and the case needs more: the job ends, and the last case it
+    named on stderr is that one, whose ranks' files say where they were."""
+    cases = [dict(id="long", program="runahead.py", args=["--prompt-len", "16384", "--threads", "1"])]
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    r = subprocess.run([MPIRUN, "-n", "2", sys.executable, os.path.join(ROOT, "tests", "harness.py"),
+                        str(tmp_path / "cases.json"), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=50, env={**os.environ, "KVR_CASE_LIMIT": "2"})
+    said = "".join(p.read_text() for p in tmp_path.glob("long.rank*.err"))
+    assert r.returncode != 0 and r.stderr.splitlines()[0] == "case long", r.stderr
+    assert "Timeout (0:00:02)!" in said and "runahead.py" in said, said
+    assert not list(tmp_path.glob("long.rank*.json"))  # no rank finished it
+
+
 # ----------------------------------------------------------------------------- files whole or not at all
 
 def test_replace_whole_leaves_the_old_file_when_writing_fails(tmp_path):
