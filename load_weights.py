@@ -42,12 +42,14 @@ def config_from_hf(d):
 
 
 def _rope_params(d):
-    """HF's rope_parameters, or the legacy rope_theta + rope_scaling keys folded into that form."""
-    rope = dict(d.get("rope_parameters") or {})
-    if not rope:
-        rope = dict(d.get("rope_scaling") or {})
-        rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
+    """HF's rope_parameters, or the legacy rope_theta + rope_scaling keys folded into that form, as
+    transformers reads them: rope_scaling wins where both are there, a missing theta is the top-level
+    one, and llama3's original length defaults to max_position_embeddings."""
+    rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
+    rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
     rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type") or "default"
+    if rope["rope_type"] == "llama3":
+        rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 2048))
     if rope["rope_type"] not in ("default", "linear", "dynamic", "llama3"):
         raise ConfigError(f"config.json: rope_type {rope['rope_type']!r} is not supported "
                           "(default, linear, dynamic, llama3)")
@@ -80,7 +82,7 @@ def _falcon_config(d):
     if d.get("activation", "gelu") != "gelu":
         raise ConfigError(f"config.json: activation {d['activation']!r} is not supported (gelu)")
     nh = d.get("num_attention_heads", 71)
-    dim = d.get("hidden_size") or d.get("n_embed", 4544)
+    dim = d.get("n_embed") or d.get("hidden_size", 4544)   # FalconConfig: n_embed wins
     new_arch = d.get("new_decoder_architecture", False)
     parallel = d.get("parallel_attn", True)
     if new_arch:

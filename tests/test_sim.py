@@ -1,9 +1,12 @@
 """bench/sim.py and bench/profiling.py: replays computed by hand, agreement with partition.CostModel, links, the
-shared device, profiles of the built-in model, the kernel table, the search on it, calibration, and the order
-in which the benchmarks interleave their variants."""
+shared device, profiles of the built-in model, the kernel table, the search on it, calibration, the order
+in which the benchmarks interleave their variants, and the tables `bench.measured ranks` and `merge` print."""
 import collections
+import contextlib
+import itertools
 import json
 import os
+import statistics
 import sys
 from types import SimpleNamespace
 
@@ -14,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import calibrate  # noqa: E402
 import partition as P  # noqa: E402
-from bench import profiling, sim  # noqa: E402
+from bench import measured, profiling, sim  # noqa: E402
 from bench.measured import covered, order, shared  # noqa: E402
 from kvcache import bytes_per_token  # noqa: E402
 from load_weights import dims_model  # noqa: E402
@@ -245,3 +248,301 @@ def test_shared_counts_overlapping_spans_once():
     assert [r["busy_ms"] for r in s["ranks"]] == [50, 60] and s["in_flight"] == 110 / 80
     assert s["copy_ms"] == 20 and s["ranks"][0]["kernel_ms"] == 40 and s["ranks"][1]["kernel_ms"] == 60
     assert covered([]) == 0 and covered([(0, 5), (1, 2), (5, 7)]) == 7
+
+
+# ----------------------------------------------------------------------------- three ranks by hand
+
+def test_chain_three_unequal_ranks_by_hand():
+    """p=3, unequal segments and chunks, two different links, 2 bytes per token. Every time below is
+    worked out by hand from the rules: rank i sends S_i = c_0 + .. + c_i tokens at each K/V point
+    without waiting for the send; a link carries one message at a time; a rank waits for its left
+    neighbour's message; TTFT is the last rank's finish even when rank 0 finishes later."""
+    links = [sim.Link(bandwidth=2.0, latency=0.5),     # link 0: S_0 = 2 tokens = 4 bytes: 0.5 + 2 = 2.5 s
+             sim.Link(bandwidth=4.0, latency=0.25)]    # link 1: S_1 = 3 tokens = 6 bytes: 0.25 + 1.5 = 1.75 s
+    segs = [[1, 1, 10], [2, 0.5, 1], [0.5, 1, 1]]
+    r = sim.replay_chain(segs, [2, 1, 3], links, 2)
+    # rank 0: K/V 0 at 1, sends 1..3.5; K/V 1 at 2, the link is busy until 3.5: sends 3.5..6; head 2..12
+    assert r.timeline[0] == [("compute", 0, 0, 1), ("send", 0, 1, 3.5), ("compute", 1, 1, 2),
+                             ("send", 1, 3.5, 6.0), ("compute", "head", 2, 12)]
+    # rank 1: K/V 0 at 2, waits for 3.5, sends 3.5..5.25; K/V 1 at 4, waits for 6, sends 6..7.75; head 6..7
+    assert r.timeline[1] == [("compute", 0, 0, 2), ("recv", 0, 2, 3.5), ("send", 0, 3.5, 5.25),
+                             ("compute", 1, 3.5, 4.0), ("recv", 1, 4.0, 6.0), ("send", 1, 6.0, 7.75),
+                             ("compute", "head", 6.0, 7.0)]
+    # rank 2: waits 0.5..5.25 and 6.25..7.75; it sends nothing
+    assert r.timeline[2] == [("compute", 0, 0, 0.5), ("recv", 0, 0.5, 5.25), ("compute", 1, 5.25, 6.25),
+                             ("recv", 1, 6.25, 7.75), ("compute", "head", 7.75, 8.75)]
+    assert r.finish == [12, 7, 8.75] and r.ttft == 8.75
+
+
+def test_allgather_three_unequal_ranks_by_hand():
+    """p=3 TSP: a layer's all-gather ends for every rank at the latest arrival plus p-1 = 2 ring
+    steps, each moving max(counts) tokens and lasting as long as the slowest of the p links; TTFT is
+    the emitter's finish (rank 1 here), not the latest one."""
+    ring = [sim.Link(4.0, 0.25), sim.Link(2.0, 0.5), sim.Link(8.0, 0.0)]   # 4 tokens: 1.25, 2.5, 0.5 s
+    segs = [[1, 2, 1], [3, 1, 0.5], [2, 1, 4]]
+    r = sim.replay_allgather(segs, [2, 4, 1], ring, 1, emitter=1)
+    # layer 0: last arrival 3 (rank 1), + 2 steps of 2.5 = 8; layer 1: last arrival 8 + 2 = 10, done 15
+    assert r.timeline[0] == [("compute", 0, 0, 1), ("allgather", 0, 1, 8), ("compute", 1, 8, 10),
+                             ("allgather", 1, 10, 15), ("compute", "head", 15, 16)]
+    assert r.timeline[1] == [("compute", 0, 0, 3), ("allgather", 0, 3, 8), ("compute", 1, 8, 9),
+                             ("allgather", 1, 9, 15), ("compute", "head", 15, 15.5)]
+    assert r.timeline[2] == [("compute", 0, 0, 2), ("allgather", 0, 2, 8), ("compute", 1, 8, 9),
+                             ("allgather", 1, 9, 15), ("compute", "head", 15, 19)]
+    assert r.finish == [16, 15.5, 19] and r.ttft == 15.5
+
+
+def test_three_ranks_on_two_devices_by_hand():
+    """p=3 chain on 2 shared devices, instant links: while m ranks have work each runs at min(1, 2/m)
+    of a device, a rank waiting for its message leaves its share to the others, and a rank alone
+    runs at full speed, never faster."""
+    segs = [[1, 2, 1], [2, 1, 1], [1, 1, 3]]
+    r = sim.replay_chain(segs, [1, 1, 1], INSTANT, 1, devices=2)
+    # 0..1.5: three at 2/3: ranks 0 and 2 end segment 0; rank 2 waits for rank 1 (1 s of work left)
+    # 1.5..2.5: ranks 0 and 1 at full speed; rank 1 sends at 2.5; 2.5..4: all three at 2/3
+    # 4..5.5: three heads at 2/3, ranks 0 and 1 end; 5.5..7.5: rank 2's last 2 s alone at speed 1
+    expect = [[("compute", 0, 0, 1.5), ("send", 0, 1.5, 1.5), ("compute", 1, 1.5, 4), ("send", 1, 4, 4),
+               ("compute", "head", 4, 5.5)],
+              [("compute", 0, 0, 2.5), ("send", 0, 2.5, 2.5), ("compute", 1, 2.5, 4), ("send", 1, 4, 4),
+               ("compute", "head", 4, 5.5)],
+              [("compute", 0, 0, 1.5), ("recv", 0, 1.5, 2.5), ("compute", 1, 2.5, 4), ("compute", "head", 4, 7.5)]]
+    for got, want in zip(r.timeline, expect):
+        assert [s[:2] for s in got] == [s[:2] for s in want]
+        assert [s[2:] for s in got] == [pytest.approx(s[2:]) for s in want]
+    assert r.finish == pytest.approx([5.5, 5.5, 7.5]) and r.ttft == pytest.approx(7.5)
+
+
+def test_replays_never_touch_their_inputs():
+    """A replay reads its segments and partition without changing them (KernelTable.segments hands
+    out memoised lists: a replay that wrote into them would change every later prediction)."""
+    segs, c = [[1, 2, 1], [3, 1, 0.5], [2, 1, 4]], [2, 4, 1]
+    before = [list(s) for s in segs], list(c)
+    sim.replay_chain(segs, c, UNIT, 1, devices=2)
+    sim.replay_allgather(segs, c, UNIT, 1, 1, devices=1)
+    assert ([list(s) for s in segs], list(c)) == before
+
+
+# ----------------------------------------------------------------------------- links, expand, table
+
+class FixedRandom:
+    """A stand-in for random.Random whose random() always returns u."""
+
+    def __init__(self, u):
+        self.u = u
+
+    def random(self):
+        return self.u
+
+
+def test_link_time_and_jitter():
+    """n bytes take latency + n / bandwidth, scaled by (1 + jitter u) for the generator's draw u;
+    without a generator or without jitter, exactly latency + n / bandwidth."""
+    link = sim.Link(bandwidth=2.0, latency=1.0, jitter=0.5)
+    assert link.time(4) == 3.0
+    assert link.time(4, FixedRandom(0.5)) == 3.0 * 1.25
+    assert link.time(4, FixedRandom(0.0)) == 3.0
+    assert sim.Link(2.0, 1.0).time(4, FixedRandom(0.9)) == 3.0
+    assert sim.Link(2.0).time(0) == pytest.approx(10e-6)            # the default latency, 10 us
+
+
+def test_network_slow_links_and_defaults():
+    """network(p) gives p links, one per rank (the ring's last link included), with the given latency
+    and jitter; slow= replaces the bandwidth of the named links only."""
+    links = sim.network(4, bandwidth=5.0, latency=0.25, jitter=0.1, slow={3: 1.0, 1: 2.0})
+    assert [(k.bandwidth, k.latency, k.jitter) for k in links] == [
+        (5.0, 0.25, 0.1), (2.0, 0.25, 0.1), (5.0, 0.25, 0.1), (1.0, 0.25, 0.1)]
+    # the ring uses link 3 (rank 3 -> rank 0), the chain does not
+    segs = [[0, 0, 0]] * 4
+    fast_ring = sim.network(4, 1e30, 0.0)
+    assert sim.replay_allgather(segs, [1] * 4, sim.network(4, 1e30, 0.0, slow={3: 1.0}), 1, 3).ttft == 6
+    assert sim.replay_allgather(segs, [1] * 4, fast_ring, 1, 3).ttft == pytest.approx(0)
+    assert sim.replay_chain(segs, [1] * 4, sim.network(4, 1e30, 0.0, slow={3: 1.0}), 1).ttft == pytest.approx(0)
+
+
+def test_fit_link_least_squares_and_clamped_latency():
+    """fit_link is the least-squares line through the points, not through two of them; a fit whose
+    intercept falls below zero gives latency 0 (a negative time per message is no link)."""
+    sizes = [1.0, 2.0, 3.0, 4.0]
+    link = sim.fit_link(sizes, [1.0, 2.0, 2.0, 3.0])              # slope 0.6, intercept 0.5
+    assert 1 / link.bandwidth == pytest.approx(0.6) and link.latency == pytest.approx(0.5)
+    link = sim.fit_link([1.0, 2.0, 3.0], [0.5, 1.5, 2.5])          # slope 1, intercept -0.5
+    assert link.bandwidth == pytest.approx(1.0) and link.latency == 0.0
+
+
+def test_expand_takes_the_median_middle():
+    """expand keeps the first and last segments and repeats the median of the middle ones (not their
+    mean, not counting the first or last) n_layers - 1 times: n_layers + 1 segments in all."""
+    assert sim.expand([9, 5, 1, 2, 7], 4) == [9, 2, 2, 2, 7]       # middles 5, 1, 2: median 2
+    assert sim.expand([9, 1, 4, 7], 3) == [9, 2.5, 2.5, 7]         # middles 1, 4: median 2.5
+    assert len(sim.expand([1, 2, 3], 32)) == 33
+
+
+def test_kernel_table_floors_extrapolation_at_zero():
+    """Above the measured prefixes the table extends linearly; a time that would go negative there
+    (noise: here longer prefixes measured faster) is 0, never a negative segment."""
+    t = sim.KernelTable({(64, 0): (1.0, 1.0, 1.0), (64, 100): (0.5, 0.5, 0.5)}, dict(layers=2))
+    assert t.segments(64, 150) == pytest.approx([0.25, 0.25, 0.25])
+    assert t.segments(64, 1000) == [0.0, 0.0, 0.0]
+
+
+def test_predict_replays_each_rank_after_its_prefix():
+    """predict gives rank i the table's segments for c_i tokens after the S_{i-1} tokens before it,
+    and the table's bytes per token unless told otherwise."""
+    t = synthetic_table(lin=1e-4, attn=1e-6)
+    link = sim.Link(1e6, 1e-4)
+    c = [500, 300, 224]
+    segs = [t.segments(500, 0), t.segments(300, 500), t.segments(224, 800)]
+    assert sim.predict(t, c, link).finish == sim.replay_chain(segs, c, link, 1024).finish
+    assert sim.predict(t, c, link, bpt=7).finish == sim.replay_chain(segs, c, link, 7).finish
+    assert sim.predict(t, c, link).finish != sim.replay_chain(segs, c, link, 7).finish
+
+
+def test_build_table_asks_for_links_per_rank_count():
+    """build_table calls a callable `links` with each p and searches each (C, p) on those links; every
+    partition is filed under the key, sums to C and has p chunks."""
+    t = synthetic_table(lin=1e-6, attn=1e-7)
+    asked = []
+
+    def links(p):
+        asked.append(p)
+        return sim.network(p, 300e9)
+
+    table = sim.build_table(t, [512, 1024], [2, 3], links, key="k", levels=1)
+    assert sorted(set(asked)) == [2, 3]
+    for p in (2, 3):
+        assert table.contexts("k", p) == [512, 1024]
+        for C in (512, 1024):
+            c = table.get("k", p, C)
+            assert len(c) == p and sum(c) == C
+            assert list(c) == sim.search(C, p, t, sim.network(p, 300e9), levels=1)
+
+
+def test_trace_spans_in_microseconds_per_rank(tmp_path):
+    """write_trace writes each span as a Chrome 'X' event on its rank's thread, start and duration in
+    microseconds, its layer in args."""
+    r = sim.replay_chain([[1, 1, 10], [2, 0.5, 1], [0.5, 1, 1]], [2, 1, 3],
+                         [sim.Link(2.0, 0.5), sim.Link(4.0, 0.25)], 2)
+    sim.write_trace(r, tmp_path / "t.json")
+    events = json.load(open(tmp_path / "t.json"))["traceEvents"]
+    meta = [e for e in events if e["ph"] == "M"]
+    assert [(e["tid"], e["args"]["name"]) for e in meta] == [(0, "rank 0"), (1, "rank 1"), (2, "rank 2")]
+    spans = [(e["tid"], e["name"], e["args"]["layer"], e["ts"], e["dur"]) for e in events if e["ph"] == "X"]
+    want = [(rank, name, layer, round(a * 1e6, 1), round((b - a) * 1e6, 1))
+            for rank, s in enumerate(r.timeline) for name, layer, a, b in s]
+    assert spans == want and (1, "send", 1, 6e6, 1.75e6) in spans
+
+
+# ----------------------------------------------------------------------------- bench.measured ranks' table
+
+# seconds per token of each variant; the TSP row differs per C, so a ratio against another C's row shows
+BASE = {"one process": 3.0, "TSP": 2.0, "TSP-zigzag": 1.6, "KVR-E": 1.5, "KVR-S": 0.8}
+
+
+def markdown_rows(text, first_col):
+    """The rows (dicts) of every Markdown table in `text` whose header starts with first_col."""
+    rows, names = [], None
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+        if cells and cells[0] == first_col:
+            names = cells
+        elif cells and names and not set(cells[0]) <= set("-"):
+            rows.append(dict(zip(names, cells)))
+        elif not cells:
+            names = None
+    return rows
+
+
+@pytest.fixture
+def fake_ranks(monkeypatch, tmp_path):
+    """bench.measured ranks on 2 fake ranks, no MPI and no model: each variant's run returns a time
+    from BASE (per token, scaled by C) times a wobble that changes from run to run. Runs it with the
+    given C and returns (what it printed, the rows it saved)."""
+    wobble = itertools.cycle([1.0, 1.3, 0.9, 1.1, 0.95])
+    job = SimpleNamespace(comm=SimpleNamespace(rank=0, bcast=lambda t, root: t), size=2, rank=0, model_key="m",
+                          name="fake", device=torch.device("cpu"), trace=SimpleNamespace(on=False),
+                          transport=SimpleNamespace(finish=lambda: None, barrier=lambda: None, path="host"))
+
+    def pick(job, spec):
+        C = job.tokens.shape[1]
+        job.c, job.c_source, job.c_modelled = [C * 3 // 4, C - C * 3 // 4], "searched", False
+
+    def timed(variant):
+        return BASE[variant] * job.tokens.shape[1] * 1e-3 * next(wobble)
+
+    def kvr(job, c):
+        C = job.tokens.shape[1]
+        return None, None, timed("KVR-E" if list(c) == P.even(C, 2) else "KVR-S")
+
+    monkeypatch.setattr(measured, "setup", lambda args: job)
+    monkeypatch.setattr(measured, "abort_on_error", lambda comm: contextlib.nullcontext())
+    monkeypatch.setattr(measured, "random_prompt", lambda job, C: torch.zeros(1, C, dtype=torch.long))
+    monkeypatch.setattr(measured, "one_process", lambda job: timed("one process"))
+    monkeypatch.setattr(measured, "machine", lambda: {})
+    monkeypatch.setattr(measured.calibrate, "pick_partition", pick)
+    monkeypatch.setattr(measured.runahead, "prefill", kvr)
+    monkeypatch.setattr(measured.tsp, "prefill", lambda job, zigzag: (None, None, timed("TSP-zigzag" if zigzag else "TSP")))
+
+    def run(Cs, capsys):
+        out = tmp_path / "ranks.json"
+        measured.main(["ranks", "--C", *map(str, Cs), "--repeats", "3", "--out", str(out)])
+        return capsys.readouterr().out, json.load(open(out))["rows"]
+    return run
+
+
+def test_ranks_speedup_is_tsp_over_the_variant_of_the_same_C(fake_ranks, capsys):
+    """The printed speedup of a row is the TSP row's TTFT over its own, at the same C: computed here
+    from the saved rows' own ttft_s (each the median of its runs), so a ratio printed upside down, or
+    against another C's TSP row, or from another statistic, fails."""
+    printed, rows = fake_ranks([64, 128], capsys)
+    assert {r["variant"] for r in rows} == set(BASE) | {"KVR-P"} and len(rows) == 12
+    for r in rows:
+        assert r["ttft_s"] == statistics.median(r["raw_s"]) and len(r["raw_s"]) == 3
+    tsp = {r["C"]: r["ttft_s"] for r in rows if r["variant"] == "TSP"}
+    table = markdown_rows(printed, "C")
+    assert len(table) == len(rows)
+    for r, t in zip(rows, table):
+        assert (t["C"], t["variant"], t["ttft_ms"]) == (str(r["C"]), r["variant"], f"{r['ttft_s'] * 1e3:.1f}")
+        assert t["speedup"] == f"{tsp[r['C']] / r['ttft_s']:.2f}"
+    kvrs = next(t for t in table if t["variant"] == "KVR-S" and t["C"] == "128")
+    assert float(kvrs["speedup"]) > 1.5 and kvrs["partition"] == "96,32"      # KVR-S is the faster one here
+
+
+def test_ranks_progress_line_shows_tsp_over_each_variant(fake_ranks, capsys):
+    """The line printed per C gives each variant's median in ms and (x TSP's median over it)."""
+    printed, rows = fake_ranks([64, 128], capsys)
+    for C in (64, 128):
+        line = next(x for x in printed.splitlines() if x.startswith(f"C={C}: "))
+        mine = [r for r in rows if r["C"] == C]
+        tsp = next(r["ttft_s"] for r in mine if r["variant"] == "TSP")
+        assert line == f"C={C}: " + ", ".join(f"{r['variant']} {r['ttft_s'] * 1e3:.1f} ms (x{tsp / r['ttft_s']:.2f})"
+                                              for r in mine)
+
+
+def test_merge_summarises_runs_with_ratios_per_run(tmp_path, capsys):
+    """merge: per (C, p, variant) the median of the runs' TTFTs with their range, and each ratio
+    (TSP over the variant, one process over the variant) taken within each run, then summarised."""
+    def run(tsp, kvr, one):
+        rows = [dict(C=64, p=2, variant=v, ttft_s=t, partition=c)
+                for v, t, c in (("one process", one, None), ("TSP", tsp, None), ("KVR-S", kvr, [40, 24]))]
+        return dict(meta={}, rows=rows)
+    files = []
+    for i, (tsp, kvr, one) in enumerate([(0.2, 0.1, 0.3), (0.3, 0.1, 0.4), (0.25, 0.2, 0.2)]):
+        files.append(str(tmp_path / f"run{i}.json"))
+        json.dump(run(tsp, kvr, one), open(files[-1], "w"))
+    measured.main(["merge", *files, "--out", str(tmp_path / "all.json")])
+    table = {r["variant"]: r for r in markdown_rows(capsys.readouterr().out, "C")}
+    # KVR-S: 100, 100, 200 ms; TSP over it 2, 3, 1.25; one process over it 3, 4, 1
+    assert table["KVR-S"]["ttft_ms"] == "100.0 (100.0-200.0)"
+    assert table["KVR-S"]["tsp_over"] == "2.00 (1.25-3.00)"
+    assert table["KVR-S"]["one_over"] == "3.00 (1.00-4.00)"
+    assert table["TSP"]["tsp_over"] == "1.00 (1.00-1.00)" and table["TSP"]["ttft_ms"] == "250.0 (200.0-300.0)"
+    assert table["one process"]["tsp_over"] == "0.75 (0.67-1.25)"             # 0.67, 0.75, 1.25
+    assert table["KVR-S"]["partition"] == "40,24"
+    saved = json.load(open(tmp_path / "all.json"))
+    assert [r["run"] for r in saved["rows"]] == [1, 1, 1, 2, 2, 2, 3, 3, 3] and len(saved["meta"]["runs"]) == 3
+
+
+def test_spread_median_and_range():
+    """spread: the median of the values, with their range only when there are several."""
+    assert measured.spread([3.0, 1.0, 2.0, 10.0], "{:.1f}") == "2.5 (1.0-10.0)"
+    assert measured.spread([1.5], "{:.2f}") == "1.50" and measured.spread([], "{:.2f}") == "-"
+    assert measured.spread([1.0, 2.0], "{:.1f}", ranged=False) == "1.5"
