@@ -21,10 +21,14 @@ def takes(model, cache):
     """Does decode from `cache` run as CUDA graphs? On a GPU, unless the step would record a constant
     that must change: ALiBi's bias is built on the host for each length, dynamic-NTK RoPE stretches
     its base as the cache outgrows max_position_embeddings."""
-    cfg = model.cfg
+    return cache.kv[0].is_cuda and not varies(model.cfg, cache)
+
+
+def varies(cfg, cache):
+    """Would a step's constants change with its position: ALiBi, or dynamic RoPE past max_pos?"""
     dynamic = (cfg.rope is not None and cfg.rope["rope_type"] == "dynamic"
                and cache.capacity > cfg.max_position_embeddings)
-    return cache.kv[0].is_cuda and not cfg.alibi and not dynamic
+    return cfg.alibi or dynamic
 
 
 class StaticKV:
@@ -71,6 +75,9 @@ def decode(model, tok, cache, steps, stop_at_eos=False, graphs=True, eager_steps
     rest (graphs=False: every step eager, the same kernels). Returns (B, 1+steps)."""
     if len(cache) + steps > cache.capacity:
         raise ValueError(f"KV cache holds {cache.capacity} tokens; {len(cache)} + {steps} do not fit")
+    if varies(model.cfg, cache):
+        raise ValueError("a static step fixes its constants: ALiBi, or dynamic RoPE past "
+                         "max_position_embeddings, decodes with generate.decode")
     step, out, graph = Step(model, cache, tok), [tok], None
     for i in range(steps):
         if stop_at_eos and (step.tok == model.cfg.eos_token_id).all():

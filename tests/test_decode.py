@@ -509,6 +509,21 @@ def test_static_steps_take_a_gpu_cache_unless_a_constant_would_change():
     assert fast.decode.takes(m, cache(True, 65))
 
 
+def test_static_decode_refuses_a_model_whose_step_constants_change():
+    """Called directly (graphs=False too), the static step refuses dynamic-NTK RoPE past
+    max_position_embeddings, whose base changes with the length: before, it froze the base of the
+    capacity and decoded other tokens than generate.decode, silently."""
+    m = builtin("llama")
+    m.cfg.max_position_embeddings = 8
+    m.cfg.rope = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    tok, cache = prefill(m, PROMPT, C + 10)
+    with pytest.raises(ValueError, match="dynamic RoPE past max_position_embeddings"):
+        fast.decode.decode(m, tok, cache, 5, graphs=False)
+    assert len(cache) == C                             # nothing written
+    eager = generate.decode(m, tok, cache, 5)          # the teaching loop stretches per length
+    assert eager.shape == (2, 6)
+
+
 # ----------------------------------------------------------------------------- runahead.ChainKV
 
 class FakeTransport:
