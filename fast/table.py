@@ -32,10 +32,14 @@ def lerp(xs, ys, x):
 def grid(measured):
     """{P: ([c, ...] ascending, [times, ...])} from [(c, P, times), ...], times a tuple (bench/sim.py's
     KernelTable keeps three per chunk). A time above a longer chunk's after the same prefix is noise,
-    and a search would exploit it: it counts as the longer chunk's."""
+    and a search would exploit it: it counts as the longer chunk's. A chunk measured twice counts once,
+    at its faster time."""
     rows = {}
     for c, P, t in sorted(measured, key=lambda r: (r[1], -r[0])):   # per prefix, the longest chunk first
         cs, ts = rows.setdefault(P, ([], []))
+        if cs and cs[0] == c:
+            ts[0] = tuple(map(min, t, ts[0]))
+            continue
         cs.insert(0, c)
         ts.insert(0, tuple(map(min, t, ts[0])) if ts else tuple(t))
     return rows
