@@ -243,6 +243,7 @@ def test_input_errors_answer_before_torch_loads(args, message):
     ({}, 1),                                                          # no launcher
     ({"SLURM_NTASKS": "4", "SLURM_JOB_ID": "7"}, 1),                  # a plain python inside salloc -n 4
     ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2"}, 4),   # srun -n 4
+    ({"SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}, 2),   # srun -n 2 in salloc -n 8
     ({"SLURM_NTASKS": "8", "PMI_SIZE": "2", "PMI_RANK": "0"}, 2),     # mpirun -n 2 inside salloc -n 8
     ({"OMPI_COMM_WORLD_SIZE": "3"}, 3),
     ({"HYDRA_CONTROL_FD": "5"}, None),                                # a launcher that does not say
