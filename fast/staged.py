@@ -41,7 +41,7 @@ class StagedTransport(Transport):
     @property
     def path(self):
         return ("MPI is not CUDA-aware: device buffers staged through pinned host memory"
-                + (", shared by the node's ranks (MPI carries slot numbers)" if self.window else ""))
+                + (", shared by the node's ranks (MPI carries slot numbers)" if self.arena else ""))
 
     # -------------------------------------------------------------------- the route
 
@@ -71,7 +71,7 @@ class StagedTransport(Transport):
     def _send(self, t, dest, tag):
         """Start copying t down; its send starts once the copy is done."""
         nbytes = t.numel() * t.element_size()
-        if self._shared(self.rank, nbytes):
+        if self._shared(self.rank, nbytes) and self.on_node[dest] != MPI.UNDEFINED:   # dest maps the slot
             slot = self._slot()
             ready, _ = self._down(t, "d2h", tag, self._view(self.rank, slot, nbytes))
             self.queued.append((ready, torch.tensor([slot]), dest, tag))
