@@ -64,8 +64,9 @@ def replace_whole(path):
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
     os.close(fd)
-    try:
-        os.chmod(tmp, _mode(path))                     # mkstemp's 0600 would survive the rename
+    os.umask(umask := os.umask(0))                     # read the umask: set it, and set it back
+    try:                                               # mkstemp's 0600 would survive the rename:
+        os.chmod(tmp, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else 0o666 & ~umask)
         yield tmp
         os.replace(tmp, path)
     finally:
@@ -73,20 +74,7 @@ def replace_whole(path):
             os.remove(tmp)
 
 
-def _mode(path):
-    """The permissions a file written at `path` gets: those of the file it replaces, else what
-    open() would give a new file under this process's umask."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)                            # read it the only way there is: set it back
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
-# The number of ranks as launchers tell it before MPI starts: MPICH's Hydra, Open MPI, MVAPICH, and
-# Slurm's srun (the tasks of its step: SLURM_NTASKS is the allocation's, set for a plain `python`
-# inside `salloc -n 4` too, where MPI starts one rank).
+# Ranks as launchers tell it before MPI starts: Hydra, Open MPI, MVAPICH, srun (not salloc's SLURM_NTASKS).
 WORLD_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 
 

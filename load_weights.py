@@ -42,9 +42,7 @@ def config_from_hf(d):
 
 
 def _rope_params(d):
-    """HF's rope_parameters, or the legacy rope_theta + rope_scaling keys folded into that form, as
-    transformers reads them: rope_scaling wins where both are there, a missing theta is the top-level
-    one, and llama3's original length defaults to max_position_embeddings."""
+    """HF's rope_parameters, or the legacy rope_theta + rope_scaling keys, read as transformers reads them."""
     rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
     rope.setdefault("rope_theta", d.get("rope_theta", 10000.0))
     rope["rope_type"] = rope.pop("type", None) or rope.get("rope_type") or "default"

@@ -323,10 +323,8 @@ class Transformer(nn.Module):
 
 
 def builtin(arch="llama", seed=0, dtype=torch.float32):
-    """A small random model built from a seed: runs anywhere with no download. Its output is noise,
-    but not a cycle: matrices of std 2/sqrt(fan_in) keep activations of order one, so the greedy
-    tokens wander over the vocabulary, and a token list tells a wrong cache from a right one (with
-    the usual std 0.02 they repeat two ids, whatever the cache holds)."""
+    """A small random model built from a seed: runs anywhere with no download. Its output is noise that
+    wanders (std 2/sqrt(fan_in)), so its tokens tell a wrong cache (std 0.02: two ids, over and over)."""
     if arch == "llama":
         cfg = Config(arch="llama", vocab_size=1024, dim=256, n_layers=4, n_heads=8, n_kv_heads=2,
                      head_dim=32, ffn_dim=688, max_position_embeddings=16384)
@@ -342,8 +340,7 @@ def builtin(arch="llama", seed=0, dtype=torch.float32):
                 p.zero_()
             elif p.dim() == 1:                         # norm weights: near 1, but not exactly
                 p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name == "embed.weight":               # (vocab, d); Falcon's LM head too (tied)
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:                                      # (out, in)
-                p.copy_(2 * torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+            else:                                      # the embedding (vocab, d), or a matrix (out, in)
+                x = torch.randn(p.shape, generator=g)
+                p.copy_(0.1 * x if name == "embed.weight" else 2 * x / p.shape[1] ** 0.5)
     return model.to(dtype).eval()

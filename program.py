@@ -265,13 +265,9 @@ def abort_on_error(comm):
 
 
 def _wait_until_stderr_read(timeout=2.0):
-    """Return once the launcher has read what this rank wrote to stderr (at most `timeout` s).
-
-    Under MPICH's Hydra a rank's stderr is a pipe to its proxy, and Abort a message on another
-    socket to the same proxy, which serves that socket first when both are ready: mpiexec would exit
-    on the abort before the error line reached it. Once the pipe is empty (FIONREAD 0), the proxy
-    has read the line and passed it on, so it arrives before the abort.
-    """
+    """Return once the launcher has read this rank's stderr (at most `timeout` s): under MPICH's Hydra
+    it is a pipe to the proxy, which serves Abort's socket first and would end the job before the
+    error line got through; once the pipe is empty (FIONREAD 0), the line is on its way."""
     try:
         mode = os.fstat(2).st_mode
         if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
