@@ -76,8 +76,8 @@ def decode(model, tok, cache, steps, stop_at_eos=False, graphs=True, eager_steps
     if len(cache) + steps > cache.capacity:
         raise ValueError(f"KV cache holds {cache.capacity} tokens; {len(cache)} + {steps} do not fit")
     if varies(model.cfg, cache):
-        raise ValueError("a static step fixes its constants: ALiBi, or dynamic RoPE past "
-                         "max_position_embeddings, decodes with generate.decode")
+        raise ValueError("ALiBi, and dynamic RoPE past max_position_embeddings, decode with "
+                         "generate.decode: a static step fixes its constants")
     step, out, graph = Step(model, cache, tok), [tok], None
     for i in range(steps):
         if stop_at_eos and (step.tok == model.cfg.eos_token_id).all():
