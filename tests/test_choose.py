@@ -18,14 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import calibrate  # noqa: E402
-import choose  # noqa: E402
-import partition as P  # noqa: E402
-from fast import table  # noqa: E402
+import calibrate
+import choose
+import partition as P
+from conftest import MPIRUN
+from fast import table
 
-MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
