@@ -151,25 +151,31 @@ class CostModel:
         """When each rank finishes its last layer, in s after the start, with the chain's waits.
 
         Layers are equal, so rank i spends work_i = (chunk_time(c_i, S_i) - fixed) / L on each (lin c_i
-        + attn c_i S_i on the fit). Its left link carries one layer's K/V, the S_{i-1} tokens before it, in
-        hop_i = (latency + comm_per_token S_{i-1}) / L, one layer at a time, starting when rank i-1 has it:
-            a_i(l) = max(a_i(l-1), t_{i-1}(l)) + hop_i     (layer l's K/V arrive at rank i)
-            t_i(l) = max(t_i(l-1), a_i(l)) + work_i        (rank i finishes layer l)
-        with a_i(0) = t_i(0) = 0 and rank 0 never waiting. Sends are asynchronous, so a slow link
-        delays only the ranks behind it. Exact for a pipeline that sends when a layer ends; the
-        real one sends right after the QKV projection, so rank i finishes earlier, by one layer's
-        work of every rank ahead of it, sum_{j<i} work_j (tests/test_sim.py checks the identity).
+        + attn c_i S_i on the fit). The chain runs as runahead.ChainKV does: at layer l, rank i receives
+        the K/V of the S_{i-1} tokens before it from rank i-1, appends its own and at once sends that
+        prefix on to rank i+1 (asynchronously); only then does it attend and run the MLP. All of work_i
+        is counted after that point, the QKV projection too (a quarter of a 7B layer's linear work, less
+        of the whole), so the model's sends are early by at most one QKV projection a hop. Rank i's
+        left link carries layer l's prefix in hop_i = (latency + comm_per_token S_{i-1}) / L, one
+        message at a time:
+            s_i(l) = max(t_i(l-1), a_i(l))                 (rank i holds layer l's prefix, sends it on)
+            a_i(l) = max(a_i(l-1), s_{i-1}(l)) + hop_i     (layer l's prefix arrives at rank i)
+            t_i(l) = s_i(l) + work_i                       (rank i finishes layer l)
+        with t_i(-1) = a_i(-1) = 0 and rank 0 never waiting: s_0(l) = t_0(l-1). A slow link delays only
+        the ranks behind it. This is bench/sim.py's replay_chain with segments (0, work_i, .., work_i),
+        exactly (tests/test_sim.py). Ranks before the last really stop at s_i(L-1), their last prefix
+        sent; TTFT is the last rank's t.
         """
-        L, prev, out = self.n_layers, [0.0] * self.n_layers, []
+        L, prev, out = self.n_layers, [0.0] * self.n_layers, []   # prev[l]: s_{i-1}(l)
         for i, (ci, Si) in enumerate(zip(c, prefix_sums(c))):
             work = (self.chunk_time(ci, Si) - self.fixed) / L
             hop = (self.latency + self.comm_per_token * (Si - ci)) / L if i else 0.0
-            t, arrive, cur = 0.0, 0.0, []
+            t, arrive, sends = 0.0, 0.0, []
             for l in range(L):
                 arrive = max(arrive, prev[l]) + hop
-                t = max(t, arrive) + work
-                cur.append(t)
-            prev = cur
+                sends.append(max(t, arrive))
+                t = sends[-1] + work
+            prev = sends
             out.append(t)
         return out
 

@@ -85,21 +85,24 @@ def test_shared_device_is_time_sliced_fairly():
 
 # ----------------------------------------------------------------------------- against the cost model
 
-@pytest.mark.parametrize("c, cost", [
-    ([4096, 3072, 2048, 1024], P.CostModel(head=0)),
-    ([500, 300, 200], P.CostModel(head=0, comm_per_token=1e-4, latency=1e-2, n_layers=8)),  # waits on links
-    ([7, 1, 9, 3, 5], P.CostModel(lin=1.0, attn=0.1, comm_per_token=2.0, latency=3.0, head=0, n_layers=3)),
+@pytest.mark.parametrize("c, cost, queues", [
+    ([4096, 3072, 2048, 1024], P.CostModel(head=0), False),
+    ([500, 300, 200], P.CostModel(head=0, comm_per_token=1e-4, latency=1e-2, n_layers=8), True),
+    ([7, 1, 9, 3, 5], P.CostModel(lin=1.0, attn=0.1, comm_per_token=2.0, latency=3.0, head=0, n_layers=3), True),
 ])
-def test_chain_matches_cost_model(c, cost):
-    """CostModel does a layer's work after the K/V arrive and sends at the layer's end; the real rank
-    (and the replay) sends at the K/V point, before attention. With all work after that point,
-    segments (0, w, .., w), the replay is exactly the CostModel shifted: each hop sends one layer's
-    work sooner, so rank i finishes sum_{j<i} w_j earlier than rank_times says."""
+def test_chain_matches_cost_model(c, cost, queues):
+    """CostModel.rank_times is the replay exactly when all of a layer's work comes after its K/V point,
+    segments (0, w, .., w): both receive layer l's prefix, send it on at once, then do the layer's
+    work; a rank waits for its prefix, and a send waits for the link to finish the one before it."""
     L, S = cost.n_layers, P.prefix_sums(c)
     w = [(cost.lin * ci + cost.attn * ci * Si) / L for ci, Si in zip(c, S)]
     link = sim.Link(bandwidth=L / cost.comm_per_token, latency=cost.latency / L)   # 1 byte per token
     r = sim.replay_chain([[0.0] + [wi] * L for wi in w], c, link, 1)
-    assert r.finish == pytest.approx([t - sum(w[:i]) for i, t in enumerate(cost.rank_times(c))], rel=1e-12)
+    assert r.finish == pytest.approx(cost.rank_times(c), rel=1e-12)
+    assert any(s[0] == "recv" for s in r.timeline[-1])                             # ranks wait
+    queued = [s for spans in r.timeline for before, s in zip(spans, spans[1:])    # sends that wait for
+              if s[0] == "send" and s[2] > before[3]]                              # the link to be free
+    assert bool(queued) == queues
 
 
 @pytest.mark.parametrize("C, p", [(4096, 4), (1200, 3)])
