@@ -66,16 +66,65 @@ CHAIN_MISTAKES = {
 }
 
 
-@pytest.mark.parametrize("mistake", CHAIN_MISTAKES)
-def test_chain_check_names_the_broken_rule(mistake, tmp_path):
-    edits, says = CHAIN_MISTAKES[mistake]
-    text = open(os.path.join(ROOT, "exercises", "solutions", "08_chain.py")).read()
+def planted(name, edits, tmp_path, head=""):
+    """The check's line on the reference solution of exercise `name` with `edits` made to its text."""
+    text = open(os.path.join(ROOT, "exercises", "solutions", f"{name}.py")).read()
     for old, new in edits:
         assert text.count(old) == 1, old
         text = text.replace(old, new)
-    planted = tmp_path / "planted.py"
-    planted.write_text("import torch\n" + text)
+    path = tmp_path / "planted.py"
+    path.write_text(head + text)
     r = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'exercises'); import check; "
-                        f"print(check.run('exercises/08_chain', {str(planted)!r})[1])"],
+                        f"print(check.run('exercises/{name}', {str(path)!r})[1])"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.stdout.startswith("FAIL 08_chain: ") and says in r.stdout, r.stdout + r.stderr
+    return r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("mistake", CHAIN_MISTAKES)
+def test_chain_check_names_the_broken_rule(mistake, tmp_path):
+    edits, says = CHAIN_MISTAKES[mistake]
+    out = planted("08_chain", edits, tmp_path, head="import torch\n")
+    assert out.startswith("FAIL 08_chain: ") and says in out, out
+
+
+# Exercises 5 and 6: an answer that breaks one of the statement's rules fails the check, and says
+# where. Exercise 5's fail on its small hand-made tables; exercise 6's work on 4 ranks but not on all.
+LOOP = "    for j in range(p - 1):                             # one past the previous, room for those after\n"
+FIXUP = "        b[j] = min(max(b[j], (b[j - 1] if j else 0) + 1), C - (p - 1 - j))\n"
+STEP = """        mine, theirs = (r - step) % p, (r - step - 1) % p   # the block passed on, the block received
+        sending = comm.Isend(out[mine], dest=right, tag=step)   # start the send, do not wait for it
+        comm.Recv(out[theirs], source=left, tag=step)
+        sending.Wait()                                # then let the send finish, step by step
+"""
+BOTH_WAYS = """\
+        sends = [(out[(r - step) % p], right, 2 * step), (out[(r + step) % p], left, 2 * step + 1)]
+        recvs = [(out[(r - step - 1) % p], left, 2 * step), (out[(r + step + 1) % p], right, 2 * step + 1)]
+        ops = [(comm.Send, sends), (comm.Recv, recvs)]
+        for op, messages in ops if r % 2 == 0 else ops[::-1]:      # even ranks send first
+            for buf, peer, tag in messages:
+                op(buf, peer, tag=tag)
+"""
+MISTAKES = {
+    "no fix-up": ("05_predict", [(LOOP + FIXUP, "")], "returned [7, 2, 1, 0], not a partition of 10 tokens"),
+    "fix-up forward only": ("05_predict", [(FIXUP, "        b[j] = max(b[j], (b[j - 1] if j else 0) + 1)\n")],
+                            "returned [7, 2, 1, 0], not a partition of 10 tokens"),
+    "weight on a's": ("05_predict", [("w = (C - a) / (z - a)", "w = (z - C) / (z - a)")],
+                      "returned [186, 71, 28, 15], but the rule for it gives [219, 49, 20, 12]: between 200 and "
+                      "1000"),
+    "outermost entries": ("05_predict", [("a, z = max(below), min(above)", "a, z = min(below), max(above)")],
+                          "returned [33, 7, 5], but the rule for it gives [29, 11, 5]: between 30 and 60"),
+    "truncated": ("05_predict", [("round(x * C)", "int(x * C)")],
+                  "returned [91, 26, 7, 6], but the rule for it gives [91, 26, 8, 5]: outside the stored lengths"),
+    "4 ranks only": ("06_deadlock", [("p, r = comm.size, comm.rank", "p, r = 4, comm.rank")],
+                     "`mpirun -n 2` exited with status 1"),
+    # both ways round in p // 2 steps: on an odd count, ranks p - 1 and 0 (both even) first send to each other
+    "even counts only": ("06_deadlock", [("range(p - 1)", "range(p // 2)"), (STEP, BOTH_WAYS)],
+                         "deadlock: `mpirun -n 3` with 1 MiB blocks ran 5 s and 0 of 3 ranks finished"),
+}
+
+
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_check_fails_on_a_wrong_answer(mistake, tmp_path):
+    name, edits, says = MISTAKES[mistake]
+    out = planted(name, edits, tmp_path)
+    assert out.startswith(f"FAIL {name}: ") and says in out, out
