@@ -93,7 +93,8 @@ def measure(job):
     n = job.tokens.shape[1] if job.device.type == "cuda" else min(4096, job.tokens.shape[1])   # a GPU's table:
     cost = t.agree(lambda: calibrate_model(job.model, job.device, job.dtype, max_len=max(1024, n)))   # all of C;
     cfg, times, big = job.model.cfg, {}, 4096                      # 1k tokens at least: shorter ones hide attention
-    t.reserve(big * bytes_per_token(cfg, job.dtype))   # staged K/V goes by the route prefill takes
+    if hasattr(t, "reserve"):                          # staged K/V by the route prefill takes (its slots)
+        t.reserve(big * bytes_per_token(cfg, job.dtype))
     if job.size > 1 and job.rank < 2:                  # one layer's K/V of n tokens, there and back,
         polite, t.polite = t.polite, False             # timed by waits that spin (a sleeping poll
         for n in (1, big):                             # would round every wait up to its period)

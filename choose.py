@@ -36,7 +36,7 @@ def calibration_path():
 def calibrations(path=None):
     """Every CostModel in the calibration file, {model: CostModel}; {} if there is none."""
     path = path or calibration_path()
-    saved = cli.read_json(path) if os.path.exists(path) else {}
+    saved = partition.read_json(path) if os.path.exists(path) else {}
     if not isinstance(saved, dict):
         raise ValueError(f"{path}: not a set of calibrations ({{model: cost model}})")
     return {m: partition.CostModel.from_dict(entry, f"{path}: entry {m!r}") for m, entry in saved.items()}

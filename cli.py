@@ -8,7 +8,6 @@ written, a partition or a prompt that cannot fit the ranks the launcher started.
 """
 import argparse
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -48,15 +47,6 @@ def output_file(text):
     return text
 
 
-def read_json(path):
-    """A JSON file's value; a file that is not JSON is a ValueError naming it."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): delete it, and it is made anew") from None
-
-
 @contextlib.contextmanager
 def replace_whole(path):
     """Write a file that appears whole or not at all: yields a temporary path beside `path`, which
@@ -85,15 +75,20 @@ def launched_ranks():
     return next((int(os.environ[v]) for v in WORLD_SIZE if os.environ.get(v, "").isdigit()), None)
 
 
+def ids(text):
+    """--prompt-ids: comma-separated integers."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--prompt-ids {text!r}: expected comma-separated integers") from None
+
+
 def prompt_length(args):
     """The prompt's length when the command line says it (--prompt-len, --prompt-ids), else None."""
     if args.prompt is not None:
         return None                                    # known once the tokenizer has read it
     if args.prompt_ids is not None:
-        try:
-            return len([int(x) for x in args.prompt_ids.split(",")])
-        except ValueError:
-            raise ValueError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
+        return len(ids(args.prompt_ids))
     return 2048 if args.prompt_len is None else args.prompt_len
 
 
@@ -113,22 +108,6 @@ def check_early(args, check=None):
     except ValueError as e:
         say(f"error: {e}")
         sys.exit(2)
-
-
-def positive(text):
-    """An argparse type: a float > 0."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is out of range (must be > 0)")
-    return value
-
-
-def ints(lo=1):
-    """An argparse type: comma-separated integers, each >= lo."""
-    def parse(text):
-        return [at_least(lo)(x) for x in text.split(",")]
-    parse.__name__ = "comma-separated int"
-    return parse
 
 
 def program(description):

@@ -7,8 +7,6 @@ import time
 
 import torch
 
-import fast.decode
-
 
 def sync(device):
     """Wait until the device has done what was queued (a GPU runs behind the host)."""
@@ -36,17 +34,21 @@ def generate(model, prompt, max_new_tokens, cache, stop_at_eos=False):
 
 
 @torch.no_grad()
-def decode(model, tok, cache, steps, stop_at_eos=False, graphs=True):
+def decode(model, tok, cache, steps, stop_at_eos=False, graphs=True, math_path=False):
     """The extension phase: feed back each greedy token through the KV cache. Returns (B, 1+steps).
 
-    On a GPU one step is a few hundred small kernels, and launching them takes longer than running
-    them: unless graphs=False, fast/decode.py replays each step as one CUDA graph instead."""
-    if graphs and fast.decode.takes(model, cache):
-        return fast.decode.decode(model, tok, cache, steps, stop_at_eos)
+    This loop is what runs on a CPU. On a GPU one step is a few hundred small kernels, and launching
+    them takes longer than running them: unless graphs=False, fast/decode.py runs gpt-fast's static
+    step instead (position a tensor, K/V written in place) and replays it as one CUDA graph; the
+    tests hold its tokens to this loop's (tests/test_fast.py, tests/test_gpu.py)."""
+    if graphs and cache.kv[0].is_cuda and not math_path:
+        import fast.decode                             # the GPU's decode (fast/system.py: the seam)
+        if fast.decode.takes(model, cache):
+            return fast.decode.decode(model, tok, cache, steps, stop_at_eos)
     out = [tok]
     for _ in range(steps):
         if stop_at_eos and (tok == model.cfg.eos_token_id).all():
             break
-        tok = model(tok, cache, len(cache), last_only=True)[:, -1].argmax(-1, keepdim=True)
+        tok = model(tok, cache, len(cache), last_only=True, math_path=math_path)[:, -1].argmax(-1, keepdim=True)
         out.append(tok)
     return torch.cat(out, dim=1)

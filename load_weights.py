@@ -256,6 +256,15 @@ def dims_model(name, dtype=torch.float16, device="cuda", n_layers=None):
     return m.eval()
 
 
+def named(spec, dtype, device):
+    """(description, model) for --model: dims:NAME (the paper's shapes, random weights) or a checkpoint."""
+    if not spec.startswith("dims:"):
+        return spec, load_model(spec, dtype, device)
+    if spec[5:] not in DIMS:
+        raise ValueError(f"--model {spec}: known dims are " + ", ".join("dims:" + k for k in DIMS))
+    return f"{spec[5:]} dimensions, random weights", dims_model(spec[5:], dtype, device)
+
+
 def load_tokenizer(path):
     """The checkpoint's tokenizer, picked as transformers' AutoTokenizer picks it: tokenizer.json if
     there is one, else tokenizer.model; None if the directory has neither."""

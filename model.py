@@ -3,7 +3,7 @@
 Read top to bottom: the config, RoPE and ALiBi, attention (the one function every mode shares),
 the two decoder blocks, the model, and the small random model we build without a checkpoint
 (generate.py runs it on one process). GPU speed lives in fast/: attention hands a half-precision GPU
-chunk to it in one line, and fast.compiled compiles the blocks from outside.
+chunk to it in a few lines, and fast.compiled compiles the blocks from outside.
 
 The one idea the rest of the project builds on: a layer never owns its keys and values. It computes
 K/V for its own tokens and hands them to `kv.update(layer, k, v)`, which returns the K/V of every
@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from fast import attention
 
 
 @dataclass
@@ -111,8 +109,10 @@ def attend(q, k, v, start, cfg, dense=False, math_path=False):
     if not dense:
         k, v = k[:, :, :start + T], v[:, :, :start + T]
     scale = cfg.head_dim ** -0.5 if cfg.arch == "llama" else None
-    if attention.takes(q, cfg, math_path):             # half precision on a GPU: fast/attention.py
-        return attention.attend(q, k, v, start, scale, dense)
+    if q.device.type != "cpu" and not math_path:       # a GPU: fast/attention.py may take it
+        from fast import attention
+        if attention.takes(q, cfg, math_path):         # (half precision, no ALiBi)
+            return attention.attend(q, k, v, start, scale, dense)
     mask, causal = causal_mask(q, k, start, cfg, dense, math_path)
     if math_path:
         return _attend_math(q, k, v, mask, cfg, scale)

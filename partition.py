@@ -8,7 +8,7 @@ is where rank i's chunk ends, so S[p-1] = C and S[0..p-2] are the partition's p-
 
 Rank i attends c[i] queries to S[i] keys, so a token costs more the further back it sits in the
 chain: the even split (KVR-E) overloads the back, and good partitions are front-loaded. Read on for
-  validate, even, parse   well-formed partitions; tsp_layout, the baselines' splits
+  validate, even, parse   well-formed partitions (tsp.py's tsp_layout: the baselines' splits)
   CostModel               predicted per-rank times and TTFT, KV-Runahead and TSP (calibrate.py
                           fits it to this machine)
   searched                the hierarchical grid search over boundaries (KVR-S)
@@ -25,6 +25,15 @@ import numpy as np
 
 import cli
 from fast import table
+
+
+def read_json(path):
+    """A JSON file's value; a file that is not JSON is a ValueError naming it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): delete it, and it is made anew") from None
 
 
 class PartitionError(ValueError):
@@ -71,21 +80,6 @@ def parse(spec, C, p):
     except ValueError:
         raise PartitionError(f"partition {spec!r} is not a comma-separated list of integers") from None
     return validate(c, C, p)
-
-
-def tsp_layout(C, p, zigzag=False):
-    """TSP's split, per rank its spans of positions [(start, length), ...], and the rank that emits
-    the first token. Plain TSP: the even split, one span each, the last rank emits. Zigzag: 2p even
-    chunks, rank r holds chunks r and 2p-1-r (early and late tokens: balanced causal work), so rank 0
-    holds the last token and emits."""
-    if not zigzag:
-        c = even(C, p)
-        return [[(sum(c[:r]), c[r])] for r in range(p)], p - 1
-    if C < 2 * p:
-        raise PartitionError(f"--zigzag needs at least 2 tokens per rank: {C} tokens for {p} ranks")
-    c = even(C, 2 * p)
-    start = prefix_sums([0] + c[:-1])
-    return [[(start[r], c[r]), (start[2 * p - 1 - r], c[2 * p - 1 - r])] for r in range(p)], 0
 
 
 def prefix_sums(c):
@@ -199,7 +193,7 @@ class CostModel:
 
     @classmethod
     def load(cls, path):
-        return cls.from_dict(cli.read_json(path), path)
+        return cls.from_dict(read_json(path), path)
 
     @classmethod
     def from_dict(cls, d, where):
@@ -307,7 +301,7 @@ class Table:
     @classmethod
     def load(cls, path):
         """The table in `path`; every entry must be a partition of its C over its p ranks."""
-        raw, t = cli.read_json(path), cls()
+        raw, t = read_json(path), cls()
         try:
             for m, byp in raw.items():
                 for p, byC in byp.items():

@@ -1,15 +1,15 @@
-"""What runahead.py and tsp.py share around their algorithms: setting a rank up, its timeline,
-failing cleanly, and reporting the result.
+"""What runahead.py and tsp.py share around their algorithms: setting a rank up, failing cleanly,
+and reporting the result.
 
   setup           MPI, the model, the prompt and the checks, on every rank; bad input is one line
                   on every rank and exit 2, before any rank can wait on another; returns the Job
-  Trace           a rank's timeline of compute and communication spans (--trace)
   abort_on_error  an exception on any rank ends the whole job (MPI Abort), never a hang
-  report          on the rank holding the whole cache: decode, print, --save
+  report          on the rank holding the whole cache: decode on from it, print the result
+Options a plain CPU run does not take (a GPU, --trace, --save, --fuse, --graphs, searched
+partitions) are served by job.system, fast/system.py: the one seam to the system around this code.
 """
 import array
 import fcntl
-import json
 import os
 import stat
 import sys
@@ -20,14 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-import fast.decode
+import cli
 import transport
-from cli import replace_whole, say
-from fast.compiled import fuse
-from fast.staged import StagedTransport
+from cli import say
 from generate import decode
 from kvcache import bytes_per_token
-from load_weights import DIMS, dims_model, load_model, load_tokenizer
 from model import Transformer, builtin
 
 
@@ -47,8 +44,8 @@ class Job:
     model_key: str              # model, dtype and device kind: partitions and calibrations are filed under it
     tokenizer: object           # decodes the report's text; None for a synthetic prompt or built-in model
     tokens: torch.Tensor        # (1, C): the prompt, on `device`
-    trace: "Trace"              # this rank's timeline (--trace; off, it costs nothing)
     transport: transport.Transport   # how tensors move between ranks
+    system: object = None       # fast/system.py's System, for the options that need it; else None
     c: list = None              # runahead.py: the partition, one chunk per rank (set by its `prepare`)
     c_source: str = ""          # ... and where it came from
     c_modelled: bool = False    # ... searched on the cost model: calibrate.versus_even times it
@@ -57,27 +54,7 @@ class Job:
 class Done(Exception):
     """Raised by a K/V exchange after its last layer on a rank that does not emit the first token:
     what that rank would compute afterwards (the layer's attention and MLP, the final norm, the LM
-    head) reaches nobody, so it is not computed."""
-
-
-def forward(job, tokens, kv, start, math_path=False):
-    """A rank's part of a parallel prefill: its last position's logits, or None on a rank whose
-    exchange ended it early (Done). Dynamic-NTK RoPE stretches for the whole prompt on every rank."""
-    try:
-        return job.model(tokens, kv, start, last_only=True, math_path=math_path,
-                         rope_len=job.tokens.shape[1])[0, -1]
-    except Done:
-        return None
-
-
-def warm_up(job, prefill, *args):
-    """On a GPU, one prefill first, untimed: the first loads and tunes kernels (hundreds of ms), a cost
-    a serving process pays once, not per prompt; with --graphs a second records them (fast/segments.py).
-    The messages are counted again from zero after it."""
-    for _ in range((job.device.type == "cuda") * (1 + getattr(job.model, "graphs", False))):
-        prefill(job, *args)
-    job.transport.finish()
-    job.transport.reset_stats()
+    head) reaches nobody, so it is not computed. The program's prefill catches it."""
 
 
 def setup(args, prepare=None):
@@ -103,20 +80,15 @@ def load(args, device):
     """(description, model, key) for --model, built on `device` in --dtype. The key names the model,
     dtype and device kind: partitions and calibrations are filed under it."""
     dtype = getattr(torch, args.dtype)
-    if args.model.startswith("dims:"):                 # a paper-scale model with random weights
-        if args.model[5:] not in DIMS:
-            raise ValueError(f"--model {args.model}: known dims are " + ", ".join("dims:" + k for k in DIMS))
-        name, model = f"{args.model[5:]} dimensions, random weights", dims_model(args.model[5:], dtype, device)
-    elif args.model.startswith("builtin:"):
+    if args.model.startswith("builtin:"):
         arch = args.model.split(":", 1)[1]
         if arch not in ("llama", "falcon"):
             raise ValueError(f"--model {args.model}: the built-in models are builtin:llama and builtin:falcon")
         name = f"built-in {arch} (random weights: its tokens are noise)"
         model = builtin(arch, seed=0, dtype=dtype).to(device)
-    else:
-        name, model = args.model, load_model(args.model, dtype, device)
-    if args.fuse or args.graphs:
-        fuse(model, graphs=args.graphs)
+    else:                                              # a checkpoint's directory, or dims:NAME
+        from load_weights import named
+        name, model = named(args.model, dtype, device)
     cfg = model.cfg
     key = (f"{cfg.arch}-d{cfg.dim}-L{cfg.n_layers}-h{cfg.n_heads}-kv{cfg.n_kv_heads}"
            f"-{args.dtype}-{device.type}")
@@ -131,10 +103,7 @@ def prompt_ids(args, tokenizer, vocab_size):
                              "use --prompt-ids or --prompt-len")
         ids = tokenizer.encode(args.prompt)
     elif args.prompt_ids is not None:
-        try:
-            ids = [int(x) for x in args.prompt_ids.split(",")]
-        except ValueError:
-            raise ValueError(f"--prompt-ids {args.prompt_ids!r}: expected comma-separated integers") from None
+        ids = cli.ids(args.prompt_ids)
     else:
         n = 2048 if args.prompt_len is None else args.prompt_len
         ids = torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -180,6 +149,7 @@ def _setup(args, comm, device):
     name, model, key = load(args, device)
     tokenizer = None                                   # a given prompt's text is decoded in the report
     if (args.prompt, args.prompt_ids) != (None, None) and not args.model.startswith(("builtin:", "dims:")):
+        from load_weights import load_tokenizer
         tokenizer = load_tokenizer(args.model)
     ids = prompt_ids(args, tokenizer, model.cfg.vocab_size)
     if comm.size > len(ids):
@@ -188,69 +158,15 @@ def _setup(args, comm, device):
     if comm.rank == 0:
         for line in warnings(args, model.cfg, len(ids), device):
             say(f"warning: {line}")
-    trace = Trace(comm.rank, device, bool(args.trace))
-    # CPU tensors, and GPU tensors under a CUDA-aware MPI, go to MPI where they are; otherwise the
-    # GPU fast path stages them through pinned host memory (fast/staged.py), behind the same interface.
-    direct = device.type == "cpu" or transport.cuda_aware_mpi()
-    route = (transport.Transport if direct else StagedTransport)(comm, device, polite, trace=trace)
-    return Job(comm=comm, rank=comm.rank, size=comm.size, local_size=local.size, cores=cores, polite=polite,
-               device=device, dtype=getattr(torch, args.dtype), name=name, model=model, model_key=key,
-               tokenizer=tokenizer, tokens=torch.tensor([ids], device=device), trace=trace, transport=route)
-
-
-class Trace:
-    """A rank's timeline: consecutive spans (compute, recv, send, allgather) tagged by layer, and on a
-    GPU the staging copies of the transport's side streams (d2h, h2d) in a row of their own.
-
-    Spans are consecutive: `end(name, layer)` ends the span `name` here, and it began where the
-    previous span ended (at `start` for the first). Written as Chrome trace JSON, which Perfetto
-    (ui.perfetto.dev) and chrome://tracing open. Off, it costs nothing.
-    """
-
-    def __init__(self, rank, device, on):
-        self.rank, self.device, self.on, self.events, self.copies = rank, torch.device(device), on, [], []
-
-    def now(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()                         # only when tracing: spans need real ends
-        return time.perf_counter()
-
-    def start(self):
-        if self.on:
-            self.events, self.copies = [], []          # a warm-up's spans are not this run's
-            self.t0 = self.last = self.now()
-            if self.device.type == "cuda":
-                self.e0 = torch.cuda.Event(enable_timing=True)   # the GPU's clock at t0
-                self.e0.record()
-
-    def gpu(self, name, layer, begin, end):
-        """A span between two CUDA events (timed) on a side stream: resolved when written."""
-        self.copies.append((name, layer, begin, end))
-
-    def end(self, name, layer):
-        """The span `name` of `layer` ends now; it began where the previous one ended."""
-        if not self.on:
-            return
-        t = self.now()
-        self.events.append(dict(name=name, ph="X", pid=0, tid=self.rank, args={"layer": layer},
-                                ts=round((self.last - self.t0) * 1e6, 1), dur=round((t - self.last) * 1e6, 1)))
-        self.last = t
-
-    def write(self, comm, path):
-        """Gather every rank's spans; rank 0 writes one file (copies: pid 1, one row per rank)."""
-        if self.copies:
-            torch.cuda.synchronize()
-        for name, layer, a, b in self.copies:
-            start = self.e0.elapsed_time(a) * 1e3          # us since t0
-            self.events.append(dict(name=name, ph="X", pid=1, tid=self.rank, args={"layer": layer},
-                                    ts=round(start, 1), dur=round(a.elapsed_time(b) * 1e3, 1)))
-        self.copies = []
-        events = comm.gather(self.events, root=0)
-        if comm.rank == 0:
-            names = [dict(name="thread_name", ph="M", pid=pid, tid=r, args={"name": f"rank {r}{what}"})
-                     for r in range(comm.size) for pid, what in ((0, ""), (1, " copies"))]
-            with replace_whole(path) as tmp, open(tmp, "w") as f:
-                json.dump({"traceEvents": names + [e for ev in events for e in ev]}, f)
+    job = Job(comm=comm, rank=comm.rank, size=comm.size, local_size=local.size, cores=cores, polite=polite,
+              device=device, dtype=getattr(torch, args.dtype), name=name, model=model, model_key=key,
+              tokenizer=tokenizer, tokens=torch.tensor([ids], device=device),
+              transport=transport.Transport(comm, device, polite))
+    if device.type == "cuda" or args.trace or args.save or args.fuse or args.graphs or (
+            getattr(args, "partition", "even") in ("searched", "predicted") or getattr(args, "search_live", False)):
+        from fast.system import System                 # the seam: see fast/system.py
+        job.system = System(job, args)
+    return job
 
 
 @contextmanager
@@ -280,25 +196,21 @@ def _wait_until_stderr_read(timeout=2.0):
 
 
 def report(job, args, title, emitter, partition, stats, lines, logits, cache, ttft):
-    """On the rank that holds the whole cache: decode on from it, print the result, --save it."""
-    C, graphs = job.tokens.shape[1], getattr(job.model.forward, "ran", None)   # how the prefill ran (--graphs)
-    prompt_kv = [tuple(t.clone().cpu() for t in cache.layer(i)) for i in range(job.model.cfg.n_layers)]
+    """On the rank that holds the whole cache: decode on from it, print the result (--save: job.system)."""
+    C = job.tokens.shape[1]
+    how_decode, how_prefill = job.system.notes(cache) if job.system else ("", "")
     t0 = time.perf_counter()
-    tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1)[0].tolist()
+    tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1,
+                    math_path=args.math)[0].tolist()
     tpot = (time.perf_counter() - t0) / max(1, len(tokens) - 1)
-    how = ", a CUDA graph a step after one eager step" if fast.decode.takes(job.model, cache) else ""
     print(f"{title}: {job.size} rank{'s' * (job.size != 1)}, {job.name}, {C} prompt tokens, {args.dtype} on {job.device}")
-    for line in lines + [f"decode: {tpot * 1e3:.2f} ms per output token after the first{how}"]:
+    for line in lines + [f"decode: {tpot * 1e3:.2f} ms per output token after the first{how_decode}"]:
         print(line)
     print(f"transport: {job.transport.path}; waits: "
           + (f"polite ({job.local_size} ranks on {job.cores} cores)" if job.polite else "blocking"))
-    warm = ", after an untimed warm-up prefill" if job.device.type == "cuda" else ""
-    warm += {"replayed": ", replayed as CUDA graphs", "eagerly": ", eagerly: the cache moved"}.get(graphs, "")
-    print(f"TTFT: {ttft * 1e3:.2f} ms (rank {emitter}, barrier to first token id{warm})")
+    print(f"TTFT: {ttft * 1e3:.2f} ms (rank {emitter}, barrier to first token id{how_prefill})")
     print(f"tokens: {tokens}", flush=True)
     if job.tokenizer:
         print(f"text ({job.tokenizer.name}): {job.tokenizer.decode(job.tokens[0].tolist() + tokens)}", flush=True)
-    if args.save:                                      # whole or not at all, even if the job is killed
-        with replace_whole(args.save) as tmp:
-            torch.save(dict(logits=logits.cpu(), past_key_values=prompt_kv, partition=partition, ttft_s=ttft,
-                            first_token=tokens[0], generated_ids=tokens, messages=stats), tmp)
+    if job.system:
+        job.system.save(logits, cache, partition, ttft, tokens, stats)

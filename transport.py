@@ -1,16 +1,14 @@
-"""Moving tensors between ranks: where the project talks to MPI (mpi4py), with fast/staged.py.
+"""Moving tensors between ranks: where the project talks to MPI (mpi4py).
 
 Tensors travel through mpi4py's buffer calls (Isend, Irecv, Iallgatherv) as raw bytes, straight from
 and into the tensors' memory: host memory on a CPU, GPU memory when the MPI library is CUDA-aware.
-When it is not, fast/staged.py's StagedTransport stages GPU tensors through pinned host memory
-behind the same four calls (isend, recv, allgather, finish). Waits block (MPI spins, for the lowest
-latency) unless CPU ranks outnumber the cores they share: then they poll politely (Test, then a
-0.5 ms sleep), so a waiting rank does not steal the core of one that computes.
+When it is not, fast/staged.py stages GPU tensors through pinned host memory behind the same calls.
+Waits block (MPI spins, for the lowest latency) unless CPU ranks outnumber the cores they share:
+then they poll politely (Test, then a 0.5 ms sleep), so a waiting rank does not steal a core.
 
 MPI starts in `init`, not at import: a rank that computes on a GPU selects its device and creates
 its CUDA context first, because a CUDA-aware MPI sets up CUDA IPC between a node's ranks at MPI_Init.
 """
-import ctypes
 import math
 import os
 import time
@@ -45,20 +43,6 @@ def local_comm(comm):
     return comm.Split_type(MPI.COMM_TYPE_SHARED)
 
 
-def cuda_aware_mpi():
-    """True if this MPI library can take CUDA device pointers (Open MPI's or MPICH's query)."""
-    if os.environ.get("KVR_CUDA_AWARE") in ("0", "1"):      # explicit override
-        return os.environ["KVR_CUDA_AWARE"] == "1"
-    lib = ctypes.CDLL(MPI.__file__)                          # dlsym also searches libmpi under it
-    if hasattr(lib, "MPIX_Query_cuda_support"):              # Open MPI (mpi-ext.h)
-        return bool(lib.MPIX_Query_cuda_support())
-    if hasattr(lib, "MPIX_GPU_query_support"):               # MPICH >= 4
-        ok = ctypes.c_int(0)
-        lib.MPIX_GPU_query_support(0, ctypes.byref(ok))      # 0 = MPIX_GPU_SUPPORT_CUDA
-        return bool(ok.value)
-    return False
-
-
 def _buf(t):
     """A tensor's bytes as an MPI buffer (any dtype, host or device memory). A view that is a block of
     a larger tensor, such as the first S tokens of a cache layer, goes as an MPI subarray type: MPI
@@ -79,16 +63,6 @@ def _buf(t):
 _SUBARRAYS = {}            # (block shape, view shape, element size) -> committed MPI datatype
 
 
-class _Passed:
-    """The event of a CPU copy: done when the copy returns."""
-
-    def synchronize(self):
-        pass
-
-    def query(self):
-        return True
-
-
 class Transport:
     """Point-to-point and all-gather of tensors, with message accounting: the route a reader needs
     first, where MPI reads and writes the tensors where they are.
@@ -101,9 +75,9 @@ class Transport:
 
     direct = True          # MPI reads and writes the tensors themselves (StagedTransport: False)
 
-    def __init__(self, comm, device, polite, trace=None):
+    def __init__(self, comm, device, polite):
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
-        self.device, self.polite, self.trace = torch.device(device), polite, trace
+        self.device, self.polite = torch.device(device), polite
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self.up = torch.cuda.Stream(self.device)   # where received memory is allocated (_empty)
@@ -119,10 +93,6 @@ class Transport:
     def path(self):
         return ("CUDA-aware MPI: device buffers straight to MPI" if self.cuda
                 else "host memory (CPU tensors straight to MPI)")
-
-    def reserve(self, nbytes, slots=2):
-        """Collective: memory set aside for `slots` messages of up to nbytes from this rank. MPI reads
-        the tensors themselves here, so there is nothing to set aside (StagedTransport's slots)."""
 
     def isend(self, t, dest, tag):
         """Start sending t; return at once."""
@@ -217,7 +187,8 @@ class Transport:
 
     def _gather(self, t, flat, sizes, displs):
         """Every rank's bytes into `flat`, rank r's at displs[r]."""
-        self._event().synchronize()                    # t is written
+        if self.cuda:
+            self._event().synchronize()                # t is written
         self.wait(self.comm.Iallgatherv(_buf(t), [MPI.buffer.fromaddress(flat.data_ptr(), sum(sizes)),
                                                    sizes, displs, MPI.BYTE]))
 
@@ -225,8 +196,6 @@ class Transport:
 
     def _event(self):
         """An event on the compute stream, here: what was queued before it is done when it is."""
-        if not self.cuda:
-            return _Passed()
         e = torch.cuda.Event()
         e.record()
         return e

@@ -9,3 +9,23 @@
 profiling.py times each rank's work alone on one device; sim.py (no torch) replays the ranks
 against each other over modelled links; plots.py draws results files.
 """
+
+import argparse
+
+from cli import at_least
+
+
+def positive(text):
+    """An argparse type: a float > 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (must be > 0)")
+    return value
+
+
+def ints(lo=1):
+    """An argparse type: comma-separated integers, each >= lo."""
+    def parse(text):
+        return [at_least(lo)(x) for x in text.split(",")]
+    parse.__name__ = "comma-separated int"
+    return parse

@@ -25,6 +25,7 @@ from matplotlib.patches import Patch, Rectangle  # noqa: E402
 
 import cli  # noqa: E402
 import partition  # noqa: E402
+import tsp  # noqa: E402
 from bench import plots  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,7 @@ def _fmt(c):
 
 def tsp_spans(C, p, zigzag):
     """TSP's positions per rank, [(start, length), ...] each, as tsp.py lays them out."""
-    return partition.tsp_layout(C, p, zigzag)[0]
+    return tsp.tsp_layout(C, p, zigzag)[0]
 
 
 def kvr_spans(c):
@@ -152,7 +153,7 @@ SPAN_MEANING = {"compute": "compute: Ln = layer n's attention and MLP, then the 
 
 
 def read_trace(path):
-    """{rank: [(name, layer, start_ms, duration_ms), ...]} from a --trace file (program.Trace)."""
+    """{rank: [(name, layer, start_ms, duration_ms), ...]} from a --trace file (fast/trace.py)."""
     with open(path) as f:
         events = json.load(f)["traceEvents"]
     spans = defaultdict(list)
@@ -175,7 +176,7 @@ def _compute_label(layer, trace):
 def plot_timeline(trace_paths, titles, out_png, ttfts=None):
     """One panel per Chrome-trace file (runahead.py/tsp.py --trace), one row per rank, a shared time axis.
 
-    Spans are coloured by name: compute, recv, send, allgather (program.Trace). A compute span runs
+    Spans are coloured by name: compute, recv, send, allgather (fast/trace.py). A compute span runs
     from one K/V exchange to the next, so the one before layer l's exchange holds layer l-1's
     attention and MLP: wide ones are labelled that way (L0, L1, ..., last: L{n-1}+head). Each
     panel's title gets the time each rank's last span ends. What the picture shows is written

@@ -46,7 +46,8 @@ import transport
 import tsp
 from bench import figures, plots
 from fast.compiled import fuse
-from fast.staged import StagedTransport
+from fast.staged import StagedTransport, cuda_aware_mpi
+from fast.trace import Trace, Traced
 from generate import sync
 from kvcache import KVCache, bytes_per_token
 from load_weights import DIMS, dims_model
@@ -352,15 +353,20 @@ def ranks(a):
                     t = comm.bcast(t, root=emitter)
                     if r:
                         times[v].append(t)
+                if r == 0 and job.system:               # the staged route's slots, as runahead.py has them
+                    job.system.reserve()
             if a.trace_dir and C == max(a.C):           # one traced run of TSP, zigzag and KVR-S
                 os.makedirs(a.trace_dir, exist_ok=True)
-                job.trace.on = True
+                inner, trace = job.transport, Trace(job.rank, job.device, True)
+                kept, inner.trace, job.transport = getattr(inner, "trace", None), trace, Traced(inner, trace)
                 for v in [v for v in ("TSP", "TSP-zigzag", "KVR-S") if v in variants]:
-                    job.trace.events = []
+                    job.transport.reset_stats()         # the next barrier starts the trace
                     variants[v][0]()
                     job.transport.finish()
-                    job.trace.write(comm, os.path.join(a.trace_dir, f"trace-{v}-p{p}-C{C}.json"))
-                job.trace.on = False
+                    if job.rank == variants[v][1]:
+                        job.transport.head()
+                    trace.write(comm, os.path.join(a.trace_dir, f"trace-{v}-p{p}-C{C}.json"))
+                job.transport, inner.trace = inner, kept
             link = job.transport.path + ("" if job.device.type == "cpu" else "; one GPU shared")
             for v in names:
                 rows.append(dict(model=job.model_key, C=C, p=p, variant=v, ttft_s=statistics.median(times[v]),
@@ -504,7 +510,7 @@ def link(a):
         raise SystemExit("bench/measured.py link runs on exactly 2 ranks: mpirun -n 2 python -m bench.measured link")
     staged = {"staged": StagedTransport, "staged-mpi": StagedTransport}
     routes = {"host": transport.Transport} if device.type == "cpu" else staged
-    if device.type == "cuda" and transport.cuda_aware_mpi():
+    if device.type == "cuda" and cuda_aware_mpi():
         routes = {"direct": transport.Transport, **routes}
     rows = []
     for route, Route in routes.items():

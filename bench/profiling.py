@@ -15,8 +15,10 @@ from dataclasses import asdict
 
 import torch
 
+import bench
 import cli
 import partition
+import tsp
 from bench import sim
 from fast.compiled import fuse
 from generate import sync
@@ -140,7 +142,7 @@ def profile_tsp(model, C, p, zigzag=False, repeats=3, warmup=1, math_path=False)
     math_path: attention as plain tensor ops, scores and mask materialised (as transformers' eager
     attention computes it)."""
     (device, dtype), cfg = _where(model), model.cfg
-    spans, emitter = partition.tsp_layout(C, p, zigzag)
+    spans, emitter = tsp.tsp_layout(C, p, zigzag)
     gathered = torch.randn((2, 1, cfg.n_kv_heads, C, cfg.head_dim), dtype=dtype, device=device)
     order = torch.cat([torch.arange(a, a + n) for s in spans for a, n in s]).argsort().to(device) if zigzag else None
     out, warmup = [], warmup + _recording(model)      # the emitter records; the other ranks run eagerly
@@ -205,7 +207,7 @@ def simulate_kvr(model, c, links, devices=None, repeats=3):
 
 def simulate_tsp(model, C, p, links, zigzag=False, devices=None, repeats=3):
     """Profile TSP's ranks (or zigzag's), then replay them: what `mpirun tsp.py` would do."""
-    spans, emitter = partition.tsp_layout(C, p, zigzag)
+    spans, emitter = tsp.tsp_layout(C, p, zigzag)
     return sim.replay_allgather(profile_tsp(model, C, p, zigzag, repeats), [sum(n for _, n in s) for s in spans],
                                 links, bytes_per_token(model.cfg, _where(model)[1]), emitter, devices)
 
@@ -219,8 +221,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float16", choices=["float32", "float64", "float16", "bfloat16"])
     ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     ap.add_argument("--layers", type=cli.at_least(2), default=4, help="layers of a 7B model to time (the table gives 32)")
-    ap.add_argument("--cs", type=cli.ints(1), default=[128, 256, 512, 1024, 2048, 4096, 8192, 16384])
-    ap.add_argument("--prefixes", type=cli.ints(0), default=[0, 1024, 2048, 4096, 8192, 12288])
+    ap.add_argument("--cs", type=bench.ints(1), default=[128, 256, 512, 1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--prefixes", type=bench.ints(0), default=[0, 1024, 2048, 4096, 8192, 12288])
     ap.add_argument("--repeats", type=cli.at_least(1), default=10, help="timed runs per grid point (median)")
     ap.add_argument("--fuse", action="store_true", help="compile each layer's pre and post (fast.compiled.fuse)")
     ap.add_argument("--graphs", action="store_true", help="--fuse, and each forward as CUDA graphs (fast/segments.py)")

@@ -26,6 +26,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import bench
 import cli
 import partition
 import fast.table
@@ -179,7 +180,7 @@ def replay_allgather(segs, counts, links, bytes_per_token, emitter, devices=None
     """TSP: every layer ends in an all-gather, a barrier: it completes for all ranks at the latest
     arrival plus the gather time. The gather is a ring: p-1 steps, each moving the largest rank's
     chunk, max(counts) tokens, over all p links at once; a step lasts as long as its slowest link.
-    counts and emitter: from partition.tsp_layout; links: one Link or a list of p (the ring, link r from rank r
+    counts and emitter: from tsp.tsp_layout; links: one Link or a list of p (the ring, link r from rank r
     to r+1 mod p); devices and seed as in replay_chain. Returns a Replay; TTFT is the emitter's finish.
     """
     p = len(segs)
@@ -202,7 +203,7 @@ def replay_allgather(segs, counts, links, bytes_per_token, emitter, devices=None
 
 
 def write_trace(replay, path):
-    """The replay as Chrome trace JSON, like program.Trace writes a real run (open in Perfetto)."""
+    """The replay as Chrome trace JSON, like fast/trace.py writes a real run (open in Perfetto)."""
     events = [dict(name="thread_name", ph="M", pid=0, tid=r, args={"name": f"rank {r}"})
               for r in range(len(replay.timeline))]
     events += [dict(name=name, ph="X", pid=0, tid=r, args={"layer": layer}, ts=round(a * 1e6, 1),
@@ -288,9 +289,9 @@ def main(argv=None):
     ap = cli.Parser(description="KVR-S partitions searched on a KernelTable (bench/profiling.py "
                                              "measures one), saved as a partition.Table")
     ap.add_argument("--kernels", default="kernels.json", help="the KernelTable JSON to read")
-    ap.add_argument("--ps", type=cli.ints(1), default=[2, 4, 8])
-    ap.add_argument("--Cs", type=cli.ints(1), default=[1024, 2048, 4096, 8192, 12288, 16384])
-    ap.add_argument("--bandwidth", type=cli.positive, default=300e9, help="bytes/s per link (paper: 300e9, 10e9)")
+    ap.add_argument("--ps", type=bench.ints(1), default=[2, 4, 8])
+    ap.add_argument("--Cs", type=bench.ints(1), default=[1024, 2048, 4096, 8192, 12288, 16384])
+    ap.add_argument("--bandwidth", type=bench.positive, default=300e9, help="bytes/s per link (paper: 300e9, 10e9)")
     ap.add_argument("--out", default="partitions.json", help="where to write the partition.Table")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()

@@ -31,6 +31,7 @@ from bench.measured import machine, order, save, spread, table
 from fast.compiled import fuse
 from kvcache import bytes_per_token
 from load_weights import DIMS, dims_model
+from tsp import tsp_layout
 
 
 def links(p, measured=None, jitter=0.0):
@@ -167,7 +168,7 @@ def simulate(a):
                         return sim.replay_chain(direct["KVR", C, p, tuple(c)], list(c), net, bpt, **kw).ttft
 
                     def tsp(v, net=net, **kw):
-                        spans, emitter = partition.tsp_layout(C, p, v == "TSP-zigzag")
+                        spans, emitter = tsp_layout(C, p, v == "TSP-zigzag")
                         return sim.replay_allgather(direct[v, C, p, ()], [sum(n for _, n in s) for s in spans],
                                                     net, bpt, emitter, **kw).ttft
 
@@ -274,7 +275,7 @@ def validate(a):
             if v == "one process":
                 t = sim.replay_chain(profiling.profile_single(model, C, a.repeats, 2), [C], link, bpt).ttft
             elif v.startswith("TSP"):
-                spans, emitter = partition.tsp_layout(C, p, v == "TSP-zigzag")
+                spans, emitter = tsp_layout(C, p, v == "TSP-zigzag")
                 segs = profiling.profile_tsp(model, C, p, v == "TSP-zigzag", a.repeats, 2)
                 t = sim.replay_allgather(segs, [sum(n for _, n in s) for s in spans], link, bpt, emitter,
                                          devices=a.devices).ttft

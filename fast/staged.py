@@ -13,10 +13,36 @@ On the CPU the same protocol runs with plain copies: that is how the tests check
 """
 import ctypes
 import functools
+import os
 
 import torch
 
-from transport import MPI, Transport, _buf, _Passed, local_comm   # transport decides when MPI starts
+from transport import MPI, Transport, _buf, local_comm   # transport decides when MPI starts
+
+
+def cuda_aware_mpi():
+    """True if this MPI library can take CUDA device pointers (Open MPI's or MPICH's query): then GPU
+    tensors go to MPI as they are, and nothing is staged."""
+    if os.environ.get("KVR_CUDA_AWARE") in ("0", "1"):      # explicit override
+        return os.environ["KVR_CUDA_AWARE"] == "1"
+    lib = ctypes.CDLL(MPI.__file__)                          # dlsym also searches libmpi under it
+    if hasattr(lib, "MPIX_Query_cuda_support"):              # Open MPI (mpi-ext.h)
+        return bool(lib.MPIX_Query_cuda_support())
+    if hasattr(lib, "MPIX_GPU_query_support"):               # MPICH >= 4
+        ok = ctypes.c_int(0)
+        lib.MPIX_GPU_query_support(0, ctypes.byref(ok))      # 0 = MPIX_GPU_SUPPORT_CUDA
+        return bool(ok.value)
+    return False
+
+
+class _Passed:
+    """The event of a CPU copy: done when the copy returns."""
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
 
 
 class StagedTransport(Transport):
@@ -25,7 +51,9 @@ class StagedTransport(Transport):
     direct = False
 
     def __init__(self, comm, device, polite, trace=None):
-        super().__init__(comm, device, polite, trace)
+        super().__init__(comm, device, polite)
+        self.trace = trace         # fast/trace.py's Trace: the copies' spans (d2h, h2d)
+        self.largest = 0           # the most bytes one message of this rank has carried: see reserve
         if self.cuda:
             self.down = torch.cuda.Stream(self.device)   # copies to the host (self.up: to the GPU)
         self.landing = []          # (event, buffer): received bytes still being copied up
@@ -71,6 +99,7 @@ class StagedTransport(Transport):
     def _send(self, t, dest, tag):
         """Start copying t down; its send starts once the copy is done."""
         nbytes = t.numel() * t.element_size()
+        self.largest = max(self.largest, nbytes)
         if self._shared(self.rank, nbytes) and self.on_node[dest] != MPI.UNDEFINED:   # dest maps the slot
             slot = self._slot()
             ready, _ = self._down(t, "d2h", tag, self._view(self.rank, slot, nbytes))
@@ -95,6 +124,7 @@ class StagedTransport(Transport):
 
     def _gather(self, t, flat, sizes, displs):
         """Every rank's bytes into `flat`, through the slots or pinned buffers."""
+        self.largest = max(self.largest, sizes[self.rank])
         if all(self._shared(r, sizes[r]) for r in range(self.size)):
             self._gather_shared(t, flat, sizes, displs)
         else:

@@ -28,8 +28,8 @@ import model
 import runahead
 import tsp
 from kvcache import KVCache, bytes_per_token
-from partition import tsp_layout
-from program import Done, Trace
+from tsp import tsp_layout
+from program import Done
 
 F64 = torch.float64
 ARCHS = ["llama", "falcon"]
@@ -475,19 +475,33 @@ def test_decode_records_one_step_after_the_eager_ones_and_replays_it(monkeypatch
     assert (fakes.graphs, len(fakes.recorded), fakes.replays) == (int(recorded), int(recorded), max(8 - eager_steps, 0))
 
 
-def test_generate_decode_hands_decode_to_the_static_steps_when_they_take_it(monkeypatch):
-    """generate.decode runs fast.decode.decode, with the same arguments, when fast.decode.takes the
-    model and cache, unless graphs=False; on the CPU takes() is False and decode stays eager."""
+def test_generate_decode_hands_a_gpu_cache_to_the_static_steps(monkeypatch):
+    """generate.decode runs fast.decode.decode, with the same arguments, for a cache on a GPU that
+    fast.decode.takes, unless graphs=False or the math path is asked for (--math reaches decode);
+    a CPU cache stays in the teaching loop even where takes() would say yes."""
     m = builtin("llama")
     tok, cache = prefill(m, PROMPT, C + 4)
-    assert not fast.decode.takes(m, cache)
     calls = []
     monkeypatch.setattr(fast.decode, "decode", lambda *a: calls.append(a) or "static")
-    assert generate.decode(m, tok, cache, 3).shape == (2, 4) and calls == []
     monkeypatch.setattr(fast.decode, "takes", lambda model, c: True)
-    assert generate.decode(m, tok, cache, 3, stop_at_eos=True) == "static"
-    assert calls == [(m, tok, cache, 3, True)]
-    assert generate.decode(m, tok, cache, 0, graphs=False).shape == (2, 1) and len(calls) == 1
+    assert generate.decode(m, tok, cache, 3).shape == (2, 4) and calls == []
+    gpu = types.SimpleNamespace(kv=[types.SimpleNamespace(is_cuda=True)])
+    assert generate.decode(m, tok, gpu, 3, stop_at_eos=True) == "static"
+    assert calls == [(m, tok, gpu, 3, True)]
+    assert generate.decode(m, tok, gpu, 0, graphs=False).shape == (2, 1)
+    assert generate.decode(m, tok, gpu, 0, math_path=True).shape == (2, 1) and len(calls) == 1
+
+
+def test_the_math_path_reaches_every_decode_step(monkeypatch):
+    """generate.decode(math_path=True) runs every step on the readable attention path (--math), and
+    the default runs none there."""
+    m = builtin("llama")
+    tok, cache = prefill(m, PROMPT, C + 8)
+    seen, forward = [], type(m).forward
+    monkeypatch.setattr(type(m), "forward", lambda self, *a, **k: seen.append(k.get("math_path")) or forward(self, *a, **k))
+    generate.decode(m, tok, cache, 3, math_path=True)
+    generate.decode(m, tok, cache, 3)
+    assert seen == [True] * 3 + [False] * 3
 
 
 def test_static_steps_take_a_gpu_cache_unless_a_constant_would_change():
@@ -548,9 +562,6 @@ class FakeTransport:
         self.log.append(("allgather", t.clone(), list(counts), dim))
         return self.gather(t, counts, dim)
 
-    def reserve(self, nbytes, slots=2):
-        self.log.append(("reserve", nbytes))
-
     def barrier(self):
         pass
 
@@ -575,7 +586,7 @@ def test_chain_receives_the_prefix_into_the_cache_and_sends_what_it_holds(rank):
     cache = KVCache(cfg, 1, S_i + (5 if last else 0))
     prefix = {layer: marked((2, 1, 2, S_prev, 4), 1000 * (layer + 1)) for layer in range(3)}
     t = FakeTransport(rank, 3, feed=lambda tag, out: out.copy_(prefix[tag]))
-    kv = runahead.ChainKV(cache, t, S_prev, Trace(rank, "cpu", False))
+    kv = runahead.ChainKV(cache, t, S_prev)
     for layer in range(3):
         k, v = marked((1, 2, c[rank], 4), -1000 * (layer + 1)), marked((1, 2, c[rank], 4), -500 * (layer + 1))
         if layer == 2 and not last:
@@ -611,7 +622,7 @@ def reference(m, tokens):
 
 def fake_job(m, rank, size, transport):
     return types.SimpleNamespace(rank=rank, size=size, model=m, dtype=F64, device=torch.device("cpu"),
-                                 tokens=PROMPT[1:], transport=transport, trace=Trace(rank, "cpu", False))
+                                 tokens=PROMPT[1:], transport=transport)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -631,7 +642,6 @@ def test_runahead_prefill_on_each_rank_of_a_chain(arch):
         assert all(e[3].shape[3] == S_prev for e in t.of("recv"))
         if rank < 2:
             assert logits is None and cache.capacity == S_i and len(t.of("finish")) == 1
-            assert t.of("reserve") == [("reserve", S_i * bytes_per_token(m.cfg, F64))]
             sends = t.of("send")
             assert [(tag, dest) for _, tag, dest, _ in sends] == [(layer, rank + 1) for layer in range(n_layers)]
             for _, tag, _, sent in sends:
@@ -639,7 +649,7 @@ def test_runahead_prefill_on_each_rank_of_a_chain(arch):
                 torch.testing.assert_close(sent, ref.kv[tag][:, :, :, :S_i], atol=1e-10, rtol=0)
         else:
             assert t.of("send") == [] and cache.capacity == 11 + 6 and len(cache) == 11
-            assert t.of("reserve") == [("reserve", 0)] and t.of("finish") == []
+            assert t.of("finish") == []
             torch.testing.assert_close(logits, logits_ref, atol=1e-10, rtol=0)
             for kv, kv_ref in zip(cache.kv, ref.kv):
                 torch.testing.assert_close(kv[:, :, :, :11], kv_ref, atol=1e-10, rtol=0)
@@ -651,6 +661,31 @@ def by_position(C_, B=1):
     """K/V (2, B, 2, C_, 4) whose entries at position j are j (K) and -j (V)."""
     pos = torch.arange(C_, dtype=torch.float32)[None, None, :, None].expand(B, 2, C_, 4)
     return torch.stack((pos, -pos))
+
+
+@pytest.mark.parametrize("C_,p", [(9, 3), (11, 3), (8, 4), (17, 5)])
+def test_tsp_layout_covers_every_position_once_and_names_the_emitter(C_, p):
+    """Plain TSP: p even chunks in order, chunks differ by at most one token, the last rank emits.
+    Zigzag: rank r holds chunks r and 2p-1-r of 2p even ones, so rank 0 holds the last token and
+    emits; each rank's two runs together are within one token of C/p."""
+    for zigzag in (False, True):
+        spans, emitter = tsp_layout(C_, p, zigzag)
+        held = sorted(a + i for s in spans for a, n in s for i in range(n))
+        assert held == list(range(C_)) and all(n >= 1 for s in spans for _, n in s)
+        owner = {a + i: r for r, s in enumerate(spans) for a, n in s for i in range(n)}
+        assert emitter == owner[C_ - 1] == (0 if zigzag else p - 1)
+        sizes = [sum(n for _, n in s) for s in spans]
+        assert max(sizes) - min(sizes) <= (2 if zigzag else 1) and len(spans[0]) == 1 + zigzag
+        if not zigzag:
+            assert [s[0][0] for s in spans] == sorted(s[0][0] for s in spans)
+
+
+def test_tsp_layout_refuses_too_few_tokens_in_one_line():
+    with pytest.raises(ValueError, match="^4 ranks but only 3 prompt tokens$"):
+        tsp_layout(3, 4)
+    with pytest.raises(ValueError, match="^--zigzag needs at least 2 tokens per rank: 7 tokens for 4 ranks$"):
+        tsp_layout(7, 4, zigzag=True)
+    assert tsp_layout(8, 4, zigzag=True)[1] == 0
 
 
 @pytest.mark.parametrize("zigzag", [False, True])
@@ -669,7 +704,7 @@ def test_gather_puts_every_rank_s_kv_in_position_order(zigzag, rank):
     t = FakeTransport(rank, p, gather=lambda t_, counts_, dim: truth[:, :, :, rank_order])
     emits = rank == emitter
     cache = KVCache(tiny_cfg(n_layers), 1, C_ + 4) if emits else None
-    kv = tsp.GatherKV(t, counts, order, not zigzag, cache, Trace(rank, "cpu", False), n_layers)
+    kv = tsp.GatherKV(t, counts, order, not zigzag, cache, n_layers)
     assert kv.dense == (not zigzag)
     for layer in range(n_layers):
         own = truth[:, :, :, mine]
@@ -702,7 +737,6 @@ def test_tsp_prefill_on_each_rank(zigzag):
         t = FakeTransport(rank, 3, gather=lambda t_, counts, dim: ref.kv[next(layer)][:, :, :, rank_order])
         logits, cache, _, emits = tsp.prefill(fake_job(m, rank, 3, t), zigzag, decode_room=3)
         assert emits == emitter
-        assert t.of("reserve") == [("reserve", len(mine) * bytes_per_token(m.cfg, F64))]
         gathers = t.of("allgather")
         assert len(gathers) == m.cfg.n_layers
         for i, (_, sent, counts, dim) in enumerate(gathers):

@@ -3,6 +3,7 @@ answer --help before torch loads, and every numeric option refuses a value out o
 import ast
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import bench.sim
 import bench.simulated
 import choose
 import cli
+from conftest import MPIRUN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOM = {"": "the teaching core", "fast": "GPU fast paths", "bench": "tools that measure and draw"}
@@ -22,7 +24,7 @@ MODULES = {(f"{room}." if room else "") + os.path.basename(f)[:-3]: f
            for room in ROOM for f in glob.glob(os.path.join(ROOT, room, "*.py"))}
 MODULES = {m.removesuffix(".__init__"): f for m, f in MODULES.items()}
 ROOT_MODULES = sorted(m for m in MODULES if "." not in m and m not in ROOM)
-TODAY_READER_PATH = 2310       # runahead.py and the root modules it imported, before the fast paths moved out
+READING_PATH = 1300            # at most this many lines: runahead.py, tsp.py and what they import at module level
 
 
 def imports(path):
@@ -48,21 +50,53 @@ def lines(module):
     return len(open(MODULES[module]).read().splitlines())
 
 
-def reader_path():
-    """runahead.py and every root module it imports, directly or not, leaving the fast paths out."""
-    seen, todo = set(), ["runahead"]
+def module_level(path):
+    """The project's modules that `path` imports when it is imported or run: its module-level
+    statements, blocks such as `if __name__ == "__main__":` included, functions' bodies not."""
+    names = set()
+
+    def visit(body):
+        for node in body:
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names if a.name in MODULES)
+            elif isinstance(node, ast.ImportFrom) and node.module in MODULES:
+                subs = {f"{node.module}.{a.name}" for a in node.names} & set(MODULES)
+                names.update(subs or {node.module})
+            elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+                for block in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, block, []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+    visit(ast.parse(open(path).read()).body)
+    return names | {n.rsplit(".", 1)[0] for n in names if "." in n}   # a package's __init__ comes too
+
+
+def reading_path(*programs):
+    """The programs and every module of the project they import at module level, transitively."""
+    seen, todo = set(), list(programs)
     while todo:
         m = todo.pop()
-        if m not in seen and "." not in m and m not in ROOM:
+        if m not in seen:
             seen.add(m)
-            todo += GRAPH[m]
+            todo += module_level(MODULES[m])
     return sorted(seen)
 
 
-def test_no_import_circle_and_no_import_inside_a_function():
-    for name, path in MODULES.items():
-        nested = imports(path)[1]
-        assert not nested, f"{name} imports inside a function, line {nested[0]}"
+def test_no_import_circle_and_imports_inside_functions_are_the_seam():
+    """An import inside a function is where an option asks for the system (fast/, the caches, the
+    calibration, a checkpoint's loader): never a module the reading path already holds, and never
+    in the tools or the fast paths themselves."""
+    path = set(reading_path("runahead", "tsp"))
+    for name, path_ in MODULES.items():
+        nested = imports(path_)[1]
+        if name in path:
+            tree = ast.parse(open(path_).read())
+            inner = {a.name if isinstance(n, ast.Import) else n.module
+                     for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
+                     for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+            assert not inner & path, f"{name} imports {inner & path} inside a function: they are on the path"
+        else:
+            assert not nested, f"{name} imports inside a function, line {nested[0]}"
     state = {}
 
     def visit(m, stack):                               # depth-first search: a grey node seen again is a circle
@@ -80,7 +114,8 @@ def test_no_import_circle_and_no_import_inside_a_function():
 
 def test_the_rooms_depend_one_way():
     """The teaching core never imports a tool; the fast paths import only the interfaces they sit
-    behind; the model's one import of ours is its fast path's seam; the cache imports nothing."""
+    behind (fast/system.py, the seam, also what it serves); the model's one import of ours is its
+    fast path's seam; the cache imports nothing."""
     for m in ROOT_MODULES + [m for m in MODULES if m.startswith("fast")]:
         assert not {n for n in GRAPH[m] if n.startswith("bench")}, f"{m} imports a tool"
     assert GRAPH["model"] == {"fast.attention"} and GRAPH["kvcache"] == set()
@@ -88,6 +123,8 @@ def test_the_rooms_depend_one_way():
     assert GRAPH["fast.compiled"] == {"fast.segments"} and GRAPH["fast.segments"] == {"kvcache"}   # the cache it keys on
     assert GRAPH["fast.decode"] == {"model"}           # the blocks it replays, and their RoPE
     assert "transport" not in GRAPH["partition"] | GRAPH["bench.sim"]
+    assert GRAPH["fast.trace"] == {"cli"}
+    assert GRAPH["fast.system"] == {"calibrate", "cli", "fast.decode", "fast.compiled", "fast.staged", "fast.trace"}
 
 
 def test_root_modules_are_short_and_the_model_is_the_decoder_as_taught():
@@ -102,13 +139,27 @@ def test_root_modules_are_short_and_the_model_is_the_decoder_as_taught():
         assert not used, f"model.py's code uses {used}"
 
 
-def test_the_readers_path_is_stated_in_the_readme_and_shorter_than_before():
-    path = reader_path()
+@pytest.mark.timeout(300)
+def test_the_reading_path_is_short_and_runs_alone(tmp_path):
+    """runahead.py (at most 200 lines), tsp.py and what they import at module level come to at most
+    READING_PATH lines, none of them under fast/; the README states the figure; and those files
+    alone, copied into an empty folder, run both programs on the CPU with the whole checkout's tokens."""
+    path = reading_path("runahead", "tsp")
     n = sum(lines(m) for m in path)
-    assert n < TODAY_READER_PATH and "calibrate" in path and "fast.staged" not in path
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert n <= READING_PATH and lines("runahead") <= 200 and not [m for m in path if "." in m], (n, path)
     listed = ", ".join(f"`{m}.py`" for m in path)
-    assert f"{listed}: {n} lines" in readme, f"README should say: {listed}: {n} lines"
+    assert f"{listed}: {n} lines" in open(os.path.join(ROOT, "README.md")).read(), \
+        f"README should say: {listed}: {n} lines"
+    for m in path:
+        shutil.copy(MODULES[m], tmp_path)
+    for script in ("runahead.py", "tsp.py"):
+        got = {}
+        for where in (ROOT, tmp_path):
+            r = subprocess.run([MPIRUN, "-n", "4", sys.executable, script, "--prompt-len", "256", "--threads", "1"],
+                               cwd=where, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, (where, r.stderr)
+            got[where] = [line for line in r.stdout.splitlines() if line.startswith("tokens: ")]
+        assert len(got[ROOT]) == 1 and got[ROOT] == got[tmp_path], got
 
 
 def loaded(*modules):
@@ -122,10 +173,14 @@ def loaded(*modules):
 
 def test_pure_modules_do_not_import_mpi4py():
     """The model, the cache, generation, the partitions and their calibration, the loader and the
-    simulator start no MPI; the replay and the partitions do not even load torch."""
+    simulator start no MPI; the replay and the partitions do not even load torch. The profiler
+    reads tsp.py's layout, and so loads mpi4py, but MPI does not start."""
     assert loaded("model", "kvcache", "generate", "partition", "calibrate", "load_weights", "bench.sim",
-                  "bench.profiling", "fast.attention", "fast.compiled", "fast.decode") == "torch"
+                  "fast.attention", "fast.compiled", "fast.decode") == "torch"
     assert loaded("bench.sim", "partition", "cli") == ""
+    r = subprocess.run([sys.executable, "-c", "import bench.profiling; from mpi4py import MPI; print(MPI.Is_initialized())"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr
 
 
 @pytest.mark.parametrize("script", ["runahead.py", "tsp.py"])

@@ -31,7 +31,8 @@ from generate import decode
 from kvcache import KVCache
 from load_weights import load_model
 from model import builtin, rope, rope_inv_freq
-from partition import chain_kv_tokens, tsp_kv_tokens, tsp_layout
+from partition import chain_kv_tokens, tsp_kv_tokens
+from tsp import tsp_layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _here = os.path.join(os.path.dirname(sys.executable), "mpirun")

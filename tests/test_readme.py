@@ -1,5 +1,6 @@
 """README.md is a tutorial: every command it quotes is run here, and every line of code it quotes is
-checked against the file it names, so the tutorial cannot drift from the code.
+checked against the file it names, so the tutorial cannot drift from the code; docs/gpu.md, the GPU
+and operations page, is held to the same rules.
 
 Commands: each line starting with `$ ` inside a ```console block is run with bash, in a fresh copy of
 the repository (the files git tracks or would track: what a clone holds), with `python` and `mpirun`
@@ -32,34 +33,38 @@ from conftest import FETCH_LIMIT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
+DOCS = ["README.md", os.path.join("docs", "gpu.md")]   # the tutorial, and the GPU and operations page
 _sibling = os.path.join(os.path.dirname(sys.executable), "mpirun")
 MPIRUN = _sibling if os.path.exists(_sibling) else "mpirun"
 NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?"
 
 
 def blocks(kind):
-    """(line number, lines) of each ```kind block in README.md."""
-    out, lines, cur, start = [], open(README).read().splitlines(), None, 0
-    for i, line in enumerate(lines, 1):
-        if cur is None and line.strip() == f"```{kind}":
-            cur, start = [], i + 1
-        elif cur is not None and line.strip() == "```":
-            out.append((start, cur))
-            cur = None
-        elif cur is not None:
-            cur.append(line)
+    """(where, first line number, lines) of each ```kind block in the documents."""
+    out = []
+    for doc in DOCS:
+        lines, cur, start = open(os.path.join(ROOT, doc)).read().splitlines(), None, 0
+        for i, line in enumerate(lines, 1):
+            if cur is None and line.strip() == f"```{kind}":
+                cur, start = [], i + 1
+            elif cur is not None and line.strip() == "```":
+                out.append((doc, start, cur))
+                cur = None
+            elif cur is not None:
+                cur.append(line)
     return out
 
 
 def commands():
-    """(line number, command, expected output lines) for every `$ ` line of the console blocks."""
+    """("file:line", command, expected output lines) for every `$ ` line of the console blocks."""
     out = []
-    for start, lines in blocks("console"):
+    for doc, start, lines in blocks("console"):
+        first = len(out)
         for i, line in enumerate(lines):
             if line.startswith("$ "):
-                out.append([start + i, line[2:], []])
+                out.append([f"{doc}:{start + i}", line[2:], []])
             elif line.strip():
-                assert out and out[-1][0] >= start, f"README.md:{start + i}: output before any command"
+                assert len(out) > first, f"{doc}:{start + i}: output before any command"
                 out[-1][2].append(line.rstrip())
     return out
 
@@ -114,16 +119,16 @@ def test_readme_quotes_commands():
 
 @pytest.mark.parametrize("line,command,expected", [   # a fetch converts the real model: minutes, not one
     pytest.param(*c, marks=[pytest.mark.timeout(FETCH_LIMIT)] * ("fetch_model.py" in c[1])) for c in commands()],
-    ids=[f"README.md:{c[0]}" for c in commands()])
+    ids=[c[0] for c in commands()])
 def test_command(clone, line, command, expected):
     root, env = clone
     t = time.time()
     r = subprocess.run(["bash", "-c", command], cwd=root, env=env, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, timeout=300)
     output = r.stdout
-    assert r.returncode == 0, f"README.md:{line}: `{command}` exited {r.returncode}:\n{output}"
+    assert r.returncode == 0, f"{line}: `{command}` exited {r.returncode}:\n{output}"
     got = [g.rstrip() for g in output.splitlines() if g.strip()]
-    assert accounts_for(expected, got), (f"README.md:{line}: `{command}` ({time.time() - t:.1f} s) printed "
+    assert accounts_for(expected, got), (f"{line}: `{command}` ({time.time() - t:.1f} s) printed "
                                          "other lines than quoted:\n  " + "\n  ".join(expected)
                                          + "\n--- it printed:\n" + output)
     ratios_agree(got)
@@ -154,7 +159,7 @@ def ratios_agree(lines):
 def test_the_quoted_token_lists_could_catch_a_wrong_cache():
     """A quoted `tokens: [...]` checks a run only if a wrong cache would print other tokens: a list
     that repeats a cycle of two ids (the built-in model's once did) would pass almost any run."""
-    lists = [json.loads(line[len("tokens: "):]) for _, lines in blocks("console") for line in lines
+    lists = [json.loads(line[len("tokens: "):]) for _, _, lines in blocks("console") for line in lines
              if line.startswith("tokens: [")]
     assert len(lists) >= 6
     for ids in lists:
@@ -191,7 +196,7 @@ def share_fetched_models(copy):
 def snippets():
     """(line number, file, [runs of lines]) for every ```python block that names its file."""
     out = []
-    for start, lines in blocks("python"):
+    for doc, start, lines in blocks("python"):
         m = re.fullmatch(r"# (\S+\.py): .+", lines[0].strip()) if lines else None
         if not m:
             continue
@@ -202,17 +207,17 @@ def snippets():
                 cur = []
             else:
                 cur.append(line)
-        out.append((start, m.group(1), [r for r in runs + [cur] if r]))
+        out.append((f"{doc}:{start}", m.group(1), [r for r in runs + [cur] if r]))
     return out
 
 
 def test_readme_quotes_code():
-    assert len(snippets()) >= 5
+    assert len(snippets()) >= 5 and {s[0].split(":")[0] for s in snippets()} == set(DOCS)
 
 
-@pytest.mark.parametrize("line,path,runs", snippets(), ids=[f"README.md:{s[0]}" for s in snippets()])
+@pytest.mark.parametrize("line,path,runs", snippets(), ids=[s[0] for s in snippets()])
 def test_code_is_quoted_verbatim(line, path, runs):
-    assert runs, f"README.md:{line}: the block names {path} but quotes no line of it"   # else vacuous
+    assert runs, f"{line}: the block names {path} but quotes no line of it"   # else vacuous
     text = open(os.path.join(ROOT, path)).read().splitlines()
     at = 0
     for run in runs:
@@ -220,7 +225,7 @@ def test_code_is_quoted_verbatim(line, path, runs):
         n = len(run)
         found = next((i for i in range(at, len(text) - n + 1)
                       if textwrap.dedent("\n".join(text[i:i + n])) == want), None)
-        assert found is not None, f"README.md:{line}: these lines are not in {path} (in this order):\n{want}"
+        assert found is not None, f"{line}: these lines are not in {path} (in this order):\n{want}"
         at = found + n
 
 

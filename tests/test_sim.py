@@ -461,7 +461,7 @@ def fake_ranks(monkeypatch, tmp_path):
     given C and returns (what it printed, the rows it saved)."""
     wobble = itertools.cycle([1.0, 1.3, 0.9, 1.1, 0.95])
     job = SimpleNamespace(comm=SimpleNamespace(rank=0, bcast=lambda t, root: t), size=2, rank=0, model_key="m",
-                          name="fake", device=torch.device("cpu"), trace=SimpleNamespace(on=False),
+                          name="fake", device=torch.device("cpu"), system=None,
                           transport=SimpleNamespace(finish=lambda: None, barrier=lambda: None, path="host"))
 
     def pick(job, spec):

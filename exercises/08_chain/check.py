@@ -47,7 +47,7 @@ def written(ChainKV):
     from kvcache import KVCache
     t = _Nothing()
     t.rank, t.size = 0, 2
-    kv = ChainKV(KVCache(types.SimpleNamespace(n_kv_heads=1, head_dim=2, n_layers=2), 1, 3), t, 0, _Nothing())
+    kv = ChainKV(KVCache(types.SimpleNamespace(n_kv_heads=1, head_dim=2, n_layers=2), 1, 3), t, 0)
     try:
         kv.update(0, torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
     except NotImplementedError:
@@ -215,7 +215,7 @@ def hung(out, ranks, waited):
 
 def reference(tokens, c):
     """One process prefilling the chunks c in order through one KV cache, calling the model as
-    program.forward does on a rank: (last position's logits, cache)."""
+    runahead.prefill does on a rank: (last position's logits, cache)."""
     import cli
     import program
     from kvcache import KVCache

@@ -3,7 +3,7 @@ from program import Done  # noqa: F401  (raise it after the last layer's send)
 
 
 class ChainKV:
-    """KV-Runahead's K/V exchange, runahead.ChainKV without the trace: receive the K/V of the prefix
+    """KV-Runahead's K/V exchange, runahead.ChainKV: receive the K/V of the prefix
     from the left rank, append this rank's own, send everything on to the right rank.
 
     Rank i of p owns the chunk of global positions S[i-1]..S[i]-1; `prefix` is S[i-1] (0 on rank 0)
@@ -12,8 +12,8 @@ class ChainKV:
 
     dense = False                                      # attention may skip keys no query can see
 
-    def __init__(self, cache, transport, prefix, trace):
-        self.cache, self.t, self.prefix, self.trace = cache, transport, prefix, trace
+    def __init__(self, cache, transport, prefix):
+        self.cache, self.t, self.prefix = cache, transport, prefix
         self.last = transport.rank == transport.size - 1
         B, n_kv, hs = cache.kv[0].shape[1], cache.kv[0].shape[2], cache.kv[0].shape[4]
         self.inbox = (2, B, n_kv, prefix, hs)         # K and V of [0, S[i-1]): the shape to receive
