@@ -8,6 +8,8 @@ the step here is static, as in gpt-fast:
 - the position is a tensor on the GPU, and the step advances it itself;
 - the new K/V go into the cache at that position (`index_copy_`), and attention reads the cache's
   whole capacity, masked so that key j is seen iff j <= position (`dense`, as TSP's baseline masks);
+  a masked value still meets its zero weight in probs @ v, where 0 * NaN is NaN, so decode first
+  zeroes the positions not yet written, whatever they held;
 - the step writes its greedy token where the next step reads it.
 The blocks are the model's own (Block.forward); only the K/V exchange is this file's (StaticKV).
 Replaying the graph launches exactly the kernels the step launches eagerly: the same bits.
@@ -72,12 +74,16 @@ class Step:
 def decode(model, tok, cache, steps, stop_at_eos=False, graphs=True, eager_steps=1):
     """generate.decode's contract with static steps: the first `eager_steps` run as they are (they
     warm cuBLAS and the allocator up), then one step is recorded as a CUDA graph and replayed for the
-    rest (graphs=False: every step eager, the same kernels). Returns (B, 1+steps)."""
+    rest (graphs=False: every step eager, the same kernels). Positions len(cache).. of every layer are
+    zeroed first, so whatever they held (NaN, inf) cannot reach the masked attention. Returns
+    (B, 1+steps)."""
     if len(cache) + steps > cache.capacity:
         raise ValueError(f"KV cache holds {cache.capacity} tokens; {len(cache)} + {steps} do not fit")
     if varies(model.cfg, cache):
         raise ValueError("ALiBi, and dynamic RoPE past max_position_embeddings, decode with "
                          "generate.decode: a static step fixes its constants")
+    for kv in cache.kv:                                # the masked keys: zeros, not junk
+        kv[:, :, :, len(cache):].zero_()
     step, out, graph = Step(model, cache, tok), [tok], None
     for i in range(steps):
         if stop_at_eos and (step.tok == model.cfg.eos_token_id).all():

@@ -63,3 +63,36 @@ def test_static_decode_refuses_steps_past_the_capacity():
     m(torch.ones(1, 6, dtype=torch.long), cache, 0)
     with pytest.raises(ValueError, match="KV cache holds 8 tokens; 6 \\+ 3 do not fit"):
         fast.decode.decode(m, torch.ones(1, 1, dtype=torch.long), cache, 3, graphs=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "falcon"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("junk", [math.nan, math.inf])
+def test_static_decode_does_not_read_what_the_unused_capacity_holds(arch, dtype, junk):
+    """The static step attends over the whole capacity, masking the positions not yet written; a
+    masked key still meets its value in probs @ v, where 0 * NaN (or inf) is NaN. So decode zeroes
+    the unused capacity first: junk there gives the tokens of a zero-filled cache, and the prompt's
+    rows are left as they were."""
+    m = model.builtin(arch, seed=0, dtype=dtype)
+    prompt = torch.randint(3, 1024, (1, 23), generator=torch.Generator().manual_seed(3))
+    out = []
+    for fill in (0.0, junk):
+        cache = KVCache(m.cfg, 1, 23 + 10, dtype)
+        tok = m(prompt, cache, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        for kv in cache.kv:
+            kv[:, :, :, len(cache):] = fill
+        prompt_rows = [kv[:, :, :, :len(cache)].clone() for kv in cache.kv]
+        out.append(fast.decode.decode(m, tok, cache, 8, graphs=False))
+        assert all(torch.equal(kv[:, :, :, :23], rows) for kv, rows in zip(cache.kv, prompt_rows))
+    assert torch.equal(out[0], out[1])
+
+
+def test_decode_bench_bound_is_the_weights_read_once_at_the_measured_bandwidth():
+    """bench.measured decode's bound: the device's bandwidth as a copy measures it (here the CPU's,
+    a small copy; no timing is asserted), and the weights' bytes over it."""
+    from bench import measured                         # imports transformers: slow, so here
+    bw = measured.bandwidth("cpu", nbytes=1 << 20, repeats=3)
+    assert math.isfinite(bw) and bw > 0
+    m = model.builtin("llama", dtype=torch.float32)
+    weights, bound = measured.read_once(m, bw)
+    assert weights == 4 * sum(p.numel() for p in m.parameters()) and bound == weights / bw
