@@ -9,6 +9,7 @@ written, a partition or a prompt that cannot fit the ranks the launcher started.
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 
@@ -95,7 +96,9 @@ def prompt_length(args):
 def check_early(args, check=None):
     """Refuse what cannot work before torch and the model load (a second, not ten): the options
     that contradict each other, and a prompt with fewer tokens than ranks. `check(C, p)` adds a
-    program's own check (its partition). The same checks run again on every rank after MPI starts."""
+    program's own check (its partition). The same checks run again on every rank after MPI starts.
+    Until then, Ctrl-C ends the process with one line (program.setup arms the same for the job)."""
+    signal.signal(signal.SIGINT, lambda *_: (say("interrupted"), os._exit(130)))
     try:
         if args.graphs and args.device != "cuda":
             raise ValueError("--graphs: CUDA graphs need --device cuda")

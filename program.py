@@ -3,14 +3,17 @@ and reporting the result.
 
   setup           MPI, the model, the prompt and the checks, on every rank; bad input is one line
                   on every rank and exit 2, before any rank can wait on another; returns the Job
-  abort_on_error  an exception on any rank ends the whole job (MPI Abort), never a hang
-  report          on the rank holding the whole cache: decode on from it, print the result
+  abort_on_error  an exception on any rank, or Ctrl-C, ends the whole job (MPI Abort), never a hang
+  report, done    on the rank holding the whole cache: decode on from it, print the result; then
+                  every rank waits politely for it
 Options a plain CPU run does not take (a GPU, --trace, --save, --fuse, --graphs, searched
-partitions) are served by job.system, fast/system.py: the one seam to the system around this code.
+partitions, $KVR_ROUTE) are served by job.system, fast/system.py: the one seam to the system around
+this code.
 """
 import array
 import fcntl
 import os
+import signal
 import stat
 import sys
 import termios
@@ -60,6 +63,7 @@ class Done(Exception):
 def setup(args, prepare=None):
     """Start MPI, load model and prompt on every rank, then `prepare(job)` (a program's own checks)."""
     comm, device = transport.init(args.device)
+    signal.signal(signal.SIGINT, lambda *_: abort(comm, f"interrupted (rank {comm.rank})", 130))   # Ctrl-C
     job, error = None, None
     try:
         job = _setup(args, comm, device)
@@ -162,7 +166,7 @@ def _setup(args, comm, device):
               device=device, dtype=getattr(torch, args.dtype), name=name, model=model, model_key=key,
               tokenizer=tokenizer, tokens=torch.tensor([ids], device=device),
               transport=transport.Transport(comm, device, polite))
-    if device.type == "cuda" or args.trace or args.save or args.fuse or args.graphs or (
+    if device.type == "cuda" or args.trace or args.save or args.fuse or args.graphs or "KVR_ROUTE" in os.environ or (
             getattr(args, "partition", "even") in ("searched", "predicted") or getattr(args, "search_live", False)):
         from fast.system import System                 # the seam: see fast/system.py
         job.system = System(job, args)
@@ -175,9 +179,14 @@ def abort_on_error(comm):
     try:
         yield
     except Exception as e:
-        say(f"error (rank {comm.rank}): {type(e).__name__}: {e}")
-        _wait_until_stderr_read()
-        comm.Abort(1)
+        abort(comm, f"error (rank {comm.rank}): {type(e).__name__}: {e}", 1)
+
+
+def abort(comm, line, status):
+    """Say one line and end the whole job (MPI Abort): the other ranks end wherever they wait."""
+    say(line)
+    _wait_until_stderr_read()
+    comm.Abort(status)
 
 
 def _wait_until_stderr_read(timeout=2.0):
@@ -195,10 +204,17 @@ def _wait_until_stderr_read(timeout=2.0):
         pass
 
 
+def done(job):
+    """Every rank waits here, sleeping between polls, until the reporting rank has decoded: a rank
+    that went on to exit would spin in MPI_Finalize, taking a core from decode."""
+    job.transport.polite = True
+    job.transport.barrier()
+
+
 def report(job, args, title, emitter, partition, stats, lines, logits, cache, ttft):
     """On the rank that holds the whole cache: decode on from it, print the result (--save: job.system)."""
     C = job.tokens.shape[1]
-    how_decode, how_prefill = job.system.notes(cache) if job.system else ("", "")
+    how_route, how_decode, how_prefill = job.system.notes(cache) if job.system else ("", "", "")
     t0 = time.perf_counter()
     tokens = decode(job.model, logits.argmax().view(1, 1), cache, args.max_new_tokens - 1,
                     math_path=args.math)[0].tolist()
@@ -206,7 +222,7 @@ def report(job, args, title, emitter, partition, stats, lines, logits, cache, tt
     print(f"{title}: {job.size} rank{'s' * (job.size != 1)}, {job.name}, {C} prompt tokens, {args.dtype} on {job.device}")
     for line in lines + [f"decode: {tpot * 1e3:.2f} ms per output token after the first{how_decode}"]:
         print(line)
-    print(f"transport: {job.transport.path}; waits: "
+    print(f"transport: {job.transport.path}{how_route}; waits: "
           + (f"polite ({job.local_size} ranks on {job.cores} cores)" if job.polite else "blocking"))
     print(f"TTFT: {ttft * 1e3:.2f} ms (rank {emitter}, barrier to first token id{how_prefill})")
     print(f"tokens: {tokens}", flush=True)

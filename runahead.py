@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from generate import sync  # noqa: E402
 from kvcache import KVCache  # noqa: E402
-from program import Done, abort_on_error, report, setup  # noqa: E402
+from program import Done, abort_on_error, done, report, setup  # noqa: E402
 
 
 class ChainKV:
@@ -57,8 +57,8 @@ class ChainKV:
             room = self.cache.claim(layer, self.prefix)   # the cache's first positions (in place)
             self.t.recv_into(room, self.t.rank - 1, tag=layer)
         k_all, v_all = self.cache.update(layer, k, v)  # (B, n_kv, S_i, hs)
-        if not self.last:                              # the cache holds exactly S_i tokens: send it all
-            self.t.isend(self.cache.kv[layer], self.t.rank + 1, tag=layer)
+        if not self.last:                              # send on the S_i positions it holds
+            self.t.isend(self.cache.kv[layer][:, :, :, :self.cache.n[layer]], self.t.rank + 1, tag=layer)
             if layer == len(self.cache.kv) - 1:        # this rank's part of the first token is sent
                 self.t.finish()
                 raise Done
@@ -114,6 +114,7 @@ def main(args):
             report(job, args, "KV-Runahead", job.rank, job.c, stats,
                    [f"partition ({args.partition}): {','.join(map(str, job.c))}  [{job.c_source}]"],
                    logits, cache, ttft)
+        done(job)
 
 
 if __name__ == "__main__":

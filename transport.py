@@ -65,23 +65,15 @@ _SUBARRAYS = {}            # (block shape, view shape, element size) -> committe
 
 class Transport:
     """Point-to-point and all-gather of tensors, with message accounting: the route a reader needs
-    first, where MPI reads and writes the tensors where they are.
-
-    CPU tensors go to MPI as they are. GPU tensors (a CUDA-aware MPI) go once the event that marks
-    them written has passed, not the whole stream: a send is queued with its event and started by
-    the rank's next exchange at the latest (`_start_sends`), so a rank runs at most one layer ahead
-    of its GPU. A received tensor is new memory that MPI writes at once.
-    """
+    first, where MPI reads and writes the tensors where they are (host memory). On a GPU,
+    fast/direct.py's DirectTransport is this route in the GPU's order (a CUDA-aware MPI), and
+    fast/staged.py's StagedTransport stages the bytes through host memory."""
 
     direct = True          # MPI reads and writes the tensors themselves (StagedTransport: False)
 
     def __init__(self, comm, device, polite):
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
         self.device, self.polite = torch.device(device), polite
-        self.cuda = self.device.type == "cuda"
-        if self.cuda:
-            self.up = torch.cuda.Stream(self.device)   # where received memory is allocated (_empty)
-        self.queued = []           # (event, buffer, dest, tag): sends waiting for their bytes
         self.pending = []          # (request, buffer): a buffer lives until its request is done
         self.reset_stats()
 
@@ -91,12 +83,11 @@ class Transport:
 
     @property
     def path(self):
-        return ("CUDA-aware MPI: device buffers straight to MPI" if self.cuda
-                else "host memory (CPU tensors straight to MPI)")
+        return "host memory (CPU tensors straight to MPI)"
 
     def isend(self, t, dest, tag):
         """Start sending t; return at once."""
-        self._start_sends()                            # the earlier ones first, in order
+        self._progress()                               # the earlier ones first, in order
         t = t.contiguous()
         self._send(t, dest, tag)
         self.stats["sends"] += 1
@@ -108,8 +99,8 @@ class Transport:
 
     def recv_into(self, out, source, tag):
         """Receive into `out`, which may be a view into a larger tensor (the chain's prefix lands in
-        the KV cache itself). Nothing queued on the compute stream may still use its memory."""
-        self._start_sends()
+        the KV cache itself)."""
+        self._progress()
         self._receive(out, source, tag)
         self.stats["recvs"] += 1
         self.stats["bytes_recv"] += out.numel() * out.element_size()
@@ -117,7 +108,7 @@ class Transport:
 
     def allgather(self, t, counts, dim):
         """Concatenate every rank's t along `dim` (rank order); counts[r] = rank r's size on dim."""
-        self._start_sends()
+        self._progress()
         t = t.contiguous()
         parts = [torch.Size(t.shape[:dim] + (c,) + t.shape[dim + 1:]) for c in counts]
         sizes = [s.numel() * t.element_size() for s in parts]
@@ -131,8 +122,8 @@ class Transport:
         return torch.cat([c.view(s) for c, s in zip(chunks, parts)], dim=dim)
 
     def finish(self):
-        """Start every queued send and wait until all have gone."""
-        self._start_sends()
+        """Wait until every send this rank started has gone."""
+        self._progress()
         for req, buf in self.pending:
             self.wait(req)
             self._release(buf)
@@ -140,7 +131,7 @@ class Transport:
 
     def barrier(self):
         """Wait for every rank."""
-        self._start_sends()
+        self._progress()
         self.wait(self.comm.Ibarrier())
 
     def agree(self, decide, root=0):
@@ -161,51 +152,27 @@ class Transport:
         return value
 
     def wait(self, req):
-        if self.polite:
-            while not req.Test():
+        """Poll until req is done, so that Ctrl-C is handled at once (a Wait in C would defer it)."""
+        while not req.Test():
+            if self.polite:
                 time.sleep(0.0005)
-        else:
-            req.Wait()
 
     # -------------------------------------------------------------------- how the bytes move
-    # The route: MPI reads and writes the tensors themselves. StagedTransport overrides these three.
+    # The route: MPI reads and writes the tensors themselves. fast/ overrides these.
 
     def _send(self, t, dest, tag):
-        if self.cuda:                                  # MPI may read it once the GPU has written it
-            self.queued.append((self._event(), t, dest, tag))
-        else:
-            self.pending.append((self.comm.Isend(_buf(t), dest, tag), t))
+        self.pending.append((self.comm.Isend(_buf(t), dest, tag), t))
 
     def _receive(self, out, source, tag):
-        if self.cuda and not out.is_contiguous():      # a CUDA-aware Open MPI unpacks a device subarray
-            whole = self._empty(out.shape, out.dtype)  # through host memory: 6x slower on an H200 than
-            self.wait(self.comm.Irecv(_buf(whole), source, tag))   # landing it whole and copying once
-            out.copy_(whole)
-            whole.record_stream(torch.cuda.current_stream())   # not reused before the copy has run
-            return
         self.wait(self.comm.Irecv(_buf(out), source, tag))
 
     def _gather(self, t, flat, sizes, displs):
         """Every rank's bytes into `flat`, rank r's at displs[r]."""
-        if self.cuda:
-            self._event().synchronize()                # t is written
         self.wait(self.comm.Iallgatherv(_buf(t), [MPI.buffer.fromaddress(flat.data_ptr(), sum(sizes)),
                                                    sizes, displs, MPI.BYTE]))
 
-    # -------------------------------------------------------------------- helpers
-
-    def _event(self):
-        """An event on the compute stream, here: what was queued before it is done when it is."""
-        e = torch.cuda.Event()
-        e.record()
-        return e
-
-    def _start_sends(self):
-        """Start the queued sends whose bytes are ready (in order), and let go of finished ones."""
-        for ready, buf, dest, tag in self.queued:
-            ready.synchronize()                        # the bytes are written (direct) or down (staged)
-            self.pending.append((self.comm.Isend(_buf(buf), dest, tag), buf))
-        self.queued.clear()
+    def _progress(self):
+        """Let go of the sends that have gone."""
         busy = []
         for req, buf in self.pending:
             if req.Test():
@@ -218,11 +185,4 @@ class Transport:
         """A finished send's buffer is no longer needed (StagedTransport reuses its staging buffers)."""
 
     def _empty(self, shape, dtype):
-        """New device memory that MPI or a copy may write at once: allocated on a side stream, so no
-        kernel still queued on the compute stream can be using it."""
-        if not self.cuda:
-            return torch.empty(shape, dtype=dtype)
-        with torch.cuda.stream(self.up):
-            out = torch.empty(shape, dtype=dtype, device=self.device)
-        out.record_stream(torch.cuda.current_stream())  # freed: reused after the compute stream's use
-        return out
+        return torch.empty(shape, dtype=dtype, device=self.device)

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from generate import sync  # noqa: E402
 from kvcache import KVCache  # noqa: E402
-from program import Done, abort_on_error, report, setup  # noqa: E402
+from program import Done, abort_on_error, done, report, setup  # noqa: E402
 
 
 class GatherKV:
@@ -106,6 +106,7 @@ def main(args):
                    [sum(n for _, n in s) for s in spans], stats,
                    ["split: " + " | ".join("+".join(f"[{a},{a + n})" for a, n in s) for s in spans)],
                    logits, cache, ttft)
+        done(job)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import transport
 import tsp
 from bench import figures, plots
 from fast.compiled import fuse
+from fast.direct import DirectTransport
 from fast.staged import StagedTransport, cuda_aware_mpi
 from fast.trace import Trace, Traced
 from generate import sync
@@ -533,7 +534,7 @@ def link(a):
     staged = {"staged": StagedTransport, "staged-mpi": StagedTransport}
     routes = {"host": transport.Transport} if device.type == "cpu" else staged
     if device.type == "cuda" and cuda_aware_mpi():
-        routes = {"direct": transport.Transport, **routes}
+        routes = {"direct": DirectTransport, **routes}
     rows = []
     for route, Route in routes.items():
         t = Route(comm, device, polite=False)

@@ -17,35 +17,28 @@ import os
 
 import torch
 
-from transport import MPI, Transport, _buf, local_comm   # transport decides when MPI starts
+from fast.direct import DirectTransport, _Passed
+from transport import MPI, _buf, local_comm   # transport decides when MPI starts
 
 
 def cuda_aware_mpi():
-    """True if this MPI library can take CUDA device pointers (Open MPI's or MPICH's query): then GPU
-    tensors go to MPI as they are, and nothing is staged."""
+    """True if this MPI library can take CUDA device pointers (Open MPI's or MPICH's query, which
+    answers once MPI has started): then GPU tensors go to MPI as they are, and nothing is staged."""
     if os.environ.get("KVR_CUDA_AWARE") in ("0", "1"):      # explicit override
         return os.environ["KVR_CUDA_AWARE"] == "1"
-    lib = ctypes.CDLL(MPI.__file__)                          # dlsym also searches libmpi under it
-    if hasattr(lib, "MPIX_Query_cuda_support"):              # Open MPI (mpi-ext.h)
-        return bool(lib.MPIX_Query_cuda_support())
-    if hasattr(lib, "MPIX_GPU_query_support"):               # MPICH >= 4
-        ok = ctypes.c_int(0)
-        lib.MPIX_GPU_query_support(0, ctypes.byref(ok))      # 0 = MPIX_GPU_SUPPORT_CUDA
-        return bool(ok.value)
+    for path in (MPI.__file__, os.environ.get("MPI4PY_LIBMPI")):   # dlsym also searches libmpi under it;
+        lib = ctypes.CDLL(path) if path else None           # a wheel that picks its MPI names it here
+        if hasattr(lib, "MPIX_Query_cuda_support"):          # Open MPI (mpi-ext.h)
+            return bool(lib.MPIX_Query_cuda_support())
+        if hasattr(lib, "MPIX_GPU_query_support"):           # MPICH >= 4
+            ok = ctypes.c_int(0)
+            lib.MPIX_GPU_query_support(0, ctypes.byref(ok))  # 0 = MPIX_GPU_SUPPORT_CUDA
+            return bool(ok.value)
     return False
 
 
-class _Passed:
-    """The event of a CPU copy: done when the copy returns."""
 
-    def synchronize(self):
-        pass
-
-    def query(self):
-        return True
-
-
-class StagedTransport(Transport):
+class StagedTransport(DirectTransport):
     """transport.Transport's interface; GPU bytes staged through pinned host memory."""
 
     direct = False
@@ -68,7 +61,8 @@ class StagedTransport(Transport):
 
     @property
     def path(self):
-        return ("MPI is not CUDA-aware: device buffers staged through pinned host memory"
+        return (("MPI is not CUDA-aware: device buffers staged through pinned host memory" if self.cuda
+                 else "KVR_ROUTE=staged: CPU tensors staged through host memory")
                 + (", shared by the node's ranks (MPI carries slot numbers)" if self.arena else ""))
 
     # -------------------------------------------------------------------- the route
@@ -138,7 +132,7 @@ class StagedTransport(Transport):
 
     def barrier(self):
         """Wait for every rank; afterwards no staged message is in flight (every slot acked)."""
-        self._start_sends()
+        self._progress()
         self._pay_acks(wait=True)
         self.wait(self.comm.Ibarrier())
         self._drain()                                  # every ack was sent before the barrier
@@ -201,10 +195,10 @@ class StagedTransport(Transport):
 
     # -------------------------------------------------------------------- staging and ordering
 
-    def _start_sends(self):
+    def _progress(self):
         """Start the sends whose bytes are down, pay the acks whose copies are up, and let go of
         staging buffers no send or copy uses any more."""
-        super()._start_sends()
+        super()._progress()
         self._pay_acks()
         busy = []
         for e, buf in self.landing:
@@ -236,7 +230,9 @@ class StagedTransport(Transport):
         if not self.cuda:
             out.copy_(host.view(out.dtype).view(out.shape))
             return _Passed()
-        with torch.cuda.stream(self.up):
+        written = self._event()                        # what the compute stream queued before: its
+        with torch.cuda.stream(self.up):               # last use of `out` (a cache's zero fill) first
+            self.up.wait_event(written)
             span = self._span(name, layer)
             if out.is_contiguous() or not _copy_rows(out, host, self.up):
                 out.copy_(host.view(out.dtype).view(out.shape), non_blocking=True)

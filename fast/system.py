@@ -3,8 +3,9 @@
 program.setup makes a System (job.system) only when an option asks for one of these; otherwise
 job.system is None and nothing under fast/ is imported. The teaching files call it under
 `if job.system`, and read the same without it:
-  System(job, args)   the GPU route (CUDA-aware MPI, or staged through pinned host memory), the
-                      trace wrapped around the transport (--trace), compiled layers (--fuse, --graphs)
+  System(job, args)   the route (on a GPU direct to a CUDA-aware MPI, or staged through pinned host
+                      memory; $KVR_ROUTE), the trace wrapped around the transport (--trace),
+                      compiled layers (--fuse, --graphs), a warning when ranks share a GPU without MPS
   pick_partition      --partition searched | predicted: the caches, calibration, the cost model
   live_search         --search-live: the partition searched by measured prefills
   before              untimed warm-up prefills on a GPU (and the CUDA graphs' recording), the staged
@@ -13,12 +14,15 @@ job.system is None and nothing under fast/ is imported. The teaching files call 
 Why a seam and not flags inside the teaching files: a reader follows runahead.py and tsp.py with
 none of this in the way, and the same files run alone on a CPU (tests/test_layout.py checks it).
 """
+import os
+
 import torch
 
 import calibrate
 import cli
 import fast.decode
 from fast.compiled import fuse
+from fast.direct import DirectTransport
 from fast.staged import StagedTransport, cuda_aware_mpi
 from fast.trace import Trace, Traced
 
@@ -26,15 +30,36 @@ from fast.trace import Trace, Traced
 
 class System:
     def __init__(self, job, args):
-        self.job, self.args = job, args
+        self.job, self.args, self.warm_ups = job, args, 0
         self.trace = Trace(job.rank, job.device, bool(args.trace))
-        self.staged = job.device.type == "cuda" and not cuda_aware_mpi()
-        if self.staged:                                # GPU bytes through pinned host memory
+        route = self.route(job.device)
+        self.staged = route == "staged"
+        if self.staged:                                # bytes through pinned host memory
             job.transport = StagedTransport(job.comm, job.device, job.polite, trace=self.trace)
+        elif route == "direct":                        # GPU bytes straight to a CUDA-aware MPI
+            job.transport = DirectTransport(job.comm, job.device, job.polite)
         if args.trace:
             job.transport = Traced(job.transport, self.trace)
         if args.fuse or args.graphs:
             fuse(job.model, graphs=args.graphs)
+        if job.rank == 0 and job.device.type == "cuda" and job.local_size > torch.cuda.device_count() and not mps():
+            cli.say(f"warning: {job.local_size} ranks share {torch.cuda.device_count()} GPU(s) without MPS, so their "
+                    "kernels take turns (4 ranks on one H100, 8k tokens: KV-Runahead 1.17x one process's TTFT, "
+                    "1.00x with MPS); start it first: nvidia-cuda-mps-control -d")
+
+    @staticmethod
+    def route(device):
+        """host | direct | staged: $KVR_ROUTE if set (on a CPU, direct and staged run their protocol
+        with plain copies, so every route runs end to end without a GPU), else on a GPU direct under
+        a CUDA-aware MPI and staged otherwise, and host on a CPU."""
+        route = os.environ.get("KVR_ROUTE")
+        if route is None:
+            return ("direct" if cuda_aware_mpi() else "staged") if device.type == "cuda" else "host"
+        if route not in ("host", "direct", "staged") or (route == "host" and device.type == "cuda"):
+            raise ValueError(f"KVR_ROUTE={route}: the routes are host (CPU only), direct and staged")
+        if route == "direct" and device.type == "cuda" and not cuda_aware_mpi():
+            raise ValueError("KVR_ROUTE=direct: this MPI is not CUDA-aware (KVR_CUDA_AWARE=1 overrides the query)")
+        return route
 
     def pick_partition(self):
         """--partition searched | predicted: rank 0 decides from the caches or the calibrated cost model."""
@@ -50,7 +75,8 @@ class System:
         searched on the cost model timed against the even split (calibrate.versus_even). The
         messages are counted again from zero after it."""
         job = self.job
-        for _ in range((job.device.type == "cuda") * (1 + bool(self.args.graphs))):
+        self.warm_ups = (job.device.type == "cuda" or self.staged) * (1 + bool(self.args.graphs))
+        for _ in range(self.warm_ups):                 # (staged on a CPU: one, to size the slots)
             prefill(job, *args)
             self.reserve()
         if job.c_modelled:
@@ -74,14 +100,24 @@ class System:
             self.trace.write(self.job.comm, self.args.trace)
 
     def notes(self, cache):
-        """(how decode runs, how the timed prefill ran), for the report; read before decoding."""
+        """(how the GPU is shared, how decode runs, how the timed prefill ran), for the report; read
+        before decoding."""
         job = self.job
+        route = ""
+        if job.device.type == "cuda" and job.local_size > torch.cuda.device_count():
+            route = f"; {job.local_size} ranks share {torch.cuda.device_count()} GPU(s) " + ("through MPS" if mps()
+                                                                                             else "without MPS")
         graphs = fast.decode.takes(job.model, cache) and not self.args.math     # generate.decode's choice
         decode = ", a CUDA graph a step after one eager step" if graphs else ""
         ran = getattr(job.model.forward, "ran", None)              # fast/segments.py: --graphs
-        prefill = ", after an untimed warm-up prefill" if job.device.type == "cuda" else ""
-        prefill += {"replayed": ", replayed as CUDA graphs", "eagerly": ", eagerly: the cache moved"}.get(ran, "")
-        return decode, prefill
+        prefill = ", after an untimed warm-up prefill" if self.warm_ups else ""
+        if ran == "replayed":
+            prefill += ", replayed as CUDA graphs"
+        elif ran:
+            prefill += f", {ran}, not replayed"
+            cli.say(f"warning: --graphs: the timed prefill ran {ran}, not as the CUDA graphs its warm-up recorded: "
+                    "its KV cache is not where the warm-up's was (the allocator put it elsewhere)")
+        return route, decode, prefill
 
     def save(self, logits, cache, partition, ttft, tokens, stats):
         """--save: the result whole or not at all, even if the job is killed."""
@@ -92,3 +128,15 @@ class System:
         with cli.replace_whole(self.args.save) as tmp:
             torch.save(dict(logits=logits.cpu(), past_key_values=prompt_kv, partition=partition, ttft_s=ttft,
                             first_token=tokens[0], generated_ids=tokens, messages=stats), tmp)
+
+
+def mps():
+    """Is NVIDIA's MPS daemon running on this node (ranks sharing a GPU then run side by side)?"""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().startswith("nvidia-cuda-mps"):   # -control or -server, cut at 15 characters
+                    return True
+        except OSError:
+            pass
+    return False

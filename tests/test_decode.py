@@ -608,6 +608,20 @@ def test_chain_receives_the_prefix_into_the_cache_and_sends_what_it_holds(rank):
         assert len(t.of("finish")) == 1
 
 
+def test_chain_sends_the_positions_it_holds_not_its_capacity():
+    """A sender's cache with room to spare (stale rows beyond S_i): ChainKV sends exactly the S_i
+    positions it holds, never the rows after them."""
+    cfg = tiny_cfg(n_layers=2)
+    cache = KVCache(cfg, 1, 3 + 5)                     # S_0 = 3 held, 5 rows to spare
+    for kv in cache.kv:
+        kv.fill_(float("nan"))                         # stale rows: must never travel
+    t = FakeTransport(0, 2)
+    kv = runahead.ChainKV(cache, t, 0)
+    kv.update(0, marked((1, 2, 3, 4), 1.0), marked((1, 2, 3, 4), 2.0))
+    (_, tag, dest, sent), = t.of("send")
+    assert sent.shape == (2, 1, 2, 3, 4) and not sent.isnan().any() and (tag, dest) == (0, 1)
+
+
 def reference(m, tokens):
     """One process's prefill of the whole prompt: last-position logits and the cache."""
     cache = KVCache(m.cfg, 1, tokens.shape[1], F64)

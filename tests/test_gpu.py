@@ -165,7 +165,7 @@ def test_the_chain_replays_its_segments_as_cuda_graphs(tmp_path):
     for flag in ("--fuse", "--graphs"):
         r = subprocess.run([MPIRUN, "-n", "3", sys.executable, "runahead.py", "--device", "cuda", "--dtype", "float16",
                             "--prompt-len", "384", "--max-new-tokens", "4", flag, "--save", str(tmp_path / flag)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=400,
+                           cwd=ROOT, capture_output=True, text=True, errors="replace", timeout=400,
                            env={**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
         assert r.returncode == 0, r.stdout + r.stderr
         printed[flag], saved[flag] = r.stdout, torch.load(tmp_path / flag)
@@ -173,6 +173,36 @@ def test_the_chain_replays_its_segments_as_cuda_graphs(tmp_path):
     assert torch.equal(saved["--fuse"]["logits"], saved["--graphs"]["logits"])
     for x, y in zip(saved["--fuse"]["past_key_values"], saved["--graphs"]["past_key_values"]):
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("route", ["staged", "direct"])
+def test_the_programs_on_the_gpu_are_bitwise_one_process_doing_their_arithmetic(tmp_path, route):
+    """torch.equal, logits, the prompt's cache and the tokens: runahead.py on 3 ranks sharing the GPU
+    (partition 50,40,30) is one process prefilling the same chunks through its cache, and tsp.py,
+    plain and zigzag, is one process doing TSP's arithmetic (tests/test_mpi.py's references, run
+    here on the GPU in float16 with the same kernels), on the route asked for (KVR_ROUTE; direct
+    needs a CUDA-aware MPI, and the MPI-library-built-with-CUDA run of this file takes it)."""
+    from test_mpi import assert_equal_run, chunked_reference, tsp_reference
+    aware = subprocess.run([sys.executable, "-c", "import transport, fast.staged; transport.init(); "
+                            "print(fast.staged.cuda_aware_mpi())"], cwd=ROOT, capture_output=True, text=True)
+    if route == "direct" and aware.stdout.strip() != "True":   # (the query answers once MPI has started)
+        pytest.skip("this MPI is not CUDA-aware: the direct route needs one (docs/gpu.md)")
+    m = model.builtin("llama", seed=0, dtype=torch.float16).cuda()
+    ids = torch.randint(3, m.cfg.vocab_size, (120,), generator=torch.Generator().manual_seed(0))   # as --prompt-len
+    tokens = ids[None].cuda()
+    runs = {"runahead": (["runahead.py", "--partition", "50,40,30"], chunked_reference(m, tokens, [50, 40, 30], 4)),
+            "tsp": (["tsp.py"], tsp_reference(m, tokens, 3, False, 4)),
+            "zigzag": (["tsp.py", "--zigzag"], tsp_reference(m, tokens, 3, True, 4))}
+    for name, (args, (logits, kv, gen)) in runs.items():
+        r = subprocess.run([MPIRUN, "-n", "3", sys.executable, *args, "--device", "cuda", "--dtype", "float16",
+                            "--prompt-len", "120", "--max-new-tokens", "4", "--save", str(tmp_path / name)],
+                           cwd=ROOT, capture_output=True, text=True, errors="replace", timeout=300,
+                           env={**os.environ, "KVR_ROUTE": route, "OMPI_ALLOW_RUN_AS_ROOT": "1",
+                                "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert ("straight to MPI" if route == "direct" else "staged through pinned host memory") in r.stdout, r.stdout
+        assert_equal_run(torch.load(tmp_path / name), logits.cpu(), [(k.cpu(), v.cpu()) for k, v in kv], gen)
 
 
 @pytest.mark.parametrize("fused", [False, True, "graphs"], ids=["eager", "fused", "fused-graphs"])

@@ -119,12 +119,14 @@ def test_the_rooms_depend_one_way():
     for m in ROOT_MODULES + [m for m in MODULES if m.startswith("fast")]:
         assert not {n for n in GRAPH[m] if n.startswith("bench")}, f"{m} imports a tool"
     assert GRAPH["model"] == {"fast.attention"} and GRAPH["kvcache"] == set()
-    assert GRAPH["fast.attention"] == set() and GRAPH["fast.staged"] == {"transport"}
+    assert GRAPH["fast.attention"] == set() and GRAPH["fast.direct"] == {"transport"}
+    assert GRAPH["fast.staged"] == {"fast.direct", "transport"}
     assert GRAPH["fast.compiled"] == {"fast.segments"} and GRAPH["fast.segments"] == {"kvcache"}   # the cache it keys on
     assert GRAPH["fast.decode"] == {"model"}           # the blocks it replays, and their RoPE
     assert "transport" not in GRAPH["partition"] | GRAPH["bench.sim"]
     assert GRAPH["fast.trace"] == {"cli"}
-    assert GRAPH["fast.system"] == {"calibrate", "cli", "fast.decode", "fast.compiled", "fast.staged", "fast.trace"}
+    assert GRAPH["fast.system"] == {"calibrate", "cli", "fast.decode", "fast.compiled", "fast.direct", "fast.staged",
+                                   "fast.trace"}
 
 
 def test_root_modules_are_short_and_the_model_is_the_decoder_as_taught():

@@ -102,10 +102,11 @@ for program, extra in [("runahead.py", ["--partition", "9,8,6"]), ("tsp.py", [])
 
 
 def chunked_reference(model, tokens, c, new_tokens):
-    """One process prefilling chunks c in order through the KV cache, then decoding."""
+    """One process prefilling chunks c in order through the KV cache, then decoding (on the tokens'
+    device: tests/test_gpu.py holds the GPU runs to it)."""
     torch.set_num_threads(1)
     C = tokens.shape[1]
-    cache = KVCache(model.cfg, 1, C + new_tokens, next(model.parameters()).dtype)
+    cache = KVCache(model.cfg, 1, C + new_tokens, next(model.parameters()).dtype, tokens.device)
     S = 0
     with torch.no_grad():
         for n in c:
@@ -134,13 +135,14 @@ def tsp_reference(model, tokens, p, zigzag, new_tokens):
     torch.set_num_threads(1)
     cfg, C = model.cfg, tokens.shape[1]
     spans, emitter = tsp_layout(C, p, zigzag)
-    positions = torch.cat([torch.arange(a, a + n) for s in spans for a, n in s])
+    dev = tokens.device
+    positions = torch.cat([torch.arange(a, a + n, device=dev) for s in spans for a, n in s])
     order = positions.argsort() if zigzag else None
     inv = rope_inv_freq(cfg, C)
     with torch.no_grad():
         xs = [model.embed(torch.cat([tokens[:, a:a + n] for a, n in s], dim=1)) for s in spans]
-        rot = [rope(torch.cat([torch.arange(a, a + n) for a, n in s]), inv, xs[0].dtype) for s in spans]
-        cache = KVCache(cfg, 1, C + new_tokens, xs[0].dtype)
+        rot = [rope(torch.cat([torch.arange(a, a + n, device=dev) for a, n in s]), inv, xs[0].dtype) for s in spans]
+        cache = KVCache(cfg, 1, C + new_tokens, xs[0].dtype, dev)
         for layer, block in enumerate(model.layers):
             pre = [block.pre(x, cs) for x, cs in zip(xs, rot)]
             kv = torch.cat([torch.stack((k, v)) for _, _, k, v in pre], dim=3)
@@ -403,6 +405,23 @@ def test_exception_on_one_rank_aborts_the_job(tmp_path):
     assert r.returncode != 0 and "error (rank 1): RuntimeError: boom" in r.stderr   # a hang: the timeout
 
 
+def rank_pid(marker, rank, launcher):
+    """The pid of the rank whose command line holds `marker`, once it runs (None after 30 s)."""
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+                env = open(f"/proc/{pid}/environ", "rb").read()
+            except OSError:
+                continue
+            if (marker.encode() in cmd and b"python" in os.path.basename(cmd[0]) and int(pid) != launcher
+                    and f"PMI_RANK={rank}\0".encode() in env):
+                return int(pid)
+        time.sleep(0.2)
+    return None
+
+
 def test_killed_rank_ends_the_job(tmp_path):
     """SIGKILL rank 0 as soon as it runs (rank 1, its whole prompt but one token later, waits on it
     or will): mpirun must end, not hang. No sleep: whenever the kill lands, the job must end."""
@@ -410,20 +429,28 @@ def test_killed_rank_ends_the_job(tmp_path):
     p = subprocess.Popen([MPIRUN, "-n", "2", sys.executable, os.path.join(ROOT, "runahead.py"),
                           "--prompt-len", "12000", "--partition", "11999,1", "--save", marker],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim, deadline = None, time.time() + 30
-    while victim is None and time.time() < deadline:   # the rank whose command line has our marker
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if marker.encode() in cmd and b"python" in os.path.basename(cmd[0]) and int(pid) != p.pid:
-                env = open(f"/proc/{pid}/environ", "rb").read()
-                if b"PMI_RANK=0\0" in env:
-                    victim = int(pid)
-        if victim is None:
-            time.sleep(0.2)
+    victim = rank_pid(marker, 0, p.pid)
     assert victim, "rank 0 never started"
     os.kill(victim, signal.SIGKILL)
     p.communicate(timeout=50)                          # a hang: TimeoutExpired
     assert p.returncode != 0 and not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("target", ["rank 1", "mpirun"])
+def test_ctrl_c_ends_the_job_with_a_line_and_no_traceback(tmp_path, target):
+    """SIGINT mid-prefill, to the middle rank of three (kill -INT) or to the launcher (Ctrl-C, which
+    MPICH's mpirun passes on to every rank): the whole job ends at once, status 130, saying
+    `interrupted (rank r)`, with no Python traceback and no segfault, and saves nothing."""
+    marker = str(tmp_path / "interrupt.pt")
+    p = subprocess.Popen([MPIRUN, "-n", "3", sys.executable, os.path.join(ROOT, "runahead.py"),
+                          "--prompt-len", "16384", "--threads", "1", "--save", marker],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rank1 = rank_pid(marker, 1, p.pid)
+    assert rank1, "rank 1 never started"
+    time.sleep(4)                                      # past setup (about 2 s here): mid-prefill
+    os.kill(rank1 if target == "rank 1" else p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=30)               # a hang: TimeoutExpired
+    assert p.returncode == 130, err
+    assert ("interrupted (rank 1)" if target == "rank 1" else "interrupted (rank ") in err, err
+    assert "Traceback" not in err + out and "Segmentation" not in err + out, err
+    assert not os.path.exists(marker)

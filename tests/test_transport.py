@@ -637,17 +637,15 @@ if comm.rank == 1:
 
 
 def test_the_direct_route_queues_sends_until_the_next_exchange():
-    """The direct route's send queue, which a GPU uses (a send waits for its tensor's event): here a
-    CPU transport marked cuda, whose events have passed. Each isend starts the ones queued before
-    it, and finish, barrier and agree start the rest, so that nothing is left queued or pending and
-    the receiver gets every message without a later call on the sender."""
+    """The direct route's send queue, which a GPU uses (a send waits for its tensor's event): here
+    fast.direct.DirectTransport on a CPU, whose events have passed. Each isend starts the ones
+    queued before it, and finish, barrier and agree start the rest, so that nothing is left queued
+    or pending and the receiver gets every message without a later call on the sender."""
     code = """
 import torch
-import fast.staged as staged
+from fast.direct import DirectTransport
 comm, dev = transport.init('cpu')
-t = transport.Transport(comm, dev, polite=True)
-if comm.rank == 0:
-    t.cuda, t._event = True, staged._Passed          # sends queue as on a GPU
+t = DirectTransport(comm, dev, polite=True) if comm.rank == 0 else transport.Transport(comm, dev, polite=True)
 x = [torch.full((3,), float(k)) for k in range(6)]
 if comm.rank == 0:
     t.isend(x[0], 1, tag=0)
