@@ -27,7 +27,7 @@ import cli
 import transport
 from cli import say
 from generate import decode
-from kvcache import bytes_per_token
+from kvcache import KVCache, bytes_per_token
 from model import Transformer, builtin
 
 
@@ -52,12 +52,22 @@ class Job:
     c: list = None              # runahead.py: the partition, one chunk per rank (set by its `prepare`)
     c_source: str = ""          # ... and where it came from
     c_modelled: bool = False    # ... searched on the cost model: calibrate.versus_even times it
+    cache: KVCache = None       # this rank's KV cache, made once and reused (`cache_for`)
 
 
 class Done(Exception):
     """Raised by a K/V exchange after its last layer on a rank that does not emit the first token:
     what that rank would compute afterwards (the layer's attention and MLP, the final norm, the LM
     head) reaches nobody, so it is not computed. The program's prefill catches it."""
+
+
+def cache_for(job, capacity):
+    """This rank's KV cache, emptied: made once and reused while the capacity is the same (gpt-fast's
+    setup_caches), so that every prefill fills the same memory, which --graphs replays need."""
+    if job.cache is None or job.cache.capacity != capacity:
+        job.cache = KVCache(job.model.cfg, 1, capacity, job.dtype, job.device)
+    job.cache.reset()
+    return job.cache
 
 
 def setup(args, prepare=None):

@@ -38,8 +38,7 @@ if __name__ == "__main__":                             # --help and bad options 
 import torch  # noqa: E402
 
 from generate import sync  # noqa: E402
-from kvcache import KVCache  # noqa: E402
-from program import Done, abort_on_error, done, report, setup  # noqa: E402
+from program import Done, abort_on_error, cache_for, done, report, setup  # noqa: E402
 
 
 class ChainKV:
@@ -71,7 +70,7 @@ def prefill(job, c, decode_room=0, math_path=False):
     logits only on the last rank, the others stop once their last layer's K/V is sent."""
     S_prev, S_i = sum(c[:job.rank]), sum(c[:job.rank + 1])
     last = job.rank == job.size - 1
-    cache = KVCache(job.model.cfg, 1, S_i + (decode_room if last else 0), job.dtype, job.device)
+    cache = cache_for(job, S_i + (decode_room if last else 0))   # (B=1, S_i tokens, + decode's room)
     job.transport.barrier()
     sync(job.device)
     t0 = time.perf_counter()

@@ -41,8 +41,7 @@ if __name__ == "__main__":                             # --help and bad options 
 import torch  # noqa: E402
 
 from generate import sync  # noqa: E402
-from kvcache import KVCache  # noqa: E402
-from program import Done, abort_on_error, done, report, setup  # noqa: E402
+from program import Done, abort_on_error, cache_for, done, report, setup  # noqa: E402
 
 
 class GatherKV:
@@ -72,9 +71,7 @@ def prefill(job, zigzag, decode_room=0, math_path=False):
     mine = spans[job.rank]
     positions = torch.cat([torch.arange(a, a + n) for s in spans for a, n in s])   # in rank order
     order = None if not zigzag else positions.argsort().to(job.device)
-    cache = None
-    if job.rank == emitter:
-        cache = KVCache(job.model.cfg, 1, C + decode_room, job.dtype, job.device)
+    cache = cache_for(job, C + decode_room) if job.rank == emitter else None
     kv = GatherKV(job.transport, [sum(n for _, n in s) for s in spans], order, not zigzag, cache,
                   job.model.cfg.n_layers)
     tokens = torch.cat([job.tokens[:, a:a + n] for a, n in mine], dim=1)

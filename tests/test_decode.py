@@ -631,7 +631,7 @@ def reference(m, tokens):
 
 def fake_job(m, rank, size, transport):
     return types.SimpleNamespace(rank=rank, size=size, model=m, dtype=F64, device=torch.device("cpu"),
-                                 tokens=PROMPT[1:], transport=transport)
+                                 tokens=PROMPT[1:], transport=transport, cache=None)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -662,6 +662,21 @@ def test_runahead_prefill_on_each_rank_of_a_chain(arch):
             torch.testing.assert_close(logits, logits_ref, atol=1e-10, rtol=0)
             for kv, kv_ref in zip(cache.kv, ref.kv):
                 torch.testing.assert_close(kv[:, :, :, :11], kv_ref, atol=1e-10, rtol=0)
+
+
+def test_a_rank_prefills_into_the_same_cache_memory_each_time():
+    """runahead.prefill again on one rank fills the same KV cache memory (program.cache_for: what
+    --graphs' replay needs), emptied first, so it holds what the first prefill held; a partition of
+    another size gets a cache of its own."""
+    m = builtin("llama")
+    job = fake_job(m, 0, 3, FakeTransport(0, 3))
+    _, first, _ = runahead.prefill(job, [4, 5, 2])
+    held = [kv.clone() for kv in first.kv]
+    _, again, _ = runahead.prefill(job, [4, 5, 2])
+    assert again is first and again.n == [4] * m.cfg.n_layers
+    assert all(torch.equal(a, b) for a, b in zip(again.kv, held))
+    _, other, _ = runahead.prefill(job, [5, 4, 2])
+    assert other is not first and other.capacity == 5 and job.cache is other
 
 
 # ----------------------------------------------------------------------------- tsp.GatherKV
