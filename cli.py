@@ -93,12 +93,21 @@ def prompt_length(args):
     return 2048 if args.prompt_len is None else args.prompt_len
 
 
+interrupted_early = False     # Ctrl-C before MPI runs: program.setup ends the job as soon as it can
+
+
+def interrupted(signum, frame):
+    global interrupted_early
+    interrupted_early = True
+
+
 def check_early(args, check=None):
     """Refuse what cannot work before torch and the model load (a second, not ten): the options
     that contradict each other, and a prompt with fewer tokens than ranks. `check(C, p)` adds a
     program's own check (its partition). The same checks run again on every rank after MPI starts.
-    Until then, Ctrl-C ends the process with one line (program.setup arms the same for the job)."""
-    signal.signal(signal.SIGINT, lambda *_: (say("interrupted"), os._exit(130)))
+    Ctrl-C from here on is remembered, and program.setup ends the whole job once MPI runs (a rank
+    that died before MPI started could leave the others waiting for it in MPI_Init)."""
+    signal.signal(signal.SIGINT, interrupted)
     try:
         if args.graphs and args.device != "cuda":
             raise ValueError("--graphs: CUDA graphs need --device cuda")

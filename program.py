@@ -73,7 +73,12 @@ def cache_for(job, capacity):
 def setup(args, prepare=None):
     """Start MPI, load model and prompt on every rank, then `prepare(job)` (a program's own checks)."""
     comm, device = transport.init(args.device)
-    signal.signal(signal.SIGINT, lambda *_: abort(comm, f"interrupted (rank {comm.rank})", 130))   # Ctrl-C
+
+    def interrupted(*_):                               # Ctrl-C, to this rank or to mpirun
+        abort(comm, f"interrupted (rank {comm.rank})", 130)
+    signal.signal(signal.SIGINT, interrupted)
+    if cli.interrupted_early:                          # while torch loaded, or MPI started
+        interrupted()
     job, error = None, None
     try:
         job = _setup(args, comm, device)

@@ -436,20 +436,26 @@ def test_killed_rank_ends_the_job(tmp_path):
     assert p.returncode != 0 and not os.path.exists(marker)
 
 
-@pytest.mark.parametrize("target", ["rank 1", "mpirun"])
-def test_ctrl_c_ends_the_job_with_a_line_and_no_traceback(tmp_path, target):
-    """SIGINT mid-prefill, to the middle rank of three (kill -INT) or to the launcher (Ctrl-C, which
-    MPICH's mpirun passes on to every rank): the whole job ends at once, status 130, saying
-    `interrupted (rank r)`, with no Python traceback and no segfault, and saves nothing."""
+@pytest.mark.parametrize("target,after", [("rank 1", 4), ("mpirun", 4), ("rank 1", 1), ("mpirun", 1)],
+                         ids=["rank-mid-prefill", "mpirun-mid-prefill", "rank-at-start", "mpirun-at-start"])
+def test_ctrl_c_ends_the_job_with_a_line_and_no_traceback(tmp_path, target, after):
+    """SIGINT, to the middle rank of three (kill -INT) or to the launcher (Ctrl-C, which MPICH's
+    mpirun passes on to every rank), mid-prefill or while torch still loads: the whole job ends at
+    once, status 130, the rank saying `interrupted (rank r)`, with no Python traceback and no
+    segfault, and saves nothing."""
     marker = str(tmp_path / "interrupt.pt")
     p = subprocess.Popen([MPIRUN, "-n", "3", sys.executable, os.path.join(ROOT, "runahead.py"),
                           "--prompt-len", "16384", "--threads", "1", "--save", marker],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    rank1 = rank_pid(marker, 1, p.pid)
-    assert rank1, "rank 1 never started"
-    time.sleep(4)                                      # past setup (about 2 s here): mid-prefill
-    os.kill(rank1 if target == "rank 1" else p.pid, signal.SIGINT)
-    out, err = p.communicate(timeout=30)               # a hang: TimeoutExpired
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        rank1 = rank_pid(marker, 1, p.pid)
+        assert rank1, "rank 1 never started"
+        time.sleep(after)                              # 4 s: past setup (about 2 s here); 1 s: torch loading
+        os.kill(rank1 if target == "rank 1" else p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=30)           # a hang: TimeoutExpired
+    finally:
+        if p.poll() is None:                           # whatever failed, leave no rank running
+            os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 130, err
     assert ("interrupted (rank 1)" if target == "rank 1" else "interrupted (rank ") in err, err
     assert "Traceback" not in err + out and "Segmentation" not in err + out, err
