@@ -1,10 +1,8 @@
 """The command line runahead.py and tsp.py share, and the checks every numeric option of the
 project's scripts gets. Standard library only, so `--help` and a bad option answer at once, before
-torch loads (seconds).
-
-A bad option is one line, `error: ...`, and exit status 2; under mpirun every rank prints it. What
-can be checked before torch loads is checked here (`check_early`): an output path that cannot be
-written, a partition or a prompt that cannot fit the ranks the launcher started.
+torch loads (seconds). A bad option is one line, `error: ...`, and exit status 2 on every rank;
+`check_early` refuses before torch loads what it can: an output path that cannot be written, a
+partition or a prompt that cannot fit the ranks the launcher started.
 """
 import argparse
 import contextlib

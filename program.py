@@ -6,9 +6,8 @@ and reporting the result.
   abort_on_error  an exception on any rank, or Ctrl-C, ends the whole job (MPI Abort), never a hang
   report, done    on the rank holding the whole cache: decode on from it, print the result; then
                   every rank waits politely for it
-Options a plain CPU run does not take (a GPU, --trace, --save, --fuse, --graphs, searched
-partitions, $KVR_ROUTE) are served by job.system, fast/system.py: the one seam to the system around
-this code.
+What a plain CPU run does not need (a GPU, --trace, --save, --fuse, --graphs, a searched partition,
+$KVR_ROUTE) is job.system's, fast/system.py: the one seam to the system around this code.
 """
 import array
 import fcntl

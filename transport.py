@@ -3,8 +3,8 @@
 Tensors travel through mpi4py's buffer calls (Isend, Irecv, Iallgatherv) as raw bytes, straight from
 and into the tensors' memory: host memory on a CPU, GPU memory when the MPI library is CUDA-aware.
 When it is not, fast/staged.py stages GPU tensors through pinned host memory behind the same calls.
-Waits block (MPI spins, for the lowest latency) unless CPU ranks outnumber the cores they share:
-then they poll politely (Test, then a 0.5 ms sleep), so a waiting rank does not steal a core.
+Waits poll MPI (Test) without a pause, for the lowest latency, unless CPU ranks outnumber the cores
+they share: then politely, 0.5 ms apart, so that a waiting rank does not take a computing one's core.
 
 MPI starts in `init`, not at import: a rank that computes on a GPU selects its device and creates
 its CUDA context first, because a CUDA-aware MPI sets up CUDA IPC between a node's ranks at MPI_Init.
