@@ -27,8 +27,9 @@ from fast.staged import StagedTransport, cuda_aware_mpi
 from fast.trace import Trace, Traced
 
 
-
 class System:
+    """What one rank's run needs around the teaching prefill (program.setup makes it: job.system)."""
+
     def __init__(self, job, args):
         self.job, self.args, self.warm_ups = job, args, 0
         self.trace = Trace(job.rank, job.device, bool(args.trace))
