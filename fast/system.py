@@ -43,10 +43,13 @@ class System:
             job.transport = Traced(job.transport, self.trace)
         if args.fuse or args.graphs:
             fuse(job.model, graphs=args.graphs)
-        if job.rank == 0 and job.device.type == "cuda" and job.local_size > torch.cuda.device_count() and not mps():
-            cli.say(f"warning: {job.local_size} ranks share {torch.cuda.device_count()} GPU(s) without MPS, so their "
-                    "kernels take turns (4 ranks on one H100, 8k tokens: KV-Runahead 1.17x one process's TTFT, "
-                    "1.00x with MPS); start it first: nvidia-cuda-mps-control -d")
+        self.sharing = ""                              # a node's ranks outnumber its GPUs: how they share
+        if job.device.type == "cuda" and job.local_size > torch.cuda.device_count():
+            self.sharing = f"{job.local_size} ranks share {torch.cuda.device_count()} GPU(s) " + (
+                "through MPS" if mps() else "without MPS")
+        if job.rank == 0 and self.sharing.endswith("without MPS"):
+            cli.say(f"warning: {self.sharing}, so their kernels take turns (4 ranks on one H100, 8k tokens: "
+                    "KV-Runahead 1.17x one process's TTFT, 1.00x with MPS); start it first: nvidia-cuda-mps-control -d")
 
     @staticmethod
     def route(device):
@@ -104,10 +107,7 @@ class System:
         """(how the GPU is shared, how decode runs, how the timed prefill ran), for the report; read
         before decoding."""
         job = self.job
-        route = ""
-        if job.device.type == "cuda" and job.local_size > torch.cuda.device_count():
-            route = f"; {job.local_size} ranks share {torch.cuda.device_count()} GPU(s) " + ("through MPS" if mps()
-                                                                                             else "without MPS")
+        route = f"; {self.sharing}" if self.sharing else ""
         graphs = fast.decode.takes(job.model, cache) and not self.args.math     # generate.decode's choice
         decode = ", a CUDA graph a step after one eager step" if graphs else ""
         ran = getattr(job.model.forward, "ran", None)              # fast/segments.py: --graphs

@@ -405,6 +405,13 @@ def test_exception_on_one_rank_aborts_the_job(tmp_path):
     assert r.returncode != 0 and "error (rank 1): RuntimeError: boom" in r.stderr   # a hang: the timeout
 
 
+def launch(n, marker, *args):
+    """runahead.py on n ranks saving to `marker`, started in a session of its own (killable whole)."""
+    return subprocess.Popen([MPIRUN, "-n", str(n), sys.executable, os.path.join(ROOT, "runahead.py"), *args,
+                             "--save", marker], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
 def rank_pid(marker, rank, launcher):
     """The pid of the rank whose command line holds `marker`, once it runs (None after 30 s)."""
     deadline = time.time() + 30
@@ -426,9 +433,7 @@ def test_killed_rank_ends_the_job(tmp_path):
     """SIGKILL rank 0 as soon as it runs (rank 1, its whole prompt but one token later, waits on it
     or will): mpirun must end, not hang. No sleep: whenever the kill lands, the job must end."""
     marker = str(tmp_path / "killme.pt")
-    p = subprocess.Popen([MPIRUN, "-n", "2", sys.executable, os.path.join(ROOT, "runahead.py"),
-                          "--prompt-len", "12000", "--partition", "11999,1", "--save", marker],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = launch(2, marker, "--prompt-len", "12000", "--partition", "11999,1")
     victim = rank_pid(marker, 0, p.pid)
     assert victim, "rank 0 never started"
     os.kill(victim, signal.SIGKILL)
@@ -444,9 +449,7 @@ def test_ctrl_c_ends_the_job_with_a_line_and_no_traceback(tmp_path, target, afte
     once, status 130, the rank saying `interrupted (rank r)`, with no Python traceback and no
     segfault, and saves nothing."""
     marker = str(tmp_path / "interrupt.pt")
-    p = subprocess.Popen([MPIRUN, "-n", "3", sys.executable, os.path.join(ROOT, "runahead.py"),
-                          "--prompt-len", "16384", "--threads", "1", "--save", marker],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = launch(3, marker, "--prompt-len", "16384", "--threads", "1")
     try:
         rank1 = rank_pid(marker, 1, p.pid)
         assert rank1, "rank 1 never started"
