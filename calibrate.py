@@ -122,7 +122,8 @@ def measure(job):
 
 def calibrate(job, why, tries=3):
     """Measure, refuse a fit that cannot be right (a cost that is not positive: timings spiked),
-    measure again if so, and save the first plausible one in the cache."""
+    measure again quietly if so, and save the first plausible one in the cache; only if every try
+    is refused does the user hear of it, as the error."""
     key, path = job.model_key, choose.calibration_path()
     for _ in range(tries):
         cost = measure(job)
@@ -132,8 +133,6 @@ def calibrate(job, why, tries=3):
             if job.rank == 0:
                 say(f"calibrated {key} {why}: saved to {path}")
             return
-        if job.rank == 0:
-            say(f"calibration of {key} refused: {bad}; the machine was busy, measuring again")
     raise ValueError(f"calibrating {key} gave {bad} {tries} times: on a machine this busy, "
                      "use --partition even or a given partition")
 
