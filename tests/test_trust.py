@@ -91,14 +91,16 @@ class Agreeing:
 
 
 def test_calibrate_refuses_a_fit_with_free_attention_and_measures_again(monkeypatch, tmp_path):
+    """An implausible fit (free attention, a free link) is measured again, quietly: the user hears
+    of the one saved, or, if every try is refused, of the error."""
     monkeypatch.setenv("KVR_CACHE", str(tmp_path))
     fits = iter([partition.CostModel(attn=0.0), partition.CostModel(comm_per_token=0.0), partition.CostModel()])
     monkeypatch.setattr(calibrate, "measure", lambda job: next(fits))
     said = []
     monkeypatch.setattr(calibrate, "say", said.append)
     calibrate.calibrate(SimpleNamespace(transport=Agreeing(), rank=0, model_key="m"), "on first use")
-    assert [line.split(":")[0] for line in said] == ["calibration of m refused"] * 2 + ["calibrated m on first use"]
-    assert "attn = 0.0 (not positive)" in said[0] and "comm_per_token = 0.0" in said[1]
+    assert [line.split(":")[0] for line in said] == ["calibrated m on first use"]
+    assert next(fits, "all three measured") == "all three measured"
     assert choose.load_calibration("m") == partition.CostModel()
     fits = iter([partition.CostModel(attn=-1.0)] * 3)
     with pytest.raises(ValueError, match="gave attn = -1.0 .* 3 times"):
