@@ -38,8 +38,7 @@ class KVCache:
         """Append k, v (B, n_kv, T, hs) to `layer`; return its keys and values so far, (B, n_kv, n+T, hs)."""
         room = self.claim(layer, k.shape[2])           # (2, B, n_kv, T, hs)
         room[0], room[1] = k, v
-        n = self.n[layer]
-        return self.kv[layer][0, :, :, :n], self.kv[layer][1, :, :, :n]
+        return self.layer(layer)
 
     def claim(self, layer, T):
         """Count the next T positions of `layer` as held and return them, (2, B, n_kv, T, hs), to be

@@ -55,9 +55,8 @@ class Job:
 
 
 class Done(Exception):
-    """Raised by a K/V exchange after its last layer on a rank that does not emit the first token:
-    what that rank would compute afterwards (the layer's attention and MLP, the final norm, the LM
-    head) reaches nobody, so it is not computed. The program's prefill catches it."""
+    """Raised by a K/V exchange after its last layer on a rank that does not emit the first token: what
+    it would compute next (that layer's attention and MLP, norm, LM head) reaches nobody. Prefill catches it."""
 
 
 def cache_for(job, capacity):

@@ -47,20 +47,26 @@ def _buf(t):
     """A tensor's bytes as an MPI buffer (any dtype, host or device memory). A view that is a block of
     a larger tensor, such as the first S tokens of a cache layer, goes as an MPI subarray type: MPI
     reads or writes its bytes where they are, no copy."""
-    size = t.element_size()
     if t.is_contiguous():
-        return [MPI.buffer.fromaddress(t.data_ptr(), t.numel() * size), MPI.BYTE]
-    st = t.stride()
+        return [MPI.buffer.fromaddress(t.data_ptr(), t.numel() * t.element_size()), MPI.BYTE]
+    full, kind = _subarray(t)
+    return [MPI.buffer.fromaddress(t.data_ptr(), math.prod(full) * t.element_size()), 1, kind]
+
+
+def _subarray(t, extent=None):
+    """(the shape of the tensor t is a block of, t's MPI subarray type within it [resized to extent])"""
+    size, st = t.element_size(), t.stride()
     full = [t.shape[0]] + [a // b for a, b in zip(st[:-1], st[1:])]   # the shape of the tensor it is a block of
     assert (st[-1] == 1 and all(a % b == 0 for a, b in zip(st[:-1], st[1:]))
             and all(n <= m for n, m in zip(t.shape, full))), "not a block of a larger tensor"
-    key = (tuple(full), tuple(t.shape), size)
+    key = (tuple(full), tuple(t.shape), size, extent)
     if key not in _SUBARRAYS:
-        _SUBARRAYS[key] = MPI.BYTE.Create_contiguous(size).Create_subarray(full, list(t.shape), [0] * t.dim()).Commit()
-    return [MPI.buffer.fromaddress(t.data_ptr(), math.prod(full) * size), 1, _SUBARRAYS[key]]
+        kind = MPI.BYTE.Create_contiguous(size).Create_subarray(full, list(t.shape), [0] * t.dim())
+        _SUBARRAYS[key] = (kind if extent is None else kind.Create_resized(0, extent)).Commit()
+    return full, _SUBARRAYS[key]
 
 
-_SUBARRAYS = {}            # (block shape, view shape, element size) -> committed MPI datatype
+_SUBARRAYS = {}            # (block shape, view shape, element size, extent) -> committed MPI datatype
 
 
 class Transport:
@@ -98,28 +104,24 @@ class Transport:
         return self.recv_into(self._empty(shape, dtype), source, tag)
 
     def recv_into(self, out, source, tag):
-        """Receive into `out`, which may be a view into a larger tensor (the chain's prefix lands in
-        the KV cache itself)."""
+        """Receive into `out`, which may be a block of a larger tensor (a cache layer's first positions)."""
         self._progress()
         self._receive(out, source, tag)
         self.stats["recvs"] += 1
         self.stats["bytes_recv"] += out.numel() * out.element_size()
         return out
 
-    def allgather(self, t, counts, dim):
-        """Concatenate every rank's t along `dim` (rank order); counts[r] = rank r's size on dim."""
+    def allgather_into(self, out, spans, dim):
+        """Collective, in place: `out` holds this rank's parts along `dim` at its spans, then every rank's
+        at theirs. spans[r] = rank r's [(start, length), ...], as many for every rank (zigzag: two)."""
         self._progress()
-        t = t.contiguous()
-        parts = [torch.Size(t.shape[:dim] + (c,) + t.shape[dim + 1:]) for c in counts]
-        sizes = [s.numel() * t.element_size() for s in parts]
-        displs = [sum(sizes[:r]) for r in range(len(sizes))]
-        flat = self._empty((sum(sizes) // t.element_size(),), t.dtype)
-        self._gather(t, flat, sizes, displs)
+        for part in zip(*spans):                       # one MPI all-gather per span index
+            self._gather(out, [a for a, _ in part], [n for _, n in part], dim)
+        each, mine = out.numel() // out.shape[dim] * out.element_size(), sum(n for _, n in spans[self.rank])
         self.stats["allgathers"] += 1
-        self.stats["bytes_sent"] += sizes[self.rank]
-        self.stats["bytes_recv"] += sum(sizes) - sizes[self.rank]
-        chunks = flat.split([s.numel() for s in parts])
-        return torch.cat([c.view(s) for c, s in zip(chunks, parts)], dim=dim)
+        self.stats["bytes_sent"] += mine * each        # `each`: the bytes of one position
+        self.stats["bytes_recv"] += (sum(n for s in spans for _, n in s) - mine) * each
+        return out
 
     def finish(self):
         """Wait until every send this rank started has gone."""
@@ -135,10 +137,9 @@ class Transport:
         self.wait(self.comm.Ibarrier())
 
     def agree(self, decide, root=0):
-        """Collective: `decide()` runs on the root rank alone, and every rank returns its value or
-        raises its error (as ValueError, same message). Whatever one rank reads or computes for all
-        (a cache file, a search) goes through here, so that an error there cannot leave the other
-        ranks waiting in a broadcast for an answer that will never come."""
+        """Collective: `decide()` runs on the root rank alone, and every rank returns its value or raises
+        its error (as ValueError, same message). What one rank reads or computes for all (a cache file,
+        a search) goes through here: an error there cannot leave the others waiting in a broadcast."""
         answer = None
         if self.rank == root:
             try:
@@ -166,10 +167,13 @@ class Transport:
     def _receive(self, out, source, tag):
         self.wait(self.comm.Irecv(_buf(out), source, tag))
 
-    def _gather(self, t, flat, sizes, displs):
-        """Every rank's bytes into `flat`, rank r's at displs[r]."""
-        self.wait(self.comm.Iallgatherv(_buf(t), [MPI.buffer.fromaddress(flat.data_ptr(), sum(sizes)),
-                                                   sizes, displs, MPI.BYTE]))
+    def _gather(self, out, starts, counts, dim):
+        """Rank r's counts[r] positions from starts[r] along `dim` of `out`, MPI writing them in place: a
+        position (a block of out's memory) is one MPI element, its extent the step to the next one."""
+        step = out.stride(dim) * out.element_size()
+        full, one = _subarray(out.narrow(dim, 0, 1), extent=step)
+        buf = MPI.buffer.fromaddress(out.data_ptr(), math.prod(full) * out.element_size() + step * out.shape[dim])
+        self.wait(self.comm.Iallgatherv(MPI.IN_PLACE, [buf, counts, starts, one]))
 
     def _progress(self):
         """Let go of the sends that have gone."""

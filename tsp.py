@@ -45,35 +45,41 @@ from program import Done, abort_on_error, cache_for, done, report, setup  # noqa
 
 
 class GatherKV:
-    """TSP's K/V exchange: all-gather every rank's K/V, put them in position order, attend over all."""
+    """TSP's K/V exchange: each layer this rank's K/V go to their positions in a buffer of all C (the
+    emitter's cache, or one layer's worth), the all-gather fills the others' in place, all C attend."""
 
-    def __init__(self, transport, counts, order, dense, cache, n_layers):
-        self.t, self.counts, self.order, self.dense = transport, counts, order, dense
-        self.cache, self.last_layer = cache, n_layers - 1
+    def __init__(self, transport, spans, dense, cache, buffer, n_layers):
+        self.t, self.spans, self.dense, self.cache, self.buffer = transport, spans, dense, cache, buffer
+        self.C, self.last_layer = sum(n for s in spans for _, n in s), n_layers - 1
 
     def update(self, layer, k, v):
-        kv = self.t.allgather(torch.stack((k, v)), self.counts, dim=3)   # (2, B, n_kv, C, hs)
-        if self.order is not None:                     # zigzag: rank order -> position order
-            kv = kv[:, :, :, self.order]
-        if self.cache is not None:                     # the emitting rank keeps the whole cache
-            return self.cache.update(layer, kv[0], kv[1])
-        if layer == self.last_layer:                   # a rank that does not emit is done
-            raise Done
-        return kv[0], kv[1]
+        """This rank's own k, v (B, n_kv, its tokens, hs) in; the K, V of all C positions out."""
+        out = self.buffer if self.cache is None else self.cache.claim(layer, self.C)   # (2, B, n_kv, C, hs)
+        put(out, self.spans[self.t.rank], k, v)
+        self.t.allgather_into(out, self.spans, dim=3)
+        if self.cache is None and layer == self.last_layer:
+            raise Done                                 # a rank that does not emit is done
+        return out[0], out[1]
+
+
+def put(out, spans, k, v):
+    """Write k, v (B, n_kv, T, hs), a rank's tokens in span order, at their positions of out."""
+    sizes = [n for _, n in spans]
+    for (a, n), k_, v_ in zip(spans, k.split(sizes, dim=2), v.split(sizes, dim=2)):
+        out[0, :, :, a:a + n], out[1, :, :, a:a + n] = k_, v_
 
 
 @torch.no_grad()
 def prefill(job, zigzag, decode_room=0, math_path=False):
     """This rank's part of TSP. Returns (logits of its last token, cache, seconds, emitting rank); logits
     and cache on the emitting rank only, the others stop after their last all-gather."""
-    C = job.tokens.shape[1]
+    C, cfg = job.tokens.shape[1], job.model.cfg
     spans, emitter = tsp_layout(C, job.size, zigzag)
     mine = spans[job.rank]
-    positions = torch.cat([torch.arange(a, a + n) for s in spans for a, n in s])   # in rank order
-    order = None if not zigzag else positions.argsort().to(job.device)
     cache = cache_for(job, C + decode_room) if job.rank == emitter else None
-    kv = GatherKV(job.transport, [sum(n for _, n in s) for s in spans], order, not zigzag, cache,
-                  job.model.cfg.n_layers)
+    buffer = None if cache is not None else torch.empty((2, 1, cfg.n_kv_heads, C, cfg.head_dim),
+                                                        dtype=job.dtype, device=job.device)
+    kv = GatherKV(job.transport, spans, not zigzag, cache, buffer, cfg.n_layers)
     tokens = torch.cat([job.tokens[:, a:a + n] for a, n in mine], dim=1)
     job.transport.barrier()
     sync(job.device)
@@ -99,9 +105,8 @@ def main(args):
             job.system.after(logits)
         if job.rank == emitter:
             spans = tsp_layout(job.tokens.shape[1], job.size, args.zigzag)[0]
-            report(job, args, "TSP" + (" (zigzag)" if args.zigzag else ""), emitter,
-                   [sum(n for _, n in s) for s in spans], stats,
-                   ["split: " + " | ".join("+".join(f"[{a},{a + n})" for a, n in s) for s in spans)],
+            report(job, args, "TSP" + " (zigzag)" * args.zigzag, emitter, [sum(n for _, n in s) for s in spans],
+                   stats, ["split: " + " | ".join("+".join(f"[{a},{a + n})" for a, n in s) for s in spans)],
                    logits, cache, ttft)
         done(job)
 

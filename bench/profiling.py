@@ -57,13 +57,14 @@ class TimedKV:
     Chain (`prefix`: S_{i-1} tokens whose random K/V are in the cache already, where the real rank's
     receive puts them): claim them, append the own K/V, then mark: here the real rank has its K/V
     [0, S_i) and sends them. (The real rank waits for the prefix just before the claim.)
-    All-gather (`gathered`: random K/V of all C tokens): stack own K and V, mark (the real rank
-    enters the all-gather), then what follows it: copy out the gathered K/V, zigzag's reordering,
-    the emitter's cache append. With neither: a plain KV cache, marked after each append.
+    All-gather (`gathered`: a buffer of all C positions holding random K/V, or the emitter's cache;
+    `spans`: this rank's): write the own K/V at its positions, mark (the real rank enters the
+    all-gather, which fills the other positions in place). With neither: a plain KV cache, marked
+    after each append.
     """
 
-    def __init__(self, clock, cache=None, prefix=0, gathered=None, order=None, dense=False):
-        self.clock, self.cache, self.prefix, self.gathered, self.order = clock, cache, prefix, gathered, order
+    def __init__(self, clock, cache=None, prefix=0, gathered=None, spans=None, dense=False):
+        self.clock, self.cache, self.prefix, self.gathered, self.spans = clock, cache, prefix, gathered, spans
         self.dense = dense
 
     def reset(self):
@@ -77,12 +78,10 @@ class TimedKV:
             k, v = self.cache.update(layer, k, v)
             self.clock.mark()
             return k, v
-        torch.stack((k, v))                            # what GatherKV hands to the all-gather
+        out = self.gathered if self.cache is None else self.cache.claim(layer, self.gathered.shape[3])
+        tsp.put(out, self.spans, k, v)
         self.clock.mark()
-        kv = self.gathered.clone()                     # (2, B, n_kv, C, hs)
-        if self.order is not None:
-            kv = kv[:, :, :, self.order]
-        return self.cache.update(layer, kv[0], kv[1]) if self.cache is not None else (kv[0], kv[1])
+        return out[0], out[1]
 
 
 def _where(model):
@@ -144,11 +143,13 @@ def profile_tsp(model, C, p, zigzag=False, repeats=3, warmup=1, math_path=False)
     (device, dtype), cfg = _where(model), model.cfg
     spans, emitter = tsp.tsp_layout(C, p, zigzag)
     gathered = torch.randn((2, 1, cfg.n_kv_heads, C, cfg.head_dim), dtype=dtype, device=device)
-    order = torch.cat([torch.arange(a, a + n) for s in spans for a, n in s]).argsort().to(device) if zigzag else None
     out, warmup = [], warmup + _recording(model)      # the emitter records; the other ranks run eagerly
     for r, mine in enumerate(spans):
         cache = KVCache(cfg, 1, C, dtype, device) if r == emitter else None
-        kv = TimedKV(Clock(device), cache, gathered=gathered, order=order, dense=not zigzag)
+        if cache is not None:                          # the other ranks' K/V, where the gather puts them
+            for kv_ in cache.kv:
+                kv_[:, :, :, :C] = gathered
+        kv = TimedKV(Clock(device), cache, gathered=gathered, spans=mine, dense=not zigzag)
         out.append(_time(model, sum(n for _, n in mine), kv, mine, repeats, warmup, math_path))
     return out
 

@@ -8,7 +8,7 @@ compute stream can be using it. StagedTransport (staged.py) builds on this order
 """
 import torch
 
-from transport import Transport, _buf
+from transport import MPI, Transport, _buf
 
 
 class _Passed:
@@ -49,9 +49,21 @@ class DirectTransport(Transport):
             return
         super()._receive(out, source, tag)
 
-    def _gather(self, t, flat, sizes, displs):
-        self._event().synchronize()                    # t is written
-        super()._gather(t, flat, sizes, displs)
+    def _gather(self, out, starts, counts, dim):
+        """On a GPU the parts land whole and are copied once into their positions, as the chain's
+        prefix is (a CUDA-aware MPI would unpack a device datatype through host memory)."""
+        if not self.cuda:
+            return super()._gather(out, starts, counts, dim)
+        mine = out.narrow(dim, starts[self.rank], counts[self.rank]).contiguous()
+        parts = [out.narrow(dim, a, n) for a, n in zip(starts, counts)]
+        flat = self._empty((sum(p.numel() for p in parts),), out.dtype)
+        self._event().synchronize()                    # mine is written
+        sizes = [p.numel() * out.element_size() for p in parts]
+        self.wait(self.comm.Iallgatherv(_buf(mine), [_buf(flat)[0], sizes, [sum(sizes[:r]) for r in range(len(sizes))],
+                                                      MPI.BYTE]))
+        for r, (part, got) in enumerate(zip(parts, flat.split([p.numel() for p in parts]))):
+            if r != self.rank:
+                part.copy_(got.view(part.shape))
 
     def _event(self):
         """An event on the compute stream, here: what was queued before it is done when it is."""

@@ -24,7 +24,8 @@ from kvcache import KVCache
 
 def takes(model, tokens, kv):
     """Can this forward be recorded? On a GPU, with a KV cache to key it on (TSP's ranks that do not
-    emit gather into new memory every layer), and no ALiBi (its bias is built on the host)."""
+    emit gather into a buffer of their own, made anew each prefill), and no ALiBi (its bias is built
+    on the host)."""
     return tokens.is_cuda and _cache(kv) is not None and not model.cfg.alibi
 
 

@@ -116,19 +116,25 @@ class StagedTransport(DirectTransport):
             self.wait(self.comm.Irecv(_buf(host), source, tag))
             self.landing.append((self._up(host, out, "h2d", tag), host))
 
-    def _gather(self, t, flat, sizes, displs):
-        """Every rank's bytes into `flat`, through the slots or pinned buffers."""
+    def _gather(self, out, starts, counts, dim):
+        """Every rank's positions of `out`, through the slots or pinned buffers: this rank's part is
+        copied down, the others' parts up into their positions."""
+        parts = [out.narrow(dim, a, n) for a, n in zip(starts, counts)]
+        sizes = [p.numel() * out.element_size() for p in parts]
         self.largest = max(self.largest, sizes[self.rank])
         if all(self._shared(r, sizes[r]) for r in range(self.size)):
-            self._gather_shared(t, flat, sizes, displs)
-        else:
-            ready, mine = self._down(t, "d2h", "gather")
-            ready.synchronize()
-            into = self._pinned(sum(sizes))
-            self.wait(self.comm.Iallgatherv(_buf(mine), [MPI.buffer.fromaddress(into.data_ptr(), sum(sizes)),
-                                                          sizes, displs, MPI.BYTE]))
-            self._release(mine)
-            self.landing.append((self._up(into, flat, "h2d", "gather"), into))
+            return self._gather_shared(parts, sizes)
+        ready, mine = self._down(parts[self.rank], "d2h", "gather")
+        ready.synchronize()
+        into, displs = self._pinned(sum(sizes)), [sum(sizes[:r]) for r in range(self.size)]
+        self.wait(self.comm.Iallgatherv(_buf(mine), [MPI.buffer.fromaddress(into.data_ptr(), sum(sizes)),
+                                                      sizes, displs, MPI.BYTE]))
+        self._release(mine)
+        done = ready
+        for r in range(self.size):
+            if r != self.rank:
+                done = self._up(into[displs[r]:displs[r] + sizes[r]], parts[r], "h2d", "gather")
+        self.landing.append((done, into))              # the copies run in order: the last one frees it
 
     def barrier(self):
         """Wait for every rank; afterwards no staged message is in flight (every slot acked)."""
@@ -173,22 +179,19 @@ class StagedTransport(DirectTransport):
                 self.wait(req)
         self.readers = {}
 
-    def _gather_shared(self, t, flat, sizes, displs):
+    def _gather_shared(self, parts, sizes):
         """All-gather through the slots: every rank copies its part down into its own slot, the ranks
-        swap slot numbers, and each copies the others' parts up; then it acks their owners."""
+        swap slot numbers, and each copies the others' parts up into their positions; then it acks
+        their owners."""
         slot = self._slot()
-        ready, _ = self._down(t, "d2h", "gather", self._view(self.rank, slot, sizes[self.rank]))
+        ready, _ = self._down(parts[self.rank], "d2h", "gather", self._view(self.rank, slot, sizes[self.rank]))
         self._pay_acks(wait=True)
         ready.synchronize()
         mine, slots = torch.tensor([slot]), torch.empty(self.size, dtype=torch.int64)
         self.wait(self.comm.Iallgather(_buf(mine), _buf(slots)))
-        dst = flat.view(torch.uint8)
         for r in range(self.size):
-            part = dst[displs[r]:displs[r] + sizes[r]].view(t.dtype)
-            if r == self.rank:
-                part.copy_(t.view(-1))
-            else:
-                done = self._up(self._view(r, int(slots[r]), sizes[r]), part, "h2d", "gather")
+            if r != self.rank:
+                done = self._up(self._view(r, int(slots[r]), sizes[r]), parts[r], "h2d", "gather")
                 self.owed.append((done, r, int(slots[r])))
         self.readers[slot] = [self.acks.Irecv([None, 0, MPI.BYTE], r, slot)
                               for r in range(self.size) if r != self.rank]

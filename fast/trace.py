@@ -118,9 +118,9 @@ class Traced:
         self.inner.isend(t, dest, tag)
         self.trace.end("send", tag)
 
-    def allgather(self, t, counts, dim):
+    def allgather_into(self, out, spans, dim):
         self.trace.end("compute", self.gathers)
-        out = self.inner.allgather(t, counts, dim)
+        out = self.inner.allgather_into(out, spans, dim)
         self.trace.end("allgather", self.gathers)
         self.gathers += 1
         return out

@@ -536,8 +536,8 @@ def test_static_decode_refuses_a_model_whose_step_constants_change():
 # ----------------------------------------------------------------------------- runahead.ChainKV
 
 class FakeTransport:
-    """Records what a K/V exchange asks of MPI. recv_into fills `out` from `feed(tag, out)`; allgather
-    returns `gather(t, counts, dim)`."""
+    """Records what a K/V exchange asks of MPI. recv_into fills `out` from `feed(tag, out)`;
+    allgather_into records what `out` holds (this rank's part) and then fills it from `gather(out)`."""
 
     def __init__(self, rank, size, feed=None, gather=None):
         self.rank, self.size, self.feed, self.gather, self.log = rank, size, feed, gather, []
@@ -553,9 +553,10 @@ class FakeTransport:
     def finish(self):
         self.log.append(("finish",))
 
-    def allgather(self, t, counts, dim):
-        self.log.append(("allgather", t.clone(), list(counts), dim))
-        return self.gather(t, counts, dim)
+    def allgather_into(self, out, spans, dim):
+        self.log.append(("allgather", out.clone(), spans, dim))
+        out.copy_(self.gather(out))
+        return out
 
     def barrier(self):
         pass
@@ -715,20 +716,18 @@ def test_tsp_layout_refuses_too_few_tokens_in_one_line():
 @pytest.mark.parametrize("zigzag", [False, True])
 @pytest.mark.parametrize("rank", [0, 1])
 def test_gather_puts_every_rank_s_kv_in_position_order(zigzag, rank):
-    """Per layer GatherKV all-gathers this rank's stacked (K, V) along positions with every rank's
-    count; zigzag's rank order is put back in position order. The emitting rank keeps them in its
-    cache (and returns all C); the other rank returns them and raises Done at its last layer only."""
+    """Per layer GatherKV writes this rank's K/V at its positions (zigzag: two spans) of a buffer of
+    all C, which the all-gather fills in place. The emitting rank's buffer is its cache (it returns
+    all C); the other rank's is one buffer for every layer, and it raises Done at its last layer only."""
     C_, p, n_layers = 12, 2, 3
     spans, emitter = tsp_layout(C_, p, zigzag)
-    rank_order = [a + i for s in spans for a, n in s for i in range(n)]
-    counts = [sum(n for _, n in s) for s in spans]
-    order = None if not zigzag else torch.tensor(rank_order).argsort()
     truth = by_position(C_)
     mine = [a + i for a, n in spans[rank] for i in range(n)]
-    t = FakeTransport(rank, p, gather=lambda t_, counts_, dim: truth[:, :, :, rank_order])
+    t = FakeTransport(rank, p, gather=lambda out: truth)
     emits = rank == emitter
     cache = KVCache(tiny_cfg(n_layers), 1, C_ + 4) if emits else None
-    kv = tsp.GatherKV(t, counts, order, not zigzag, cache, n_layers)
+    buffer = None if emits else torch.full_like(truth, float("nan"))
+    kv = tsp.GatherKV(t, spans, not zigzag, cache, buffer, n_layers)
     assert kv.dense == (not zigzag)
     for layer in range(n_layers):
         own = truth[:, :, :, mine]
@@ -740,32 +739,34 @@ def test_gather_puts_every_rank_s_kv_in_position_order(zigzag, rank):
         assert torch.equal(k, truth[0]) and torch.equal(v, truth[1])
         if emits:
             assert cache.n[layer] == C_ and torch.equal(cache.kv[layer][:, :, :, :C_], truth)
+            assert k.data_ptr() == cache.kv[layer].data_ptr()          # gathered into the cache itself
+        else:
+            assert k.data_ptr() == buffer.data_ptr()
     gathers = t.of("allgather")
     assert len(gathers) == n_layers
-    for _, sent, counts_, dim in gathers:
-        assert torch.equal(sent, truth[:, :, :, mine]) and counts_ == counts and dim == 3
+    for _, held, spans_, dim in gathers:                 # its own positions written before the gather
+        assert torch.equal(held[:, :, :, mine], truth[:, :, :, mine]) and spans_ == spans and dim == 3
 
 
 @pytest.mark.parametrize("zigzag", [False, True])
 def test_tsp_prefill_on_each_rank(zigzag):
-    """tsp.prefill on each of 3 ranks, the all-gather played by one process's prefill: every rank sends
-    its own positions' K/V each layer; the emitter's cache (with decode room) holds the prompt's K/V and
-    its logits are one process's; the other ranks return no logits or cache."""
+    """tsp.prefill on each of 3 ranks, the all-gather played by one process's prefill: every rank holds
+    its own positions' K/V when it gathers each layer; the emitter's cache (with decode room) holds the
+    prompt's K/V and its logits are one process's; the other ranks return no logits or cache."""
     m = builtin("llama")
     logits_ref, ref = reference(m, PROMPT[1:])
     spans, emitter = tsp_layout(11, 3, zigzag)
-    rank_order = [a + i for s in spans for a, n in s for i in range(n)]
     for rank in range(3):
         mine = [a + i for a, n in spans[rank] for i in range(n)]
         layer = iter(range(m.cfg.n_layers))
-        t = FakeTransport(rank, 3, gather=lambda t_, counts, dim: ref.kv[next(layer)][:, :, :, rank_order])
+        t = FakeTransport(rank, 3, gather=lambda out: ref.kv[next(layer)])
         logits, cache, _, emits = tsp.prefill(fake_job(m, rank, 3, t), zigzag, decode_room=3)
         assert emits == emitter
         gathers = t.of("allgather")
         assert len(gathers) == m.cfg.n_layers
-        for i, (_, sent, counts, dim) in enumerate(gathers):
-            assert counts == [len(mine) if r == rank else sum(n for _, n in spans[r]) for r in range(3)]
-            torch.testing.assert_close(sent, ref.kv[i][:, :, :, mine], atol=1e-10, rtol=0)
+        for i, (_, held, spans_, dim) in enumerate(gathers):
+            assert spans_ == spans and dim == 3 and held.shape[3] == 11
+            torch.testing.assert_close(held[:, :, :, mine], ref.kv[i][:, :, :, mine], atol=1e-10, rtol=0)
         if rank == emitter:
             assert cache.capacity == 14 and len(cache) == 11
             torch.testing.assert_close(logits, logits_ref, atol=1e-10, rtol=0)

@@ -97,7 +97,10 @@ for layer in range(6):
         assert torch.equal(x, torch.full_like(x, r - 1 + layer / 8)), layer
     if r < p - 1:
         t.isend(torch.full((S[r], 512), r + layer / 8, dtype=torch.float16, device=dev), r + 1, tag=layer)
-    g = t.allgather(torch.full((2, 64 * (r + 1)), float(r + layer), device=dev), [64 * (i + 1) for i in range(p)], dim=1)
+    spans = [[(64 * i * (i + 1) // 2, 64 * (i + 1))] for i in range(p)]
+    g = torch.zeros(2, 64 * p * (p + 1) // 2 + 8, device=dev)[:, :-8]   # a block of a larger tensor
+    g[:, spans[r][0][0]:][:, :64 * (r + 1)] = float(r + layer)
+    t.allgather_into(g, spans, dim=1)
     assert torch.equal(g.cpu(), torch.cat([torch.full((2, 64 * (i + 1)), float(i + layer)) for i in range(p)], 1))
 t.barrier()
 assert t.window is not None and "shared by the node's ranks" in t.path

@@ -48,7 +48,9 @@ if comm.rank == 0:
 else:
     y = t.recv((2, 3), torch.float64, 0, tag=7)
     assert torch.equal(y, torch.arange(6, dtype=torch.float64).view(2, 3)), y
-g = t.allgather(x[:, :comm.rank + 1], [1, 2], dim=1)
+g = torch.zeros(2, 3, dtype=torch.float64)           # rank 0's 1 position, then rank 1's 2
+g[:, comm.rank:2 * comm.rank + 1] = x[:, :comm.rank + 1]
+t.allgather_into(g, [[(0, 1)], [(1, 2)]], dim=1)
 assert torch.equal(g, torch.cat([torch.arange(6.).view(2, 3)[:, :1], (torch.arange(6.).view(2, 3) + 10)[:, :2]], 1).double())
 stats = comm.gather(t.stats, root=0)                 # one rank prints: no lines to interleave
 if comm.rank == 0:
@@ -108,7 +110,10 @@ for it in range(2):
             assert torch.equal(t.arena[r - 1][slot * S[r - 1] * 24:][:S[r - 1] * 24].view(torch.float64), x.view(-1))
         if r < p - 1:
             t.isend(torch.full((S[r], 3), 100. * r + layer + it, dtype=torch.float64), r + 1, tag=layer)
-        g = t.allgather(torch.full((2, r + 1), float(r + layer)), [i + 1 for i in range(p)], dim=1)
+        spans = [[(i * (i + 1) // 2, i + 1)] for i in range(p)]
+        g = torch.zeros(2, p * (p + 1) // 2)
+        g[:, spans[r][0][0]:][:, :r + 1] = float(r + layer)
+        t.allgather_into(g, spans, dim=1)
         assert torch.equal(g, torch.cat([torch.full((2, i + 1), float(i + layer)) for i in range(p)], 1))
     t.barrier()
 assert t.window is not None and not t.readers and not t.owed
@@ -130,7 +135,10 @@ r, p = comm.rank, comm.size
 t.reserve((r + 1) * 2 * 8)
 for layer in range(5):
     x = torch.arange(2. * (r + 1), dtype=torch.float64).view(2, r + 1) + 10 * r + layer
-    g = t.allgather(x, [i + 1 for i in range(p)], dim=1)
+    spans = [[(i * (i + 1) // 2, i + 1)] for i in range(p)]
+    g = torch.zeros(2, p * (p + 1) // 2, dtype=torch.float64)
+    g[:, spans[r][0][0]:][:, :r + 1] = x
+    t.allgather_into(g, spans, dim=1)
     want = torch.cat([torch.arange(2. * (i + 1), dtype=torch.float64).view(2, i + 1) + 10 * i + layer
                       for i in range(p)], 1)
     assert torch.equal(g, want), (g, want)
@@ -262,7 +270,7 @@ if comm.rank == 0:
     assert torch.equal(t.recv((4,), torch.float64, 1, tag=4), x(4))
     assert t.queued == []
     t.isend(x(5), 1, tag=5)
-    assert torch.equal(t.allgather(torch.ones(1), [1, 1], dim=0), torch.tensor([1., 2.]))
+    assert torch.equal(t.allgather_into(torch.tensor([1., 0.]), [[(0, 1)], [(1, 1)]], dim=0), torch.tensor([1., 2.]))
     assert t.queued == []
 else:
     assert torch.equal(t.recv((4,), torch.float64, 0, tag=0), x(0))
@@ -273,7 +281,7 @@ else:
     t.isend(x(4), 0, tag=4)
     t.finish()
     assert torch.equal(t.recv((4,), torch.float64, 0, tag=3), x(3))
-    assert torch.equal(t.allgather(torch.full((1,), 2.), [1, 1], dim=0), torch.tensor([1., 2.]))
+    assert torch.equal(t.allgather_into(torch.tensor([0., 2.]), [[(0, 1)], [(1, 1)]], dim=0), torch.tensor([1., 2.]))
     assert torch.equal(t.recv((4,), torch.float64, 0, tag=5), x(5))
 t.finish()
 t.barrier()
@@ -425,8 +433,8 @@ if comm.rank == 1:
 
 @pytest.mark.parametrize("route", ["transport.Transport", "StagedTransport"])
 def test_all_gather_of_unequal_parts_along_any_dim(route):
-    """All-gather of parts of unequal sizes (one of them empty) along dims 0, 1 and 2, from inputs
-    that are not contiguous, in four dtypes. Staged: parts that all fit their slots go by slot (each
+    """All-gather in place of parts of unequal sizes (one of them empty) along dims 0, 1 and 2, into
+    buffers that are blocks of larger tensors, in four dtypes. Staged: parts that all fit their slots go by slot (each
     rank's in its own slot, round robin, busy until every other rank has acked it), and once one does
     not fit, all go through MPI and no slot is written. The accounting counts each rank's part as
     sent and the others' as received."""
@@ -450,10 +458,17 @@ def mine(s, nbytes):                                 # this rank's slot s
     return t.arena[r][s * b:s * b + nbytes]
 
 
-def gather(make, counts, dim):
-    g = t.allgather(make(r, counts[r]), counts, dim)
+def gather(make, counts, dim):                       # into a buffer that is a block of a larger one
     want = torch.cat([make(i, counts[i]) for i in range(p)], dim)
-    assert g.dtype == want.dtype and torch.equal(g, want), (g, want)
+    room = list(want.shape)
+    room[dim] += 2
+    whole = torch.full(room, -7, dtype=want.dtype)
+    g = whole.narrow(dim, 0, want.shape[dim])
+    starts = [sum(counts[:i]) for i in range(p)]
+    g.narrow(dim, starts[r], counts[r]).copy_(make(r, counts[r]))
+    assert t.allgather_into(g, [[(a, n)] for a, n in zip(starts, counts)], dim) is g
+    assert torch.equal(g, want), (g, want)
+    assert (whole.narrow(dim, want.shape[dim], 2) == -7).all()   # the room after it untouched
 
 
 a = lambda i, c: part(i, (2, 3, c)).transpose(1, 2)   # (2, c, 3), not contiguous
@@ -483,6 +498,40 @@ if r == 0:
     stats = [dict(sends=0, recvs=0, allgathers=5, bytes_sent=s, bytes_recv=v)
              for s, v in ((204, 708), (280, 632), (428, 484))]
     assert out == str(stats)
+
+
+@pytest.mark.parametrize("route", ["transport.Transport", "DirectTransport", "StagedTransport"])
+def test_all_gather_of_two_spans_a_rank_into_a_cache_layer(route):
+    """Zigzag's all-gather: rank r holds chunks r and 2p-1-r; two gathers in place put every rank's
+    K/V at their positions of a cache layer's first C positions, (2, B, n_kv, C, hs) of a larger
+    capacity, and nothing past C is written. Counted as one all-gather."""
+    code = f"""
+import torch
+from fast.direct import DirectTransport
+from fast.staged import StagedTransport
+import tsp
+comm, dev = transport.init('cpu')
+r, p = comm.rank, comm.size
+t = {route}(comm, dev, polite=True)
+if isinstance(t, StagedTransport):
+    t.reserve(2 * 2 * 3 * 4 * 8)
+C = 13
+spans, _ = tsp.tsp_layout(C, p, zigzag=True)
+want = torch.arange(2 * 2 * C * 4, dtype=torch.float64).view(2, 1, 2, C, 4)
+for layer in range(3):
+    layer_kv = torch.full((2, 1, 2, C + 5, 4), -1.0, dtype=torch.float64)   # a cache layer, capacity C + 5
+    out = layer_kv[:, :, :, :C]
+    mine = torch.cat([want[:, :, :, a:a + n] for a, n in spans[r]], dim=3) + layer
+    tsp.put(out, spans[r], mine[0], mine[1])
+    t.allgather_into(out, spans, dim=3)
+    assert torch.equal(out, want + layer), out
+    assert (layer_kv[:, :, :, C:] == -1).all()
+t.barrier()
+rows = comm.gather((t.stats["allgathers"], t.stats["bytes_sent"] + t.stats["bytes_recv"]))
+if r == 0:
+    print(rows)
+"""
+    assert run(code, n=3, timeout=60).strip() == str([(3, 3 * 13 * 2 * 2 * 4 * 8)] * 3)
 
 
 @pytest.mark.parametrize("route", ["transport.Transport", "StagedTransport"])
@@ -530,9 +579,11 @@ else:
         assert len(transport._SUBARRAYS) == 4, transport._SUBARRAYS
         made = dict(transport._SUBARRAYS)
         room = torch.empty(3, 9, dtype=torch.int64)[:, :4]
-        assert transport._buf(room)[2] is made[((3, 9), (3, 4), 8)]     # the same one again
+        assert transport._buf(room)[2] is made[((3, 9), (3, 4), 8, None)]     # the same one again
         assert transport._SUBARRAYS == made
-g = t.allgather(torch.full((1, comm.rank + 2), comm.rank + 0.5, dtype=torch.bfloat16), [2, 3], dim=1)
+g = torch.zeros(1, 5, dtype=torch.bfloat16)
+g[:, 2 * comm.rank:2 + 3 * comm.rank] = comm.rank + 0.5
+t.allgather_into(g, [[(0, 2)], [(2, 3)]], dim=1)
 assert torch.equal(g, torch.tensor([[.5, .5, 1.5, 1.5, 1.5]], dtype=torch.bfloat16)), g
 t.barrier()
 rows = comm.gather(t.stats)
