@@ -10,7 +10,7 @@ links, and hold the replay against real runs. Every simulated table in BENCHMARK
         direct profiles, KVR-P, the ideal; per run, then summarised over the runs
     python -m bench.simulated validate results/ranks.json [--devices 1]
         the simulator against real runs of `bench/measured.py ranks` on this machine
-    python -m bench.simulated summary results/simulated.json
+    python -m bench.simulated summary results/simulated-graphs.json
         the tables of a simulate run and the targets, again
 """
 import json
