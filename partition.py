@@ -121,7 +121,7 @@ class CostModel:
 
     Defaults: Llama-2-7B in bf16 on H100s linked at 300 GB/s (the paper's NVLink). With p = 1 they
     give TTFT 0.10 s at 4k, 0.49 s at 16k, 1.22 s at 32k: what one H100 measured for us with PyTorch
-    SDPA (about 59% of bf16 peak; BENCHMARKS.md).
+    SDPA (about 59% of bf16 peak), before the GPU fast paths.
     """
     lin: float = 2.24e-5           # s per token: QKV, o-proj, MLP (1.30e10 flop at 5.8e14 flop/s)
     attn: float = 4.5e-10          # s per query-key dot product (QK^T and PV), counted as in
