@@ -1,7 +1,8 @@
 """Tools that measure and draw; nothing in the root imports them. Run from the repository root:
 
-  python -m bench.measured   single | ranks | link | merge | plot: real runs (BENCHMARKS.md 1, 3, 4)
-  python -m bench.simulated  profile | simulate | validate | summary: the simulated tables (section 2)
+  python -m bench.measured   single | ranks | link | merge | plot: real runs (BENCHMARKS.md 4, 5, 7)
+  python -m bench.simulated  profile | simulate | validate | summary: the simulated tables (sections 3, 6)
+  python -m bench.emulated   run | summary: p small GPUs emulated on one by MPS, against the whole GPU
   python -m bench.profiling  a kernel table: one rank's segment times on a grid of (chunk, prefix)
   python -m bench.sim        KVR-S searched on a kernel table
   python -m bench.figures    the README's pictures and the paper's worked example

@@ -7,8 +7,8 @@ commands (bench/simulated.py makes the simulated ones).
     python -m bench.measured decode [--dims llama7b] [--C 128] [--new 72]
         one process on a GPU: decode per token, the teaching loop against CUDA graphs, alternated.
     mpirun -n P python -m bench.measured ranks [--C 1024 2048 4096] [--model builtin:llama] [--device cpu]
-        P real ranks: one process, TSP, TSP-zigzag, KVR-E, KVR-S and KVR-P on each context length,
-        the variants alternated within each repeat; TTFT medians; optional per-rank traces.
+        P real ranks: one process, TSP, TSP-zigzag, KVR-E, KVR-S and KVR-P (or --variants) on each
+        context length, the variants alternated within each repeat; TTFT medians; optional per-rank traces.
     mpirun -n P python -m bench.measured share [--model dims:llama7b] [--C 16384]
         P ranks sharing one GPU: one process and the even chain, each run profiled on every rank;
         how long the GPU was busy, idle, and how many ranks' kernels were in flight at once.
@@ -334,8 +334,12 @@ def one_process(job):
     return t
 
 
+VARIANTS = ["one process", "TSP", "TSP-zigzag", "KVR-E", "KVR-S", "KVR-P"]
+
+
 def ranks(a):
-    """All variants on the same real ranks, alternated; rank 0 prints and saves."""
+    """All variants (or --variants) on the same real ranks, alternated; rank 0 prints and saves. The
+    meta says which route ran and what the ranks saw of an MPS share (bench/emulated.py sets one)."""
     args = cli.program("").parse_args(["--model", a.model, "--prompt-len", str(max(a.C)), "--dtype", a.dtype,
                                        "--device", a.device, "--max-new-tokens", "1"]
                                       + ["--threads", str(a.threads)] * bool(a.threads) + ["--fuse"] * a.fuse)
@@ -343,8 +347,9 @@ def ranks(a):
     comm, p, rows = job.comm, job.size, []
     with abort_on_error(comm):
         searched, chosen = {}, {}
-        for C in sorted(a.C, reverse=True):             # KVR-S first (KVR-P interpolates them);
-                                                        # the largest C calibrates the cost model
+        search = {"KVR-S", "KVR-P"} & set(a.variants)   # the variants that need a searched partition
+        for C in sorted(a.C, reverse=True) if search else ():   # KVR-S first (KVR-P interpolates them);
+                                                                # the largest C calibrates the cost model
             job.tokens = random_prompt(job, C)
             calibrate.pick_partition(job, "searched")
             if job.c_modelled:                          # as runahead.py runs it: timed against even
@@ -352,12 +357,12 @@ def ranks(a):
             searched[C], chosen[C] = job.c, job.c_source
         for C in a.C:
             job.tokens = random_prompt(job, C)
-            others = partition.Table()
-            for K in a.C:
-                if K != C:
-                    others.add(job.model_key, searched[K])
-            parts = {"KVR-E": partition.even(C, p), "KVR-S": searched[C]}
-            if len(a.C) > 1:                            # KVR-P: predicted without C's own entry
+            parts = {"KVR-E": partition.even(C, p), "KVR-S": searched.get(C)}
+            if len(a.C) > 1 and search:                 # KVR-P: predicted without C's own entry
+                others = partition.Table()
+                for K in a.C:
+                    if K != C:
+                        others.add(job.model_key, searched[K])
                 parts["KVR-P"] = partition.predicted(C, p, others, job.model_key)
 
             variants = {"one process": (lambda: one_process(job), p - 1),
@@ -366,6 +371,7 @@ def ranks(a):
                 variants["TSP-zigzag"] = (lambda: tsp.prefill(job, True)[2], 0)
             for v, c in parts.items():
                 variants[v] = ((lambda c=c: runahead.prefill(job, c)[2]), p - 1)
+            variants = {v: f for v, f in variants.items() if v in a.variants}
             times = {v: [] for v in variants}
             names = list(variants)
             for r in range(a.repeats + 1):              # repeat 0 warms up; then balanced orders
@@ -396,18 +402,22 @@ def ranks(a):
                                  raw_s=times[v], partition=parts.get(v), source="measured", link=link,
                                  chosen=chosen[C] if v == "KVR-S" else None))   # how the search picked it
             if job.rank == 0:
-                tsp_t = statistics.median(times["TSP"])
-                print(f"C={C}: " + ", ".join(f"{v} {statistics.median(times[v]) * 1e3:.1f} ms "
-                                             f"(x{tsp_t / statistics.median(times[v]):.2f})" for v in names),
-                      flush=True)
+                tsp_t = statistics.median(times["TSP"]) if "TSP" in times else None
+                print(f"C={C}: " + ", ".join(f"{v} {statistics.median(times[v]) * 1e3:.1f} ms" + (
+                    f" (x{tsp_t / statistics.median(times[v]):.2f})" if tsp_t else "") for v in names), flush=True)
     if job.rank == 0:
         meta = dict(machine(), ranks=p,
                     model=job.name, model_arg=a.model, model_key=job.model_key, dtype=a.dtype,
                     device=a.device, threads=torch.get_num_threads(),
-                    repeats=a.repeats, fused=a.fuse)
+                    repeats=a.repeats, fused=a.fuse, variants=a.variants,
+                    route={DirectTransport: "direct", StagedTransport: "staged"}.get(type(job.transport), "host"),
+                    mps_share=os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),   # as the ranks saw them
+                    sms=torch.cuda.get_device_properties(job.device).multi_processor_count
+                    if job.device.type == "cuda" else None)
         save(a.out, meta, rows)
+        tsp_t = {r["C"]: r["ttft_s"] for r in rows if r["variant"] == "TSP"}
         table([dict(r, ttft_ms=f"{r['ttft_s'] * 1e3:.1f}",
-                    speedup=f"{next(x['ttft_s'] for x in rows if x['C'] == r['C'] and x['variant'] == 'TSP') / r['ttft_s']:.2f}",
+                    speedup=f"{tsp_t[r['C']] / r['ttft_s']:.2f}" if r["C"] in tsp_t else "-",
                     partition=",".join(map(str, r["partition"])) if r["partition"] else "")
                for r in rows], ["C", "p", "variant", "ttft_ms", "speedup", "partition"])
 
@@ -618,6 +628,7 @@ def main(argv=None):
     r.add_argument("--threads", type=cli.at_least(1))
     r.add_argument("--fuse", action="store_true", help="compile each layer's pre/post (GPU)")
     r.add_argument("--repeats", type=cli.at_least(1), default=5)
+    r.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="which to run (default all)")
     r.add_argument("--trace-dir", help="also write one traced TSP, zigzag and KVR-S run at the largest C here")
     r.add_argument("--out", default="results/ranks.json")
     sh = sub.add_parser("share", help="ranks sharing one GPU: where the time goes (GPU busy, idle, in flight)")
