@@ -4,7 +4,7 @@ commands (bench/simulated.py makes the simulated ones).
     python -m bench.measured single [--dims llama7b falcon7b] [--dtype bfloat16 float16] [--C 4096 8192 16384]
         one process on a GPU: our prefill, eager and fused, against transformers' own model, same
         run, same GPU; TTFT medians and MFU.
-    python -m bench.measured decode [--dims llama7b] [--C 128] [--new 72]
+    python -m bench.measured decode [--dims llama7b] [--C 128] [--new 72] [--fuse]
         one process on a GPU: decode per token, the teaching loop against CUDA graphs, alternated.
     mpirun -n P python -m bench.measured ranks [--C 1024 2048 4096] [--model builtin:llama] [--device cpu]
         P real ranks: one process, TSP, TSP-zigzag, KVR-E, KVR-S and KVR-P (or --variants) on each
@@ -269,7 +269,8 @@ def decode_bench(a):
     fast/decode.py's static steps, eager and as CUDA graphs, alternated in each repeat after the same
     prefill, against reading the weights once at the GPU's bandwidth, measured (`bandwidth`). The
     graphs' tokens are checked torch.equal to the eager static steps' (the same kernels), and compared
-    with the teaching loop's."""
+    with the teaching loop's. --fuse adds both static ways on a second copy of the model (the same
+    weights) with each layer's pre and post compiled (fast/compiled.py), alternated with the rest."""
     rows, bw = [], bandwidth("cuda")
     for name in a.dims:
         cfg, dtype = Config(**DIMS[name]), getattr(torch, a.dtype)
@@ -281,6 +282,10 @@ def decode_bench(a):
         ways = {"teaching loop": lambda tok: generate.decode(model, tok, cache, n, graphs=False),
                 "static eager": lambda tok: fast.decode.decode(model, tok, cache, n, graphs=False),
                 "CUDA graphs": lambda tok: fast.decode.decode(model, tok, cache, n, graphs=True)}
+        if a.fuse:                                     # compiled on the first (warm-up) repeat
+            fused = fuse(dims_model(name, dtype, "cuda"))
+            ways["static eager, fused"] = lambda tok: fast.decode.decode(fused, tok, cache, n, graphs=False)
+            ways["CUDA graphs, fused"] = lambda tok: fast.decode.decode(fused, tok, cache, n, graphs=True)
         times, toks = defaultdict(list), {}
         with torch.inference_mode():
             for _ in range(1 + a.repeats):             # the first repeat warms up and is not counted
@@ -292,7 +297,8 @@ def decode_bench(a):
                     toks[way] = run(tok)
                     sync("cuda")
                     times[way].append((time.perf_counter() - t0) / n)
-        same = torch.equal(toks["CUDA graphs"], toks["static eager"])
+        same = torch.equal(toks["CUDA graphs"], toks["static eager"]) and (
+            not a.fuse or torch.equal(toks["CUDA graphs, fused"], toks["static eager, fused"]))
         agree = int((toks["CUDA graphs"] == toks["teaching loop"]).cumprod(1).sum())
         for way in ways:
             ms = statistics.median(times[way][1:]) * 1e3
@@ -303,7 +309,7 @@ def decode_bench(a):
         print(f"{name}: weights {weights / 1e9:.2f} GB, read once at {bw / 1e9:.0f} GB/s (measured, a "
               f"device-to-device copy): {bound * 1e3:.2f} ms; CUDA graphs' tokens torch.equal to the static steps' "
               f"eager: {same}; first {agree} of {a.new} tokens as the teaching loop's", flush=True)
-        model = cache = None
+        model = cache = fused = None
         torch.cuda.empty_cache()
     save(a.out, machine(), rows)
 
@@ -619,6 +625,7 @@ def main(argv=None):
     d.add_argument("--C", type=cli.at_least(1), default=128, help="prompt tokens")
     d.add_argument("--new", type=cli.at_least(3), default=72, help="new tokens (the first from the prefill)")
     d.add_argument("--repeats", type=cli.at_least(1), default=5)
+    d.add_argument("--fuse", action="store_true", help="also the static steps with pre/post compiled")
     d.add_argument("--out", default="results/decode.json")
     r = sub.add_parser("ranks", help="real ranks under mpirun: every variant, alternated")
     r.add_argument("--model", default="builtin:llama")
