@@ -15,26 +15,13 @@ sys.path.insert(0, ROOT)
 from bench import emulated  # noqa: E402
 from bench.emulated import SHARE, VARIANTS  # noqa: E402
 from conftest import MPIRUN  # noqa: E402
+from test_sim import markdown_rows  # noqa: E402
 
 
 def printed_steps(text):
     """{step: its command line, split} of every `[step] command` line a run printed."""
     return {line[1:line.index("]")].removesuffix(" (done before)"): shlex.split(line[line.index("]") + 2:])
             for line in text.splitlines() if line.startswith("[") and not line.startswith("[mps]")}
-
-
-def markdown(text, first_col="C"):
-    """The rows (dicts) of the Markdown tables in text whose header starts with first_col."""
-    rows, names = [], None
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
-        if cells and cells[0] == first_col:
-            names = cells
-        elif cells and names and not set(cells[0]) <= set("-"):
-            rows.append(dict(zip(names, cells)))
-        elif not cells:
-            names = None
-    return rows
 
 
 def after(cmd, flag, n=1):
@@ -138,7 +125,7 @@ def test_out_of_memory_is_split_and_reported_and_a_run_goes_on(tmp_path, monkeyp
     lost = [r for r in rows if r["ttft_s"] is None]
     assert {(r["p"], r["C"]) for r in lost} == {(4, 16384)} and {r["note"] for r in lost} == {"out of memory"}
     assert all(r["simulated_s"] for r in rows if r["ttft_s"])
-    four = markdown(text.split("emulated: 4 ranks at 25% of one Fake GPU")[1].split("simulated vs")[0])
+    four = markdown_rows(text.split("emulated: 4 ranks at 25% of one Fake GPU")[1].split("simulated vs")[0], "C")
     assert [r["C"] for r in four] == ["4096", "8192", "16384"]
     assert four[2]["KVR-S"] == four[2]["TSP"] == "out of memory" and four[2]["whole GPU"] == "163.8"
     assert four[1]["whole GPU / KVR-S"] == f"{10 / 10.2:.3f}"
@@ -207,7 +194,7 @@ def test_summary_tables_and_targets(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "emulated: 4 ranks at 25% of one NVIDIA H100 80GB HBM3\ndims:llama7b, float16, direct route; TTFT ms, " \
            "median of 3; the ranks saw 33 SMs, one whole-GPU process 132" in text
-    measured, oom, simulated, none = markdown(text)
+    measured, oom, simulated, none = markdown_rows(text, "C")
     assert measured == {"C": "8192", "one process at share": "320.0", "whole GPU": "80.0", "TSP": "150.0",
                         "TSP-zigzag": "120.0", "KVR-E": "90.0", "KVR-S": "82.0",
                         "KVR-S speed-up over one process at share": "3.90", "whole GPU / KVR-S": "0.976",
@@ -252,5 +239,5 @@ def test_end_to_end_on_the_cpu(tmp_path):
     s = subprocess.run([sys.executable, "-m", "bench.emulated", "summary", str(out)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert s.returncode == 0 and "emulated: 2 ranks at 50% of one CPU" in s.stdout
-    assert markdown(s.stdout) == markdown(r.stdout)[-4:]
-    assert [x["C"] for x in markdown(s.stdout)] == ["128", "256"] * 2
+    assert markdown_rows(s.stdout, "C") == markdown_rows(r.stdout, "C")[-4:]
+    assert [x["C"] for x in markdown_rows(s.stdout, "C")] == ["128", "256"] * 2
