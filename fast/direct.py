@@ -21,6 +21,13 @@ class _Passed:
         return True
 
 
+def positions(out, starts, counts, dim):
+    """Each rank's positions of `out` as views, their bytes, and their offsets packed one after another."""
+    parts = [out.narrow(dim, a, n) for a, n in zip(starts, counts)]
+    sizes = [p.numel() * out.element_size() for p in parts]
+    return parts, sizes, [sum(sizes[:r]) for r in range(len(sizes))]
+
+
 class DirectTransport(Transport):
     """transport.Transport for GPU tensors under a CUDA-aware MPI; on a CPU, the same queue with
     events that have always passed."""
@@ -54,13 +61,11 @@ class DirectTransport(Transport):
         prefix is (a CUDA-aware MPI would unpack a device datatype through host memory)."""
         if not self.cuda:
             return super()._gather(out, starts, counts, dim)
-        mine = out.narrow(dim, starts[self.rank], counts[self.rank]).contiguous()
-        parts = [out.narrow(dim, a, n) for a, n in zip(starts, counts)]
+        parts, sizes, displs = positions(out, starts, counts, dim)
+        mine = parts[self.rank].contiguous()
         flat = self._empty((sum(p.numel() for p in parts),), out.dtype)
         self._event().synchronize()                    # mine is written
-        sizes = [p.numel() * out.element_size() for p in parts]
-        self.wait(self.comm.Iallgatherv(_buf(mine), [_buf(flat)[0], sizes, [sum(sizes[:r]) for r in range(len(sizes))],
-                                                      MPI.BYTE]))
+        self.wait(self.comm.Iallgatherv(_buf(mine), [_buf(flat)[0], sizes, displs, MPI.BYTE]))
         for r, (part, got) in enumerate(zip(parts, flat.split([p.numel() for p in parts]))):
             if r != self.rank:
                 part.copy_(got.view(part.shape))

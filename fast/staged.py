@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from fast.direct import DirectTransport, _Passed
+from fast.direct import DirectTransport, _Passed, positions
 from transport import MPI, _buf, local_comm   # transport decides when MPI starts
 
 
@@ -119,14 +119,13 @@ class StagedTransport(DirectTransport):
     def _gather(self, out, starts, counts, dim):
         """Every rank's positions of `out`, through the slots or pinned buffers: this rank's part is
         copied down, the others' parts up into their positions."""
-        parts = [out.narrow(dim, a, n) for a, n in zip(starts, counts)]
-        sizes = [p.numel() * out.element_size() for p in parts]
+        parts, sizes, displs = positions(out, starts, counts, dim)
         self.largest = max(self.largest, sizes[self.rank])
         if all(self._shared(r, sizes[r]) for r in range(self.size)):
             return self._gather_shared(parts, sizes)
         ready, mine = self._down(parts[self.rank], "d2h", "gather")
         ready.synchronize()
-        into, displs = self._pinned(sum(sizes)), [sum(sizes[:r]) for r in range(self.size)]
+        into = self._pinned(sum(sizes))
         self.wait(self.comm.Iallgatherv(_buf(mine), [MPI.buffer.fromaddress(into.data_ptr(), sum(sizes)),
                                                       sizes, displs, MPI.BYTE]))
         self._release(mine)
