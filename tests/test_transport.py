@@ -213,6 +213,25 @@ else:
     assert float(run(code, n=2, timeout=60).strip()) < 0.5
 
 
+def test_a_finished_rank_waits_politely_for_the_decoding_one():
+    """program.done: a rank whose part is over stays there until the rank that decodes has finished
+    (2 s here), sleeping between polls even where its waits would not (a GPU rank's), so it costs
+    little CPU time. Gone on to exit, it would spin in MPI_Finalize for the whole decode instead."""
+    code = """
+import time, types, program
+comm, dev = transport.init('cpu')
+job = types.SimpleNamespace(transport=transport.Transport(comm, dev, polite=False))
+if comm.rank == 1:
+    time.sleep(2.0)                                    # decoding
+wall, cpu = time.perf_counter(), time.process_time()
+program.done(job)
+if comm.rank == 0:
+    print(f"{time.perf_counter() - wall:.3f} {time.process_time() - cpu:.3f}")
+"""
+    wall, cpu = map(float, run(code, n=2, timeout=60).split())
+    assert wall > 1.5 and cpu < 0.5, (wall, cpu)
+
+
 def test_what_rank_0_decides_every_rank_gets_value_or_error():
     """Transport.agree: rank 0 alone runs decide(); every rank returns its value, or raises its error
     with the same message, so no rank waits in a broadcast for an answer that never comes."""
