@@ -17,6 +17,7 @@ import generate
 import model
 from fast import attention
 from fast.compiled import fuse
+from fast.system import mps
 from kvcache import KVCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,12 +186,14 @@ def test_the_programs_on_the_gpu_are_bitwise_one_process_doing_their_arithmetic(
     (partition 50,40,30) is one process prefilling the same chunks through its cache, and tsp.py,
     plain and zigzag, is one process doing TSP's arithmetic (tests/test_mpi.py's references, run
     here on the GPU in float16 with the same kernels), on the route asked for (KVR_ROUTE; direct
-    needs a CUDA-aware MPI, and the MPI-library-built-with-CUDA run of this file takes it)."""
+    needs a CUDA-aware MPI, and the MPI-library-built-with-CUDA run of this file takes it). The
+    report names the route, and how the ranks share the GPU (through MPS or without)."""
     from test_mpi import assert_equal_run, chunked_reference, tsp_reference
     aware = subprocess.run([sys.executable, "-c", "import transport, fast.staged; transport.init(); "
                             "print(fast.staged.cuda_aware_mpi())"], cwd=ROOT, capture_output=True, text=True)
     if route == "direct" and aware.stdout.strip() != "True":   # (the query answers once MPI has started)
         pytest.skip("this MPI is not CUDA-aware: the direct route needs one (docs/gpu.md)")
+    n_gpus = torch.cuda.device_count()
     m = model.builtin("llama", seed=0, dtype=torch.float16).cuda()
     ids = torch.randint(3, m.cfg.vocab_size, (120,), generator=torch.Generator().manual_seed(0))   # as --prompt-len
     tokens = ids[None].cuda()
@@ -205,6 +208,8 @@ def test_the_programs_on_the_gpu_are_bitwise_one_process_doing_their_arithmetic(
                                 "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
         assert r.returncode == 0, r.stdout + r.stderr
         assert ("straight to MPI" if route == "direct" else "staged through pinned host memory") in r.stdout, r.stdout
+        shared = f"3 ranks share {n_gpus} GPU(s) " + ("through MPS" if mps() else "without MPS")
+        assert (shared in r.stdout) == (n_gpus < 3), r.stdout      # the report says how ranks share a GPU
         assert_equal_run(torch.load(tmp_path / name), logits.cpu(), [(k.cpu(), v.cpu()) for k, v in kv], gen)
 
 
