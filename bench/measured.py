@@ -270,7 +270,8 @@ def decode_bench(a):
     prefill, against reading the weights once at the GPU's bandwidth, measured (`bandwidth`). The
     graphs' tokens are checked torch.equal to the eager static steps' (the same kernels), and compared
     with the teaching loop's. --fuse adds both static ways on a second copy of the model (the same
-    weights) with each layer's pre and post compiled (fast/compiled.py), alternated with the rest."""
+    weights) with each layer's pre and post compiled (fast/compiled.py), alternated with the rest;
+    --compile adds both with the whole step compiled as one graph (fast.decode.decode's `compiled`)."""
     rows, bw = [], bandwidth("cuda")
     for name in a.dims:
         cfg, dtype = Config(**DIMS[name]), getattr(torch, a.dtype)
@@ -286,6 +287,11 @@ def decode_bench(a):
             fused = fuse(dims_model(name, dtype, "cuda"))
             ways["static eager, fused"] = lambda tok: fast.decode.decode(fused, tok, cache, n, graphs=False)
             ways["CUDA graphs, fused"] = lambda tok: fast.decode.decode(fused, tok, cache, n, graphs=True)
+        if a.compile:                                  # the whole step one graph, compiled on first use
+            ways["static eager, compiled"] = lambda tok: fast.decode.decode(model, tok, cache, n, graphs=False,
+                                                                           compiled=True)
+            ways["CUDA graphs, compiled"] = lambda tok: fast.decode.decode(model, tok, cache, n, graphs=True,
+                                                                          compiled=True)
         times, toks = defaultdict(list), {}
         with torch.inference_mode():
             for _ in range(1 + a.repeats):             # the first repeat warms up and is not counted
@@ -297,8 +303,8 @@ def decode_bench(a):
                     toks[way] = run(tok)
                     sync("cuda")
                     times[way].append((time.perf_counter() - t0) / n)
-        same = torch.equal(toks["CUDA graphs"], toks["static eager"]) and (
-            not a.fuse or torch.equal(toks["CUDA graphs, fused"], toks["static eager, fused"]))
+        same = all(torch.equal(toks["CUDA graphs" + how], toks["static eager" + how])
+                   for how, on in (("", True), (", fused", a.fuse), (", compiled", a.compile)) if on)
         agree = int((toks["CUDA graphs"] == toks["teaching loop"]).cumprod(1).sum())
         for way in ways:
             ms = statistics.median(times[way][1:]) * 1e3
@@ -626,6 +632,7 @@ def main(argv=None):
     d.add_argument("--new", type=cli.at_least(3), default=72, help="new tokens (the first from the prefill)")
     d.add_argument("--repeats", type=cli.at_least(1), default=5)
     d.add_argument("--fuse", action="store_true", help="also the static steps with pre/post compiled")
+    d.add_argument("--compile", action="store_true", help="also the static steps each compiled whole")
     d.add_argument("--out", default="results/decode.json")
     r = sub.add_parser("ranks", help="real ranks under mpirun: every variant, alternated")
     r.add_argument("--model", default="builtin:llama")

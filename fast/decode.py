@@ -71,12 +71,13 @@ class Step:
 
 
 @torch.no_grad()
-def decode(model, tok, cache, steps, stop_at_eos=False, graphs=True, eager_steps=1):
+def decode(model, tok, cache, steps, stop_at_eos=False, graphs=True, eager_steps=1, compiled=False):
     """generate.decode's contract with static steps: the first `eager_steps` run as they are (they
     warm cuBLAS and the allocator up), then one step is recorded as a CUDA graph and replayed for the
-    rest (graphs=False: every step eager, the same kernels). Positions len(cache).. of every layer are
-    zeroed first, so whatever they held (NaN, inf) cannot reach the masked attention. Returns
-    (B, 1+steps)."""
+    rest (graphs=False: every step eager, the same kernels). compiled: the whole step is one
+    torch.compile graph, as gpt-fast compiles its decode step, so the work between the matmuls fuses
+    (compiled on the first step). Positions len(cache).. of every layer are zeroed first, so whatever
+    they held (NaN, inf) cannot reach the masked attention. Returns (B, 1+steps)."""
     if len(cache) + steps > cache.capacity:
         raise ValueError(f"KV cache holds {cache.capacity} tokens; {len(cache)} + {steps} do not fit")
     if varies(model.cfg, cache):
@@ -85,14 +86,15 @@ def decode(model, tok, cache, steps, stop_at_eos=False, graphs=True, eager_steps
     for kv in cache.kv:                                # the masked keys: zeros, not junk
         kv[:, :, :, len(cache):].zero_()
     step, out, graph = Step(model, cache, tok), [tok], None
+    run = torch.compile(step.__call__, fullgraph=True) if compiled else step
     for i in range(steps):
         if stop_at_eos and (step.tok == model.cfg.eos_token_id).all():
             break
         if graphs and i == eager_steps:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):              # recorded, not run
-                step()
-        graph.replay() if graph else step()
+                run()
+        graph.replay() if graph else run()
         out.append(step.tok.clone())
     for layer in range(len(cache.kv)):                 # the positions the steps wrote, now held
         cache.claim(layer, len(out) - 1)

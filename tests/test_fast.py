@@ -57,6 +57,28 @@ def test_static_decode_steps_compute_what_the_teaching_decode_computes(arch):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
+def test_a_static_step_compiled_whole_computes_what_it_computes_eagerly_and_compiles_once():
+    """To float32 rounding, not bitwise: the whole static step as one torch.compile graph
+    (fast.decode.decode's `compiled`) gives the eager steps' tokens, and their cache in float64 up to
+    RoPE's angles, which are float32 (as HF's) and whose compiled sin and cos differ from eager's by
+    an ulp (6e-8); a second decode, with a new step, reuses the compiled graph."""
+    import torch._dynamo.utils
+    m = model.builtin("llama", seed=0, dtype=torch.float64)
+    prompt = torch.randint(3, 1024, (1, 37), generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    out, caches = [], []
+    for compiled in (False, True, True):
+        cache = KVCache(m.cfg, 1, 37 + 12, torch.float64)
+        tok = m(prompt, cache, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        out.append(fast.decode.decode(m, tok, cache, 9, graphs=False, compiled=compiled))
+        caches.append(cache)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+    for a, b in zip(caches[0].kv, caches[1].kv):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 def test_static_decode_refuses_steps_past_the_capacity():
     m = model.builtin("llama", dtype=torch.float64)
     cache = KVCache(m.cfg, 1, 8, torch.float64)
