@@ -242,6 +242,10 @@ class Block(nn.Module):
         h = self.attn_norm(x)
         return (h, *self.attn.project(h, cos_sin))
 
+    def post(self, x, h, y):                           # sequential residuals (Falcon-7B's are parallel)
+        x = x + self.attn.wo(merge_heads(y))
+        return x + self.mlp(self.mlp_norm(x))
+
 
 def merge_heads(y):
     """(B, nh, T, hs) -> (B, T, nh * hs)"""
@@ -258,10 +262,8 @@ class LlamaBlock(Block):
         self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
         self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
 
-    def post(self, x, h, y):
-        x = x + self.attn.wo(merge_heads(y))
-        h = self.mlp_norm(x)
-        return x + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
+    def mlp(self, h):
+        return self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
 
 
 class FalconBlock(Block):
@@ -278,12 +280,10 @@ class FalconBlock(Block):
         return self.w_out(F.gelu(self.w_in(h)))        # exact erf GELU
 
     def post(self, x, h, y):
-        a = self.attn.wo(merge_heads(y))
-        if self.cfg.parallel_attn:                     # falcon-7b/40b/180b/11b: one residual for both
-            m = self.mlp(self.mlp_norm(x) if self.mlp_norm is not None else h)
-            return (m + a) + x
-        x = x + a                                      # falcon-rw: sequential, like GPT-2
-        return self.mlp(self.mlp_norm(x)) + x
+        if not self.cfg.parallel_attn:                 # falcon-rw: sequential, like GPT-2 and Llama
+            return super().post(x, h, y)
+        m = self.mlp(self.mlp_norm(x) if self.mlp_norm is not None else h)
+        return (m + self.attn.wo(merge_heads(y))) + x  # falcon-7b/40b/180b/11b: one residual for both
 
 
 class Transformer(nn.Module):

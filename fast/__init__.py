@@ -6,8 +6,9 @@ decode); the code before each seam reads the same without it:
   system     the seam: the GPU route, --trace, --fuse/--graphs, searched partitions, warm-ups, --save
   attention  model.attend hands a half-precision GPU chunk after a prefix to cuDNN (two blocks
              merged by log-sum-exp)
-  compiled   fuse(model): each layer's pre and post compiled (torch.compile), and with graphs=True
-             the forward handed to segments (--fuse, --graphs)
+  compiled   fuse(model): each Llama layer's Q/K/V and gate/up matmuls merged, each layer's pre and
+             post compiled (torch.compile), and with graphs=True the forward handed to segments
+             (--fuse, --graphs)
   decode     generate.decode hands decoding on a GPU to static steps replayed as CUDA graphs
   segments   a forward recorded and replayed as CUDA graphs of what lies between two K/V exchanges
   table      partition.CostModel.chunk_time on a GPU: the chunk times calibrate.py measured, interpolated

@@ -79,6 +79,38 @@ def test_a_static_step_compiled_whole_computes_what_it_computes_eagerly_and_comp
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_merged_matmuls_compute_the_separate_ones_and_hold_no_second_copy(bias):
+    """To float64 rounding: fast.compiled.merge (a Llama layer's Q, K and V as one matmul, gate and
+    up as another, what --fuse runs) gives the model's logits and cache, biases included; the
+    separate weights become views of the merged ones, so the model holds nothing twice."""
+    from dataclasses import replace
+    from fast.compiled import merge
+    m = model.Transformer(replace(model.builtin("llama").cfg, attn_bias=bias, mlp_bias=bias)).double()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) / p.shape[-1] ** 0.5)
+    tok = torch.randint(3, 1024, (1, 40), generator=g)
+    out, kv = [], []
+    for merged in (False, True):
+        if merged:
+            for block in m.layers:
+                merge(block)
+        cache = KVCache(m.cfg, 1, 48, torch.float64)
+        out.append(m(tok[:, :32], cache, 0))
+        out.append(m(tok[:, 32:], cache, 32))            # a chunk after a prefix, as a rank's
+        kv.append(torch.stack(cache.kv))
+    for a, b in zip(out[:2], out[2:]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+    torch.testing.assert_close(kv[0], kv[1], atol=1e-10, rtol=0)
+    blk = m.layers[0]
+    for lins in ((blk.attn.wq, blk.attn.wk, blk.attn.wv), (blk.w_gate, blk.w_up)):
+        storages = {t.untyped_storage().data_ptr() for lin in lins for t in (lin.weight, lin.bias) if t is not None}
+        assert len(storages) == 1 + bias, storages     # the weights one tensor, the biases another
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in model.Transformer(m.cfg).parameters())
+
+
 def test_static_decode_refuses_steps_past_the_capacity():
     m = model.builtin("llama", dtype=torch.float64)
     cache = KVCache(m.cfg, 1, 8, torch.float64)
