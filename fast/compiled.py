@@ -31,7 +31,7 @@ def fuse(model, backend="inductor", graphs=False):
 
 def merge(block):
     """A Llama layer's Q, K and V as one matmul, and its gate and up as one (gpt-fast's wqkv): the
-    same products from fewer, wider GEMMs, and in decode 3 weight reads launched where there were 5.
+    same products from fewer, wider GEMMs (in decode, 2 launches where there were 5).
     Falcon stores them merged already. The separate weights become views of the merged ones, so
     nothing is held twice, and a merged product's columns are each the separate one's up to rounding."""
     a, hs = block.attn, block.attn.cfg.head_dim
