@@ -14,7 +14,8 @@ CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100/p % of the SMs, against one process on t
                    measured cell profiled rank by rank, replayed over that link
 Each share calibrates its own cost model (KVR_CACHE=FILE/cache-SHARE): KVR-S is searched for the
 small GPU. A ranks job that runs out of GPU memory runs again without its largest C, which then runs
-alone: every cell that fits is measured, one that does not says "out of memory". FILE.json keeps
+alone, and a C alone again without TSP and TSP-zigzag (each of their ranks holds the whole prompt's
+K/V): every cell that fits is measured, one that does not says "out of memory". FILE.json keeps
 every step (command, environment, exit status, the job's own meta and rows), saved after each: the
 same command again goes on where a time limit cut it off, and may add values of p.
 """
@@ -59,18 +60,21 @@ def mpirun(launcher, kind, n, env):
     return cmd + ["-n", str(n)]
 
 
-def step(a, kind, p, args, n=0, C=None):
-    """One job at p's share (p=1: the whole GPU, no share), on n ranks of mpirun (0: no launcher)."""
+def step(a, kind, p, args, n=0, C=None, without=""):
+    """One job at p's share (p=1: the whole GPU, no share), on n ranks of mpirun (0: no launcher);
+    `without` names variants left out (a key and file of its own)."""
     env = {SHARE: str(100 // p)} if p > 1 else {}
     env["KVR_CACHE"] = f"{a.files}/cache-{100 // p}"
     if a.route != "auto" and kind != "sim" and p > 1:
         env["KVR_ROUTE"] = a.route
     env |= {k: os.environ[k] for k in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY") if k in os.environ}
     Cs = ",".join(map(str, C or []))
-    out = f"{a.files}/{kind}-p{p}" + (f"-C{Cs.replace(',', '-')}" if C else "") + ".json"
-    cmd = [sys.executable, "-m", *JOBS[kind], *args, "--out", out]
-    return dict(key=f"{kind} " + (f"p={p}" if p > 1 else "whole GPU") + (f" C={Cs}" if C else ""), kind=kind, p=p,
-                C=C, env=env, out=out, launched=bool(n), cmd=mpirun(a.launcher, a.mpi, n, env) + cmd if n else cmd)
+    out = f"{a.files}/{kind}-p{p}" + (f"-C{Cs.replace(',', '-')}" if C else "") + f"-no-{without}" * bool(without)
+    cmd = [sys.executable, "-m", *JOBS[kind], *args, "--out", out + ".json"]
+    key = (f"{kind} " + (f"p={p}" if p > 1 else "whole GPU") + (f" C={Cs}" if C else "")
+           + f" without {without}" * bool(without))
+    return dict(key=key, kind=kind, p=p,
+                C=C, env=env, out=out + ".json", launched=bool(n), cmd=mpirun(a.launcher, a.mpi, n, env) + cmd if n else cmd)
 
 
 def execute(s):
@@ -155,13 +159,16 @@ def run(a):
     ranks = ["--model", a.model, "--dtype", a.dtype, "--device", a.device, "--repeats", str(a.repeats)]
     try:
         for p in [1, *sorted(a.p)]:
-            ran, todo = [], [a.C]
-            while todo:                                # out of memory: the rest first, then the largest C alone
-                Cs = todo.pop(0)
-                ran.append(do(step(a, "ranks", p, [*ranks, "--C", *map(str, Cs), "--variants",
-                                                   *VARIANTS[:1 if p == 1 else None]] + ["--fuse"] * a.fuse, p, Cs)))
+            ran, todo = [], [(a.C, VARIANTS[:1 if p == 1 else None])]
+            while todo:                                # out of memory: the rest first, then the largest C alone,
+                Cs, vs = todo.pop(0)                   # then that C without TSP's full-length caches
+                without = "TSP" if len(vs) < len(VARIANTS[:1 if p == 1 else None]) else ""
+                ran.append(do(step(a, "ranks", p, [*ranks, "--C", *map(str, Cs), "--variants", *vs]
+                                   + ["--fuse"] * a.fuse, p, Cs, without)))
                 if ran[-1]["note"] == "out of memory" and len(Cs) > 1:
-                    todo[:0] = [Cs[:-1], Cs[-1:]]
+                    todo[:0] = [(Cs[:-1], vs), (Cs[-1:], vs)]
+                elif ran[-1]["note"] == "out of memory" and "TSP" in vs:
+                    todo[:0] = [(Cs, [v for v in vs if not v.startswith("TSP")])]
             ok, link = [s for s in ran if not s["note"]], []
             if a.simulate and ok and p > 1:            # the link at this share: 2 ranks
                 got = do(step(a, "link", p, ["--device", a.device, "--mib", *map(str, a.link_mib)], 2))
@@ -198,7 +205,7 @@ def cells(meta):
                 r, t = got.get(v), sim.get((p, C, v))
                 rows.append(dict(model=meta["settings"]["model"], dtype=meta["settings"]["dtype"], route=route, p=p,
                                  share=100 // p, C=C, variant=v, ttft_s=r and r["ttft_s"], raw_s=r and r["raw_s"],
-                                 partition=r and r["partition"], note="" if r else "not run" if ok else why,
+                                 partition=r and r["partition"], note="" if r else why if oom or not ok else "not run",
                                  simulated_s=t, error=t / r["ttft_s"] - 1 if t and r else None))
     return rows
 

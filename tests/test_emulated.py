@@ -89,8 +89,10 @@ def fake_execute(calls, oom=lambda s: False, broken=lambda s: False):
         if oom(s):
             return dict(s, rc=1, seconds=0.0, note="out of memory")
         if s["kind"] == "ranks":
+            asked = s["cmd"][s["cmd"].index("--variants") + 1:]
+            asked = asked[:next(i for i, x in enumerate(asked) if x.startswith("--"))]
             rows = [dict(C=C, p=s["p"], variant=v, ttft_s=ms[v] * C * 1e-6 * (s["p"] if v == "one process" else 1),
-                         raw_s=[0.0], partition=None) for C in s["C"] for v in VARIANTS[:1 if s["p"] == 1 else None]]
+                         raw_s=[0.0], partition=None) for C in s["C"] for v in asked]
             meta = dict(gpu="Fake GPU", route="direct", sms=132 // s["p"], mps_share=s["env"].get(SHARE))
         elif s["kind"] == "link":
             rows, meta = [], dict(gpu="Fake GPU")
@@ -108,16 +110,16 @@ RUN = ["run", "--mpi", "mpich", "--device", "cpu", "-p", "2", "4", "--C", "4096"
 
 
 def test_out_of_memory_is_split_and_reported_and_a_run_goes_on(tmp_path, monkeypatch, capsys):
-    """4 ranks at 16k do not fit: their job runs again without 16k, then 16k alone, which is reported
-    out of memory in every variant's cell; the targets are judged at 8k, saying why not 16k. The same
-    command again runs nothing; other settings are refused."""
+    """4 ranks at 16k do not fit: their job runs again without 16k, then 16k alone, then 16k without
+    TSP, which is reported out of memory in every variant's cell; the targets are judged at 8k, saying
+    why not 16k. The same command again runs nothing; other settings are refused."""
     calls, out = [], str(tmp_path / "e.json")
     oom = fake_execute(calls, oom=lambda s: s["kind"] == "ranks" and s["p"] == 4 and 16384 in s["C"])
     monkeypatch.setattr(emulated, "execute", oom)
     emulated.main(RUN + ["--out", out])
     assert calls == ["ranks whole GPU C=4096,8192,16384", "sim whole GPU", "ranks p=2 C=4096,8192,16384", "link p=2",
                      "sim p=2", "ranks p=4 C=4096,8192,16384", "ranks p=4 C=4096,8192", "ranks p=4 C=16384",
-                     "link p=4", "sim p=4"]
+                     "ranks p=4 C=16384 without TSP", "link p=4", "sim p=4"]
     text, d = capsys.readouterr().out, json.load(open(out))
     rows, sim = d["rows"], d["meta"]["steps"]["sim p=4"]["cmd"]
     assert [x for x in sim if "/ranks-" in x] == [f"{tmp_path}/e/ranks-p4-C4096-8192.json"]   # what fitted, only
@@ -137,11 +139,32 @@ def test_out_of_memory_is_split_and_reported_and_a_run_goes_on(tmp_path, monkeyp
     calls.clear()
     emulated.main(RUN + ["--out", out])
     again = capsys.readouterr().out
-    assert calls == [] and "going on after the 10 steps done before" in again
-    assert again.count("(done before)") == 10
+    assert calls == [] and "going on after the 11 steps done before" in again
+    assert again.count("(done before)") == 11
     assert json.load(open(out))["rows"] == rows
     with pytest.raises(SystemExit, match="holds a run of other settings"):
         emulated.main(RUN[:-1] + ["--repeats", "5", "--out", out])
+
+
+def test_a_largest_c_that_fits_only_without_tsp_is_measured_without_it(tmp_path, monkeypatch, capsys):
+    """4 ranks at 16k fit only without TSP and TSP-zigzag (whose ranks each hold the whole prompt's
+    K/V): 16k runs again without them, their cells say out of memory, and the targets are judged at
+    16k, TSP's ratio saying why it has none."""
+    calls, out = [], str(tmp_path / "e.json")
+    monkeypatch.setattr(emulated, "execute", fake_execute(calls, oom=lambda s: s["kind"] == "ranks" and s["p"] == 4
+                                                          and 16384 in s["C"] and "TSP" in s["cmd"]))
+    emulated.main(RUN + ["--out", out])
+    assert calls[5:9] == ["ranks p=4 C=4096,8192,16384", "ranks p=4 C=4096,8192", "ranks p=4 C=16384",
+                          "ranks p=4 C=16384 without TSP"]
+    step = json.load(open(out))["meta"]["steps"]["ranks p=4 C=16384 without TSP"]
+    assert step["out"].endswith("/ranks-p4-C16384-no-TSP.json")
+    assert step["cmd"][step["cmd"].index("--variants") + 1:][:4] == ["one process", "KVR-E", "KVR-S", "--out"]
+    rows = {(r["p"], r["C"], r["variant"]): r for r in json.load(open(out))["rows"]}
+    assert rows[4, 16384, "KVR-S"]["ttft_s"] and rows[4, 16384, "one process"]["ttft_s"]
+    assert {rows[4, 16384, v]["note"] for v in ("TSP", "TSP-zigzag")} == {"out of memory"}
+    text = capsys.readouterr().out
+    assert "- 4 emulated GPUs, C=16384: KVR-S <= 1.05x one whole-GPU process: 167.1 vs 163.8 ms, 1.020x: met" in text
+    assert "TSP / KVR-S >= 1.42: TSP out of memory" in text
 
 
 def test_mps_required_started_and_stopped(tmp_path, monkeypatch, capsys):
