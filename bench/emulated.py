@@ -11,7 +11,8 @@ CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100/p % of the SMs, against one process on t
                    process at the share (the last rank alone), TSP, TSP-zigzag, KVR-E, KVR-S per C
   link p           --simulate: `bench.measured link` between 2 ranks at the share
   sim p            --simulate: `bench.simulated validate`, one process at the share: the work of each
-                   measured cell profiled rank by rank, replayed over that link
+                   measured cell profiled rank by rank, replayed over that link, the ranks side by
+                   side no faster together than the whole GPU (`--devices`, see `capacity`)
 Each share calibrates its own cost model (KVR_CACHE=FILE/cache-SHARE): KVR-S is searched for the
 small GPU. A ranks job that runs out of GPU memory runs again without its largest C, which then runs
 alone, and a C alone again without TSP and TSP-zigzag (each of their ranks holds the whole prompt's
@@ -25,6 +26,7 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -174,13 +176,27 @@ def run(a):
                 got = do(step(a, "link", p, ["--device", a.device, "--mib", *map(str, a.link_mib)], 2))
                 link = None if got["note"] else ["--measured-link", got["out"], "--route", ok[0]["meta"]["route"]]
             if a.simulate and ok and link is not None:
-                do(step(a, "sim", p, [*(s["out"] for s in ok), *link, "--repeats", str(a.repeats)]))
+                cap = capacity(steps, p)
+                do(step(a, "sim", p, [*(s["out"] for s in ok), *link, "--repeats", str(a.repeats)]
+                        + (["--devices", f"{cap:.3f}"] if cap else [])))
     finally:
         signal.signal(signal.SIGTERM, term)
         if started:
             subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, timeout=120)
     if not a.dry_run:
         summary(dict(meta=meta, rows=cells(meta)))
+
+
+def capacity(steps, p):
+    """The whole GPU's speed in shares of 100/p %: one process's TTFT at the share over the whole GPU's,
+    the median over the C both measured (None for p=1 or without both). A share alone has the whole
+    memory system (on an H100, 25% ran 2.93x slower than the whole GPU, not 4x), so p shares side by
+    side together run at most this many times one share's speed alone: what the replay's `devices`
+    caps them at, instead of p independent GPUs."""
+    one = {q: {r["C"]: r["ttft_s"] for s in steps.values() if s["kind"] == "ranks" and s["p"] == q and not s["note"]
+               for r in s["rows"] if r["variant"] == "one process" and r["ttft_s"]} for q in (1, p)}
+    both = sorted(set(one[1]) & set(one[p])) if p > 1 else []
+    return max(1.0, statistics.median(one[p][C] / one[1][C] for C in both)) if both else None
 
 
 def cells(meta):

@@ -328,7 +328,8 @@ def main(argv=None):
     si.add_argument("--out", default="results/simulated.json")
     va = sub.add_parser("validate", help="the simulator against real runs of `ranks` on this machine")
     va.add_argument("real", nargs="+", help="results JSON of bench/measured.py ranks")
-    va.add_argument("--devices", type=cli.at_least(1), help="devices the real ranks shared (default: one each)")
+    va.add_argument("--devices", type=cli.at_least(1, float), help="devices the real ranks shared (default: one "
+                    "each), or as many ranks' speed alone as their GPU gives them together (bench.emulated)")
     va.add_argument("--repeats", type=cli.at_least(1), default=5)
     va.add_argument("--measured-link", help="a bench/measured.py link file: replay on its --route's fitted link")
     va.add_argument("--route", default="staged")

@@ -123,6 +123,9 @@ def test_out_of_memory_is_split_and_reported_and_a_run_goes_on(tmp_path, monkeyp
     text, d = capsys.readouterr().out, json.load(open(out))
     rows, sim = d["rows"], d["meta"]["steps"]["sim p=4"]["cmd"]
     assert [x for x in sim if "/ranks-" in x] == [f"{tmp_path}/e/ranks-p4-C4096-8192.json"]   # what fitted, only
+    assert after(sim, "--devices") == ["4.000"]        # one process at the share over the whole GPU
+    assert after(d["meta"]["steps"]["sim p=2"]["cmd"], "--devices") == ["2.000"]
+    assert "--devices" not in d["meta"]["steps"]["sim whole GPU"]["cmd"]
     assert len(rows) == 3 + 2 * 3 * 5
     lost = [r for r in rows if r["ttft_s"] is None]
     assert {(r["p"], r["C"]) for r in lost} == {(4, 16384)} and {r["note"] for r in lost} == {"out of memory"}

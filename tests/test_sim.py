@@ -81,6 +81,9 @@ def test_shared_device_is_time_sliced_fairly():
     segs = [[0.3, 1, 2, 0.5], [0.2, 2, 1, 0.4], [0.1, 1, 1, 0.3]]
     assert sim.replay_chain(segs, [3, 2, 1], UNIT, 1, devices=3).finish == pytest.approx(
         sim.replay_chain(segs, [3, 2, 1], UNIT, 1).finish)
+    # a capacity of 1.5 ranks' speed (bench.emulated's shares of one GPU): two busy ranks at 0.75 each
+    r = sim.replay_chain([[1, 1, 1], [1, 1, 1]], [1, 1], INSTANT, 1, devices=1.5)
+    assert r.finish == pytest.approx([4, 4])
 
 
 # ----------------------------------------------------------------------------- against the cost model
