@@ -271,7 +271,8 @@ def decode_bench(a):
     graphs' tokens are checked torch.equal to the eager static steps' (the same kernels), and compared
     with the teaching loop's. --fuse adds both static ways on a second copy of the model (the same
     weights) with each layer's pre and post compiled (fast/compiled.py), alternated with the rest;
-    --compile adds both with the whole step compiled as one graph (fast.decode.decode's `compiled`)."""
+    --compile adds both with the whole step compiled as one graph (fast.decode.decode's `compiled`),
+    and with --fuse too, both compiled whole over the fused copy (its matmuls merged)."""
     rows, bw = [], bandwidth("cuda")
     for name in a.dims:
         cfg, dtype = Config(**DIMS[name]), getattr(torch, a.dtype)
@@ -292,6 +293,10 @@ def decode_bench(a):
                                                                            compiled=True)
             ways["CUDA graphs, compiled"] = lambda tok: fast.decode.decode(model, tok, cache, n, graphs=True,
                                                                           compiled=True)
+        if a.compile and a.fuse:                       # the whole step compiled over the merged matmuls
+            for how, graphs in (("static eager", False), ("CUDA graphs", True)):
+                ways[how + ", fused, compiled"] = lambda tok, g=graphs: fast.decode.decode(fused, tok, cache, n,
+                                                                                         graphs=g, compiled=True)
         times, toks = defaultdict(list), {}
         with torch.inference_mode():
             for _ in range(1 + a.repeats):             # the first repeat warms up and is not counted
@@ -304,7 +309,8 @@ def decode_bench(a):
                     sync("cuda")
                     times[way].append((time.perf_counter() - t0) / n)
         same = all(torch.equal(toks["CUDA graphs" + how], toks["static eager" + how])
-                   for how, on in (("", True), (", fused", a.fuse), (", compiled", a.compile)) if on)
+                   for how, on in (("", True), (", fused", a.fuse), (", compiled", a.compile),
+                                   (", fused, compiled", a.fuse and a.compile)) if on)
         agree = int((toks["CUDA graphs"] == toks["teaching loop"]).cumprod(1).sum())
         for way in ways:
             ms = statistics.median(times[way][1:]) * 1e3
