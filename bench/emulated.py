@@ -71,12 +71,13 @@ def step(a, kind, p, args, n=0, C=None, without=""):
         env["KVR_ROUTE"] = a.route
     env |= {k: os.environ[k] for k in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY") if k in os.environ}
     Cs = ",".join(map(str, C or []))
-    out = f"{a.files}/{kind}-p{p}" + (f"-C{Cs.replace(',', '-')}" if C else "") + f"-no-{without}" * bool(without)
-    cmd = [sys.executable, "-m", *JOBS[kind], *args, "--out", out + ".json"]
+    out = (f"{a.files}/{kind}-p{p}" + (f"-C{Cs.replace(',', '-')}" if C else "")
+           + f"-no-{without}" * bool(without) + ".json")
+    cmd = [sys.executable, "-m", *JOBS[kind], *args, "--out", out]
     key = (f"{kind} " + (f"p={p}" if p > 1 else "whole GPU") + (f" C={Cs}" if C else "")
            + f" without {without}" * bool(without))
-    return dict(key=key, kind=kind, p=p,
-                C=C, env=env, out=out + ".json", launched=bool(n), cmd=mpirun(a.launcher, a.mpi, n, env) + cmd if n else cmd)
+    return dict(key=key, kind=kind, p=p, C=C, env=env, out=out, launched=bool(n),
+                cmd=mpirun(a.launcher, a.mpi, n, env) + cmd if n else cmd)
 
 
 def execute(s):
