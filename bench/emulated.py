@@ -162,12 +162,12 @@ def run(a):
     ranks = ["--model", a.model, "--dtype", a.dtype, "--device", a.device, "--repeats", str(a.repeats)]
     try:
         for p in [1, *sorted(a.p)]:
-            ran, todo = [], [(a.C, VARIANTS[:1 if p == 1 else None])]
+            every = VARIANTS[:1 if p == 1 else None]
+            ran, todo = [], [(a.C, every)]
             while todo:                                # out of memory: the rest first, then the largest C alone,
                 Cs, vs = todo.pop(0)                   # then that C without TSP's full-length caches
-                without = "TSP" if len(vs) < len(VARIANTS[:1 if p == 1 else None]) else ""
                 ran.append(do(step(a, "ranks", p, [*ranks, "--C", *map(str, Cs), "--variants", *vs]
-                                   + ["--fuse"] * a.fuse, p, Cs, without)))
+                                   + ["--fuse"] * a.fuse, p, Cs, "TSP" if vs != every else "")))
                 if ran[-1]["note"] == "out of memory" and len(Cs) > 1:
                     todo[:0] = [(Cs[:-1], vs), (Cs[-1:], vs)]
                 elif ran[-1]["note"] == "out of memory" and "TSP" in vs:
