@@ -14,8 +14,8 @@ CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100/p % of the SMs, against one process on t
                    measured cell profiled rank by rank, replayed over that link, the ranks side by
                    side no faster together than the whole GPU (`--devices`, see `capacity`)
 Each share calibrates its own cost model (KVR_CACHE=FILE/cache-SHARE): KVR-S is searched for the
-small GPU. A ranks job that runs out of GPU memory runs again without its largest C, which then runs
-alone, and a C alone again without TSP and TSP-zigzag (each of their ranks holds the whole prompt's
+small GPU. A ranks job that runs out of GPU memory runs again C by C (on the H100 4k and 8k fitted
+alone, not in one job), and a C alone again without TSP and TSP-zigzag (each of their ranks holds the whole prompt's
 K/V): every cell that fits is measured, one that does not says "out of memory". FILE.json keeps
 every step (command, environment, exit status, the job's own meta and rows), saved after each: the
 same command again goes on where a time limit cut it off, and may add values of p.
@@ -164,12 +164,12 @@ def run(a):
         for p in [1, *sorted(a.p)]:
             every = VARIANTS[:1 if p == 1 else None]
             ran, todo = [], [(a.C, every)]
-            while todo:                                # out of memory: the rest first, then the largest C alone,
-                Cs, vs = todo.pop(0)                   # then that C without TSP's full-length caches
+            while todo:                                # out of memory: each C alone, then a C alone
+                Cs, vs = todo.pop(0)                   # without TSP's full-length caches
                 ran.append(do(step(a, "ranks", p, [*ranks, "--C", *map(str, Cs), "--variants", *vs]
                                    + ["--fuse"] * a.fuse, p, Cs, "TSP" if vs != every else "")))
                 if ran[-1]["note"] == "out of memory" and len(Cs) > 1:
-                    todo[:0] = [(Cs[:-1], vs), (Cs[-1:], vs)]
+                    todo[:0] = [([C], vs) for C in Cs]
                 elif ran[-1]["note"] == "out of memory" and "TSP" in vs:
                     todo[:0] = [(Cs, [v for v in vs if not v.startswith("TSP")])]
             ok, link = [s for s in ran if not s["note"]], []

@@ -1,7 +1,7 @@
 """bench/emulated.py without a GPU: the commands it runs (the share 100/p exported to every rank by
-the launcher's own flag), MPS required, started and stopped, a ranks job out of memory split until
-every cell that fits is measured, going on from a results file, the tables and the targets' verdicts
-from a synthetic results file, and one small run end to end on the CPU."""
+the launcher's own flag), MPS required, started and stopped, a ranks job out of memory split C by
+C until every cell that fits is measured, going on from a results file, the tables and the targets'
+verdicts from a synthetic results file, and one small run end to end on the CPU."""
 import json
 import os
 import shlex
@@ -110,19 +110,19 @@ RUN = ["run", "--mpi", "mpich", "--device", "cpu", "-p", "2", "4", "--C", "4096"
 
 
 def test_out_of_memory_is_split_and_reported_and_a_run_goes_on(tmp_path, monkeypatch, capsys):
-    """4 ranks at 16k do not fit: their job runs again without 16k, then 16k alone, then 16k without
-    TSP, which is reported out of memory in every variant's cell; the targets are judged at 8k, saying
-    why not 16k. The same command again runs nothing; other settings are refused."""
+    """4 ranks at 16k do not fit: their job runs again C by C, then 16k without TSP, which is reported
+    out of memory in every variant's cell; the targets are judged at 8k, saying why not 16k.
+    The same command again runs nothing; other settings are refused."""
     calls, out = [], str(tmp_path / "e.json")
     oom = fake_execute(calls, oom=lambda s: s["kind"] == "ranks" and s["p"] == 4 and 16384 in s["C"])
     monkeypatch.setattr(emulated, "execute", oom)
     emulated.main(RUN + ["--out", out])
     assert calls == ["ranks whole GPU C=4096,8192,16384", "sim whole GPU", "ranks p=2 C=4096,8192,16384", "link p=2",
-                     "sim p=2", "ranks p=4 C=4096,8192,16384", "ranks p=4 C=4096,8192", "ranks p=4 C=16384",
-                     "ranks p=4 C=16384 without TSP", "link p=4", "sim p=4"]
+                     "sim p=2", "ranks p=4 C=4096,8192,16384", "ranks p=4 C=4096", "ranks p=4 C=8192",
+                     "ranks p=4 C=16384", "ranks p=4 C=16384 without TSP", "link p=4", "sim p=4"]
     text, d = capsys.readouterr().out, json.load(open(out))
     rows, sim = d["rows"], d["meta"]["steps"]["sim p=4"]["cmd"]
-    assert [x for x in sim if "/ranks-" in x] == [f"{tmp_path}/e/ranks-p4-C4096-8192.json"]   # what fitted, only
+    assert [x for x in sim if "/ranks-" in x] == [f"{tmp_path}/e/ranks-p4-C{C}.json" for C in (4096, 8192)]   # fitted
     assert after(sim, "--devices") == ["4.000"]        # one process at the share over the whole GPU
     assert after(d["meta"]["steps"]["sim p=2"]["cmd"], "--devices") == ["2.000"]
     assert "--devices" not in d["meta"]["steps"]["sim whole GPU"]["cmd"]
@@ -142,8 +142,8 @@ def test_out_of_memory_is_split_and_reported_and_a_run_goes_on(tmp_path, monkeyp
     calls.clear()
     emulated.main(RUN + ["--out", out])
     again = capsys.readouterr().out
-    assert calls == [] and "going on after the 11 steps done before" in again
-    assert again.count("(done before)") == 11
+    assert calls == [] and "going on after the 12 steps done before" in again
+    assert again.count("(done before)") == 12
     assert json.load(open(out))["rows"] == rows
     with pytest.raises(SystemExit, match="holds a run of other settings"):
         emulated.main(RUN[:-1] + ["--repeats", "5", "--out", out])
@@ -157,8 +157,8 @@ def test_a_largest_c_that_fits_only_without_tsp_is_measured_without_it(tmp_path,
     monkeypatch.setattr(emulated, "execute", fake_execute(calls, oom=lambda s: s["kind"] == "ranks" and s["p"] == 4
                                                           and 16384 in s["C"] and "TSP" in s["cmd"]))
     emulated.main(RUN + ["--out", out])
-    assert calls[5:9] == ["ranks p=4 C=4096,8192,16384", "ranks p=4 C=4096,8192", "ranks p=4 C=16384",
-                          "ranks p=4 C=16384 without TSP"]
+    assert calls[5:10] == ["ranks p=4 C=4096,8192,16384", "ranks p=4 C=4096", "ranks p=4 C=8192",
+                           "ranks p=4 C=16384", "ranks p=4 C=16384 without TSP"]
     step = json.load(open(out))["meta"]["steps"]["ranks p=4 C=16384 without TSP"]
     assert step["out"].endswith("/ranks-p4-C16384-no-TSP.json")
     assert step["cmd"][step["cmd"].index("--variants") + 1:][:4] == ["one process", "KVR-E", "KVR-S", "--out"]
