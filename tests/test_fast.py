@@ -150,3 +150,22 @@ def test_decode_bench_bound_is_the_weights_read_once_at_the_measured_bandwidth()
     m = model.builtin("llama", dtype=torch.float32)
     weights, bound = measured.read_once(m, bw)
     assert weights == 4 * sum(p.numel() for p in m.parameters()) and bound == weights / bw
+
+
+@pytest.mark.parametrize("ran", ["replayed", "eager", None])
+def test_a_graphs_prefill_that_did_not_replay_says_so(ran, capfd):
+    """--graphs records the chain's segments in the warm-up and replays them in the timed prefill
+    only if its KV cache is where the warm-up's was; a timed prefill that ran otherwise is reported
+    as not replayed, with a warning line, never as replayed. Without --graphs: neither."""
+    from types import SimpleNamespace
+
+    from fast.system import System
+    m = model.builtin("llama", dtype=torch.float32)
+    if ran:
+        m.forward = SimpleNamespace(ran=ran)           # fast/segments.py's wrapper, as it ended
+    me = SimpleNamespace(job=SimpleNamespace(model=m), sharing="", args=SimpleNamespace(math=False), warm_ups=1)
+    _, _, prefill = System.notes(me, KVCache(m.cfg, 1, 8))
+    err = capfd.readouterr().err
+    assert prefill.startswith(", after an untimed warm-up prefill")
+    assert ("replayed as CUDA graphs" in prefill) == (ran == "replayed")
+    assert ("not replayed" in prefill) == ("--graphs: the timed prefill ran" in err) == (ran == "eager")
