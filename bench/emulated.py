@@ -15,10 +15,10 @@ CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100/p % of the SMs, against one process on t
                    side no faster together than the whole GPU (`--devices`, see `capacity`)
 Each share calibrates its own cost model (KVR_CACHE=FILE/cache-SHARE): KVR-S is searched for the
 small GPU. A ranks job that runs out of GPU memory runs again C by C (on the H100 4k and 8k fitted
-alone, not in one job), and a C alone again without TSP and TSP-zigzag (each of their ranks holds the whole prompt's
-K/V): every cell that fits is measured, one that does not says "out of memory". FILE.json keeps
-every step (command, environment, exit status, the job's own meta and rows), saved after each: the
-same command again goes on where a time limit cut it off, and may add values of p.
+alone, not in one job), and a C alone again without TSP and TSP-zigzag (each of their ranks holds
+the whole prompt's K/V): every cell that fits is measured, one that does not says "out of memory".
+FILE.json keeps every step (command, environment, exit status, the job's own meta and rows), saved
+after each: the same command again goes on where a time limit cut it off, and may add values of p.
 """
 import json
 import os
