@@ -58,6 +58,7 @@ class StagedTransport(DirectTransport):
         self.turn = 0              # the slot this rank fills next (round robin)
         self.readers = {}          # slot -> ack requests still open: the slot is busy until they finish
         self.owed = []             # (event, source, slot): acks to send once the copy up is done
+        self.fence = self._event() # the compute stream at the last barrier: see _up
 
     @property
     def path(self):
@@ -141,6 +142,7 @@ class StagedTransport(DirectTransport):
         self._pay_acks(wait=True)
         self.wait(self.comm.Ibarrier())
         self._drain()                                  # every ack was sent before the barrier
+        self.fence = self._event()
 
     # -------------------------------------------------------------------- the shared slots
 
@@ -232,9 +234,8 @@ class StagedTransport(DirectTransport):
         if not self.cuda:
             out.copy_(host.view(out.dtype).view(out.shape))
             return _Passed()
-        written = self._event()                        # what the compute stream queued before: its
-        with torch.cuda.stream(self.up):               # last use of `out` (a cache's zero fill) first
-            self.up.wait_event(written)
+        with torch.cuda.stream(self.up):               # after what the compute stream queued before
+            self.up.wait_event(self.fence)             # the last barrier: a prefill makes `out` before it
             span = self._span(name, layer)
             if out.is_contiguous() or not _copy_rows(out, host, self.up):
                 out.copy_(host.view(out.dtype).view(out.shape), non_blocking=True)
