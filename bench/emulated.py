@@ -87,7 +87,7 @@ def execute(s):
         os.remove(s["out"])
     t0, lines = time.time(), []
     proc = subprocess.Popen(s["cmd"], env={k: v for k, v in os.environ.items() if k != SHARE} | s["env"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     try:
         for line in proc.stdout:
             print(line, end="", flush=True)

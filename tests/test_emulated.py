@@ -1,7 +1,8 @@
 """bench/emulated.py without a GPU: the commands it runs (the share 100/p exported to every rank by
 the launcher's own flag), MPS required, started and stopped, a ranks job out of memory split C by
 C until every cell that fits is measured, going on from a results file, the tables and the targets'
-verdicts from a synthetic results file, and one small run end to end on the CPU."""
+verdicts from a synthetic results file, a job printing bytes that are not UTF-8, and one small run
+end to end on the CPU."""
 import json
 import os
 import shlex
@@ -75,6 +76,19 @@ def test_flavor_from_version(tmp_path):
     assert emulated.flavor([str(tmp_path / "ompi")]) == "openmpi"
     with pytest.raises(SystemExit, match="neither Open MPI nor MPICH"):
         emulated.flavor([str(tmp_path / "other")])
+
+
+def test_a_jobs_output_that_is_not_utf8_is_shown_not_fatal(tmp_path, capsys):
+    """A job may print bytes that are not UTF-8 (Open MPI built with CUDA did, on the H100): its
+    results are still read, and a failing job's error line is still its note."""
+    def job(code):
+        return dict(out=str(tmp_path / "out.json"), env={}, cmd=[sys.executable, "-c", code])
+    ok = job("import json, sys; sys.stdout.buffer.write(bytes([0x85]) + b' cuMemHostRegister\\n'); "
+             f"json.dump(dict(meta={{}}, rows=[1]), open({str(tmp_path / 'out.json')!r}, 'w'))")
+    got = emulated.execute(ok)
+    assert (got["rc"], got["note"], got["rows"]) == (0, "", [1]) and "\ufffd cuMemHostRegister" in capsys.readouterr().out
+    bad = emulated.execute(job("import sys; sys.stdout.buffer.write(bytes([0x85]) + b'\\nerror (rank 1): boom\\n'); sys.exit(3)"))
+    assert (bad["rc"], bad["note"]) == (3, "failed (exit 3): error (rank 1): boom")
 
 
 def fake_execute(calls, oom=lambda s: False, broken=lambda s: False):
