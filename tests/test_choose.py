@@ -278,6 +278,18 @@ def test_measure_takes_a_round_trip_that_noise_inverted_as_a_free_link(monkeypat
     assert got.comm_per_token == 0.0 and "comm_per_token = 0.0" in got.implausible()
 
 
+@pytest.mark.parametrize("kv_heads, head_dim, dtype, device, tokens", [
+    (32, 128, torch.float16, "cuda", 4096),     # Llama-7B: 4096 tokens are 64 MiB already
+    (1, 64, torch.float16, "cuda", 262144),     # Falcon-7B: 256 B a token, 64 MiB on a GPU
+    (1, 64, torch.float16, "cpu", 4096),        # on a CPU, 4096 tokens whatever their size
+])
+def test_the_link_is_timed_with_a_message_above_its_jitter(kv_heads, head_dim, dtype, device, tokens):
+    """The large message of the link's timing: 4096 tokens, on a GPU at least 64 MiB (Falcon-7B's
+    4096 tokens, 1 MiB, timed no slower than 1 token on the H100)."""
+    cfg = SimpleNamespace(n_kv_heads=kv_heads, head_dim=head_dim)
+    assert calibrate.link_tokens(cfg, dtype, device) == tokens
+
+
 @pytest.mark.parametrize("prompt, device, max_len", [
     (100, "cpu", 1024),                    # 1k tokens at least
     (10000, "cpu", 4096),                  # on a CPU, at most 4096
