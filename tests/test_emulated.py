@@ -79,8 +79,8 @@ def test_flavor_from_version(tmp_path):
 
 
 def test_a_jobs_output_that_is_not_utf8_is_shown_not_fatal(tmp_path, capsys):
-    """A job may print bytes that are not UTF-8 (Open MPI built with CUDA did, on the H100): its
-    results are still read, and a failing job's error line is still its note."""
+    """A job may print bytes that are not UTF-8 (a ranks job under Open MPI 5.0.7 built with CUDA
+    printed 0x85 on the H100): its results are still read, a failing job's error line is its note."""
     def job(code):
         return dict(out=str(tmp_path / "out.json"), env={}, cmd=[sys.executable, "-c", code])
     ok = job("import json, sys; sys.stdout.buffer.write(bytes([0x85]) + b' cuMemHostRegister\\n'); "
