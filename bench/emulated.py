@@ -9,10 +9,12 @@ CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100/p % of the SMs, against one process on t
   ranks whole GPU  `mpirun -n 1 ... bench.measured ranks --variants "one process"`, no share
   ranks p          `mpirun -n p ... bench.measured ranks`, the share exported to every rank: one
                    process at the share (the last rank alone), TSP, TSP-zigzag, KVR-E, KVR-S per C
-  link p           --simulate: `bench.measured link` between 2 ranks at the share
+  link p           --simulate: `bench.measured link` on p ranks at the share: rank 0 to rank 1,
+                   and the GPU's host link with all p copying at once
   sim p            --simulate: `bench.simulated validate`, one process at the share: the work of each
                    measured cell profiled rank by rank, replayed over that link, the ranks side by
-                   side no faster together than the whole GPU (`--devices`, see `capacity`)
+                   side no faster together than the whole GPU (`--devices`, see `capacity`);
+                   on the staged route TSP's gather goes through the one host link they share
 Each share calibrates its own cost model (KVR_CACHE=FILE/cache-SHARE): KVR-S is searched for the
 small GPU. A ranks job that runs out of GPU memory runs again C by C (on the H100 4k and 8k fitted
 alone, not in one job), and a C alone again without TSP and TSP-zigzag (each of their ranks holds
@@ -173,9 +175,11 @@ def run(a):
                 elif ran[-1]["note"] == "out of memory" and "TSP" in vs:
                     todo[:0] = [(Cs, [v for v in vs if not v.startswith("TSP")])]
             ok, link = [s for s in ran if not s["note"]], []
-            if a.simulate and ok and p > 1:            # the link at this share: 2 ranks
-                got = do(step(a, "link", p, ["--device", a.device, "--mib", *map(str, a.link_mib)], 2))
-                link = None if got["note"] else ["--measured-link", got["out"], "--route", ok[0]["meta"]["route"]]
+            if a.simulate and ok and p > 1:            # the link at this share, and the host link p ranks share
+                got = do(step(a, "link", p, ["--device", a.device, "--mib", *map(str, a.link_mib)], p))
+                route = ok[0]["meta"]["route"]
+                link = None if got["note"] else ["--measured-link", got["out"], "--route", route] + (
+                    ["--shared-host"] if route == "staged" and a.device == "cuda" else [])
             if a.simulate and ok and link is not None:
                 cap = capacity(steps, p)
                 do(step(a, "sim", p, [*(s["out"] for s in ok), *link, "--repeats", str(a.repeats)]

@@ -15,7 +15,8 @@ commands (bench/simulated.py makes the simulated ones).
     mpirun -n 2 python -m bench.measured link [--device cuda]
         the link between two ranks: GB/s of one message of 1 MiB .. 256 MiB on each route (direct
         if the MPI is CUDA-aware; staged through the node's shared pinned slots; staged-mpi: through
-        MPI in private pinned buffers, the route between nodes)
+        MPI in private pinned buffers, the route between nodes); on a GPU, also its host link with
+        every rank copying down or up at once (-n P: P ranks sharing one GPU, as bench.emulated runs them)
     python -m bench.measured merge RUN1.json RUN2.json ... --out FILE.json
         independent runs of `ranks` as one file; the medians over the runs, ratios with their range
     python -m bench.measured plot FILE.json ...
@@ -552,13 +553,14 @@ KV_MARKS = {(n, C): bytes_per_token(Config(**DIMS[n]), torch.float16) * C     # 
 
 
 def link(a):
-    """Two ranks, rank 0 sending to rank 1, on every route this MPI offers (on GPUs: direct if it is
+    """Rank 0 sending to rank 1, on every route this MPI offers (on GPUs: direct if it is
     CUDA-aware, and staged). Latency: half a round trip of 1 byte. Bandwidth, as osu_bw measures
     it: --window messages of one size sent back to back, then a 1-byte reply; one message's time is
-    (that time - the latency) / window, GB/s = size / that. Medians of --repeats."""
+    (that time - the latency) / window, GB/s = size / that. Medians of --repeats. Further ranks only
+    wait; on a GPU, host_link then times all of them at once."""
     comm, device = transport.init(a.device)
-    if comm.size != 2:
-        raise SystemExit("bench/measured.py link runs on exactly 2 ranks: mpirun -n 2 python -m bench.measured link")
+    if comm.size < 2:
+        raise SystemExit("bench/measured.py link needs at least 2 ranks: mpirun -n 2 python -m bench.measured link")
     staged = {"staged": StagedTransport, "staged-mpi": StagedTransport}
     routes = {"host": transport.Transport} if device.type == "cpu" else staged
     if device.type == "cuda" and cuda_aware_mpi():
@@ -579,7 +581,7 @@ def link(a):
                         t.isend(x, 1, tag=w)
                     t.finish()
                     t.recv((1,), torch.uint8, 1, tag=window)
-                else:
+                elif comm.rank == 1:
                     for w in range(window):
                         t.recv((n,), torch.uint8, 0, tag=w)
                     sync(device)                       # the bytes are where a kernel can read them
@@ -597,11 +599,40 @@ def link(a):
                              latency_us=latency * 1e6, window=a.window, note=", ".join(marks)))
             if comm.rank == 0:
                 print(f"{route} {mib} MiB: {rows[-1]['GBps']:.1f} GB/s", flush=True)
+    if device.type == "cuda":
+        rows += host_link(comm, device, a.mib, a.repeats)
     if comm.rank == 0:
         save(a.out, dict(machine(), repeats=a.repeats, window=a.window), rows)
         table([dict(r, GBps=f"{r['GBps']:.1f}", one_way_ms=f"{r['one_way_ms']:.3f}",
-                    latency_us=f"{r['latency_us']:.1f}") for r in rows],
+                    latency_us=f"{r['latency_us']:.1f}" if "latency_us" in r else "") for r in rows],
               ["route", "MiB", "GBps", "one_way_ms", "latency_us", "note"])
+
+
+def host_link(comm, device, mib, repeats):
+    """The GPU's host link as ranks sharing one GPU share it: every rank copies the same bytes down
+    (device to pinned host memory) or up, all at once from a barrier; the time is the slowest rank's,
+    GB/s that of all the ranks' bytes together. The staged all-gather does just this (fast/staged.py):
+    each rank's part down, then every rank the others' parts up."""
+    rows = []
+    for n in mib:
+        host = torch.empty(n << 20, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(n << 20, dtype=torch.uint8, device=device)
+        for route, dst, src in (("host down", host, dev), ("host up", dev, host)):
+            ts = []
+            for r in range(repeats + 1):               # the first warms up
+                sync(device)
+                comm.Barrier()
+                t0 = time.perf_counter()
+                dst.copy_(src, non_blocking=True)
+                sync(device)
+                ts.append(comm.allreduce(time.perf_counter() - t0, op=transport.MPI.MAX))
+            one = statistics.median(ts[1:])
+            rows.append(dict(route=route, path=f"the GPU's host link, {comm.size} ranks copying at once",
+                             MiB=n * comm.size, GBps=n * comm.size * 2**20 / one / 1e9, one_way_ms=one * 1e3,
+                             ranks=comm.size, note=f"{n} MiB a rank"))
+            if comm.rank == 0:
+                print(f"{route}, {comm.size} ranks at once, {n} MiB each: {rows[-1]['GBps']:.1f} GB/s", flush=True)
+    return rows
 
 
 # ----------------------------------------------------------------------------- plots
@@ -657,7 +688,7 @@ def main(argv=None):
     sh.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     sh.add_argument("--repeats", type=cli.at_least(1), default=2)
     sh.add_argument("--out", default="results/share.json")
-    lk = sub.add_parser("link", help="2 ranks: GB/s of one message, 1 MiB .. 256 MiB, each route")
+    lk = sub.add_parser("link", help="2 ranks: GB/s of one message, 1 MiB .. 256 MiB, each route; the host link")
     lk.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     lk.add_argument("--mib", nargs="+", type=cli.at_least(1), default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     lk.add_argument("--window", type=cli.at_least(1), default=8, help="messages sent back to back per timing")

@@ -176,25 +176,39 @@ def replay_chain(segs, c, links, bytes_per_token, devices=None, seed=0):
     return Replay(finish, finish[-1], timeline)
 
 
-def replay_allgather(segs, counts, links, bytes_per_token, emitter, devices=None, seed=0):
+def replay_allgather(segs, counts, links, bytes_per_token, emitter, devices=None, seed=0, host=None):
     """TSP: every layer ends in an all-gather, a barrier: it completes for all ranks at the latest
     arrival plus the gather time. The gather is a ring: p-1 steps, each moving the largest rank's
     chunk, max(counts) tokens, over all p links at once; a step lasts as long as its slowest link.
     counts and emitter: from tsp.tsp_layout; links: one Link or a list of p (the ring, link r from rank r
     to r+1 mod p); devices and seed as in replay_chain. Returns a Replay; TTFT is the emitter's finish.
+
+    host=(down, up): instead of the ring, the staged route's gather through shared slots on ranks that
+    share one GPU, and so its host link (fast/staged.py): each rank's part goes down as it arrives,
+    one copy at a time on the down Link; once all are down, every rank copies the others' parts up
+    at once, (p-1) * sum(counts) tokens through the up Link together.
     """
     p = len(segs)
     ring, rngs = _links(links, p), [random.Random(f"{seed}/{i}") for i in range(p)]
     nbytes = max(counts) * bytes_per_token
     reached, done, timeline = [{} for _ in segs[0]], {}, [[] for _ in range(p)]
 
+    def gather(arrivals):
+        if host is None:
+            return max(arrivals) + sum(max(link.time(nbytes, rng) for link, rng in zip(ring, rngs))
+                                       for _ in range(p - 1))
+        down, up = host
+        t = 0.0
+        for at, n in sorted(zip(arrivals, counts)):   # the parts go down in the order they are ready
+            t = max(t, at) + down.time(n * bytes_per_token)
+        return t + up.time((p - 1) * sum(counts) * bytes_per_token)
+
     def wait(i, l, t):
         reached[l][i] = t
         if l not in done:
             if len(reached[l]) < p:
                 return None                            # someone is still computing this layer
-            gather = sum(max(link.time(nbytes, rng) for link, rng in zip(ring, rngs)) for _ in range(p - 1))
-            done[l] = max(reached[l].values()) + gather
+            done[l] = gather([reached[l][r] for r in range(p)])
         timeline[i].append(("allgather", l, t, done[l]))
         return done[l]
 

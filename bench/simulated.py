@@ -253,8 +253,14 @@ def validate(a):
     """The simulator against real runs: profile each real row's work on this device, replay it with
     the link calibrated in the real run (calibration.json) or one bench/measured.py link measured
     (--measured-link FILE --route R), and report the error. `--devices 1` when
-    the real ranks shared one device, default: a device per rank."""
-    out = []
+    the real ranks shared one device, default: a device per rank. `--shared-host`: the ranks shared
+    one GPU on the staged route, so TSP's gather goes through that GPU's host link, as the link
+    file's host rows measured it (sim.replay_allgather's host)."""
+    out, host = [], None
+    if a.shared_host:
+        if not a.measured_link:
+            raise SystemExit("error: --shared-host replays the host link of a --measured-link file: name one")
+        host = tuple(sim.Link(**f) for f in measured_links(a.measured_link, ["host down", "host up"]).values())
     for path in a.real:
         with open(path) as f:
             real = json.load(f)
@@ -278,13 +284,14 @@ def validate(a):
                 spans, emitter = tsp_layout(C, p, v == "TSP-zigzag")
                 segs = profiling.profile_tsp(model, C, p, v == "TSP-zigzag", a.repeats, 2)
                 t = sim.replay_allgather(segs, [sum(n for _, n in s) for s in spans], link, bpt, emitter,
-                                         devices=a.devices).ttft
+                                         devices=a.devices, host=host).ttft
             else:
                 t = sim.replay_chain(profiling.profile_kvr(model, r["partition"], a.repeats, 2), r["partition"],
                                      link, bpt, devices=a.devices).ttft
+            via = (f"host link down {host[0].bandwidth / 1e9:.3g}, up {host[1].bandwidth / 1e9:.3g} GB/s"
+                   if host and v.startswith("TSP") else f"{link.bandwidth / 1e9:.3g} GB/s, {link.latency * 1e6:.3g} us")
             out.append(dict(model=key, C=C, p=p, variant=v, real_s=r["ttft_s"], simulated_s=t,
-                            error=t / r["ttft_s"] - 1, link=f"{link.bandwidth / 1e9:.3g} GB/s, "
-                            f"{link.latency * 1e6:.3g} us", devices=a.devices or p, real_file=path))
+                            error=t / r["ttft_s"] - 1, link=via, devices=a.devices or p, real_file=path))
             print(f"{path} C={C} p={p} {v}: real {r['ttft_s'] * 1e3:.1f} ms, simulated {t * 1e3:.1f} ms, "
                   f"error {out[-1]['error']:+.1%}", flush=True)
     save(a.out, machine(), out)
@@ -333,6 +340,8 @@ def main(argv=None):
     va.add_argument("--repeats", type=cli.at_least(1), default=5)
     va.add_argument("--measured-link", help="a bench/measured.py link file: replay on its --route's fitted link")
     va.add_argument("--route", default="staged")
+    va.add_argument("--shared-host", action="store_true", help="the ranks shared one GPU on the staged route: "
+                    "TSP's gather through its host link (the --measured-link file's host down and up rows)")
     va.add_argument("--out", default="results/validate.json")
     su = sub.add_parser("summary", help="the tables of a simulate results file, again")
     su.add_argument("file")

@@ -34,7 +34,7 @@ def after(cmd, flag, n=1):
 @pytest.mark.parametrize("mpi", ["openmpi", "mpich"])
 def test_dry_run_commands(mpi, tmp_path, capsys):
     """p=2 and 4 get 50 and 25 % by the launcher's own flag, before the program; the whole GPU none,
-    one rank and one process only; the simulator's steps the same share, the link 2 ranks, validate
+    one rank and one process only; the simulator's steps the same share, the link p ranks, validate
     the ranks' own file and link. Nothing runs and nothing is written."""
     out = tmp_path / "e.json"
     emulated.main(["run", "--dry-run", "--mpi", mpi, "--mpirun", "mpirun", "-p", "2", "4", "--C", "8192", "4096",
@@ -46,7 +46,7 @@ def test_dry_run_commands(mpi, tmp_path, capsys):
     for p, share in ((2, "50"), (4, "25")):
         env = {SHARE: share, "KVR_CACHE": f"{files}/cache-{share}", "KVR_ROUTE": "direct"}
         flags = [x for k, v in env.items() for x in (["-x", f"{k}={v}"] if mpi == "openmpi" else ["-genv", k, v])]
-        for key, n in ((f"ranks p={p} C=4096,8192", str(p)), (f"link p={p}", "2")):
+        for key, n in ((f"ranks p={p} C=4096,8192", str(p)), (f"link p={p}", str(p))):
             cmd = steps[key]
             launcher = ["mpirun"] + ["--allow-run-as-root", "--oversubscribe"] * (mpi == "openmpi")
             assert cmd[:cmd.index(sys.executable)] == launcher + flags + ["-n", n]
@@ -64,6 +64,17 @@ def test_dry_run_commands(mpi, tmp_path, capsys):
     assert after(whole, "--variants", 2) == ["one process", "--out"]
     assert steps["sim whole GPU"][:3] == ["env", f"KVR_CACHE={files}/cache-100", sys.executable]
     assert "--measured-link" not in steps["sim whole GPU"] and not os.path.exists(out) and not os.path.exists(files)
+    assert "--shared-host" not in steps["sim p=4"]
+
+
+def test_dry_run_staged_replays_tsp_through_the_shared_host_link(tmp_path, capsys):
+    """On the staged route the ranks' copies share one GPU's host link: validate is told so (its
+    TSP gather through the link file's host rows); on the CPU there is no host link to replay."""
+    for device, shared in (("cuda", True), ("cpu", False)):
+        emulated.main(["run", "--dry-run", "--mpi", "mpich", "--mpirun", "mpirun", "-p", "4", "--C", "4096",
+                       "--route", "staged", "--device", device, "--simulate", "--out", str(tmp_path / "e.json")])
+        sim = printed_steps(capsys.readouterr().out)["sim p=4"]
+        assert after(sim, "--route", 2) == (["staged", "--shared-host"] if shared else ["staged", "--repeats"])
 
 
 def test_flavor_from_version(tmp_path):
@@ -257,6 +268,24 @@ def test_summary_tables_and_targets(tmp_path, capsys):
     assert "TSP / KVR-S >= 1.42: not measured (this run's route: staged)" in text
     assert "4 of 5 cells, worst +12.0% (p=4 C=8192 TSP-zigzag): missed\n" \
            "    missed: p=4 C=8192 TSP-zigzag +12.0%" in text
+
+
+def test_the_link_on_more_ranks_than_two_is_rank_0_to_rank_1(tmp_path):
+    """bench.measured link on 3 CPU ranks (bench.emulated runs it on p): rank 0 sends to rank 1
+    while rank 2 only waits at the barriers; one row per size, no host link rows on a CPU."""
+    out = tmp_path / "link.json"
+    r = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "bench.measured", "link", "--device", "cpu", "--mib",
+                        "1", "2", "--repeats", "1", "--window", "2", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=50)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.load(open(out))["rows"]
+    assert [(x["route"], x["MiB"]) for x in rows] == [("host", 1), ("host", 2)] and all(x["GBps"] > 0 for x in rows)
+
+
+def test_validate_shared_host_needs_a_link_file():
+    from bench import simulated
+    with pytest.raises(SystemExit, match="--shared-host replays the host link of a --measured-link file"):
+        simulated.main(["validate", "ranks.json", "--shared-host"])
 
 
 @pytest.mark.timeout(300)

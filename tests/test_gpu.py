@@ -2,6 +2,7 @@
 lent H200 (BENCHMARKS.md, "The GPU data path"). The CPU path and its bitwise equality with HF are
 tested everywhere else; here the claims are about the GPU's own kernels and copies.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -111,6 +112,23 @@ print("ok" if r == 0 else "", end="")
                        timeout=300, env={**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1",   # a GPU box's Open MPI,
                                          "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})          # run as root there
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_the_host_link_shared_by_three_ranks(tmp_path):
+    """bench.measured link on 3 ranks of one GPU: besides rank 0 to rank 1, the host link with all
+    3 copying down and up at once, its bytes the 3 ranks' together; bench.simulated fits both
+    directions to a Link, as validate --shared-host replays TSP's staged gather on them."""
+    out = tmp_path / "link.json"
+    r = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "bench.measured", "link", "--mib", "4", "16",
+                        "--repeats", "3", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [x for x in json.load(open(out))["rows"] if x["route"].startswith("host")]
+    assert [(x["route"], x["MiB"], x["ranks"]) for x in rows] == [
+        ("host down", 12, 3), ("host up", 12, 3), ("host down", 48, 3), ("host up", 48, 3)]
+    from bench.simulated import measured_links
+    fits = list(measured_links(str(out), ["host down", "host up"]).values())
+    assert len(fits) == 2 and all(1e9 < f["bandwidth"] < 1e12 for f in fits), fits
 
 
 @pytest.mark.parametrize("arch", ["llama", "falcon"])

@@ -51,6 +51,18 @@ def test_allgather_by_hand():
     assert ("allgather", 0, 1, 5.5) in r.timeline[0] and ("allgather", 1, 6.5, 11) in r.timeline[1]
 
 
+def test_allgather_through_a_shared_host_link_by_hand():
+    # host=(down, up), 0.5 + tokens seconds each: layer 0's parts go down in the order they are ready
+    # (rank 0's 3 tokens at 1 until 4.5, rank 1's 2 until 7), then both ranks copy the other's part up
+    # at once, 5 tokens through the one up link: 12.5; layer 1 arrives the other way round
+    r = sim.replay_allgather([[1, 2, 1], [2, 1, 1]], [3, 2], INSTANT, 1, emitter=1, host=(UNIT, UNIT))
+    assert ("allgather", 0, 1, 12.5) in r.timeline[0] and ("allgather", 1, 13.5, 25) in r.timeline[1]
+    assert r.finish == [26, 26] and r.ttft == 26
+    # the ring's links no longer matter; a faster up link does
+    assert sim.replay_allgather([[1, 2, 1], [2, 1, 1]], [3, 2], UNIT, 1, 1, host=(UNIT, UNIT)).ttft == 26
+    assert sim.replay_allgather([[1, 2, 1], [2, 1, 1]], [3, 2], UNIT, 1, 1, host=(UNIT, INSTANT)).ttft == 26 - 2 * 5.5
+
+
 def test_one_slow_link_delays_only_the_ranks_behind_it():
     segs = [[1, 1, 1]] * 3
     links = sim.network(3, bandwidth=1e30, latency=0.0, slow={1: 1.0})
