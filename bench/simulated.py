@@ -279,19 +279,21 @@ def validate(a):
         for r in real["rows"]:
             C, p, v = r["C"], r["p"], r["variant"]
             if v == "one process":
-                t = sim.replay_chain(profiling.profile_single(model, C, a.repeats, 2), [C], link, bpt).ttft
+                segs = profiling.profile_single(model, C, a.repeats, 2)
+                t = sim.replay_chain(segs, [C], link, bpt).ttft
             elif v.startswith("TSP"):
                 spans, emitter = tsp_layout(C, p, v == "TSP-zigzag")
                 segs = profiling.profile_tsp(model, C, p, v == "TSP-zigzag", a.repeats, 2)
                 t = sim.replay_allgather(segs, [sum(n for _, n in s) for s in spans], link, bpt, emitter,
                                          devices=a.devices, host=host).ttft
             else:
-                t = sim.replay_chain(profiling.profile_kvr(model, r["partition"], a.repeats, 2), r["partition"],
-                                     link, bpt, devices=a.devices).ttft
+                segs = profiling.profile_kvr(model, r["partition"], a.repeats, 2)
+                t = sim.replay_chain(segs, r["partition"], link, bpt, devices=a.devices).ttft
             via = (f"host link down {host[0].bandwidth / 1e9:.3g}, up {host[1].bandwidth / 1e9:.3g} GB/s"
                    if host and v.startswith("TSP") else f"{link.bandwidth / 1e9:.3g} GB/s, {link.latency * 1e6:.3g} us")
             out.append(dict(model=key, C=C, p=p, variant=v, real_s=r["ttft_s"], simulated_s=t,
-                            error=t / r["ttft_s"] - 1, link=via, devices=a.devices or p, real_file=path))
+                            error=t / r["ttft_s"] - 1, link=via, devices=a.devices or p, real_file=path,
+                            segs=segs))                # per rank, what was replayed: to replay it again
             print(f"{path} C={C} p={p} {v}: real {r['ttft_s'] * 1e3:.1f} ms, simulated {t * 1e3:.1f} ms, "
                   f"error {out[-1]['error']:+.1%}", flush=True)
     save(a.out, machine(), out)
