@@ -367,6 +367,9 @@ def ranks(a):
     with abort_on_error(comm):
         searched, chosen = {}, {}
         search = {"KVR-S", "KVR-P"} & set(a.variants)   # the variants that need a searched partition
+        if search and job.system and job.system.staged:
+            # slots for every chain message of the longest C: the search is timed on the route the runs take
+            job.transport.reserve(max(a.C) * bytes_per_token(job.model.cfg, job.dtype))
         for C in sorted(a.C, reverse=True) if search else ():   # KVR-S first (KVR-P interpolates them);
                                                                 # the largest C calibrates the cost model
             job.tokens = random_prompt(job, C)

@@ -20,6 +20,7 @@ import torch
 
 import calibrate
 import cli
+import partition
 import fast.decode
 from fast.compiled import fuse
 from fast.direct import DirectTransport
@@ -82,6 +83,8 @@ class System:
         self.warm_ups = (job.device.type == "cuda" or self.staged) * (1 + bool(self.args.graphs))
         for _ in range(self.warm_ups):                 # (staged on a CPU: one, to size the slots)
             prefill(job, *args)
+            if job.c_modelled:                         # and the even split's, which versus_even times
+                prefill(job, partition.even(job.tokens.shape[1], job.size))
             self.reserve()
         if job.c_modelled:
             calibrate.versus_even(job, prefill)
