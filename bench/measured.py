@@ -691,7 +691,8 @@ def main(argv=None):
     sh.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     sh.add_argument("--repeats", type=cli.at_least(1), default=2)
     sh.add_argument("--out", default="results/share.json")
-    lk = sub.add_parser("link", help="2 ranks: GB/s of one message, 1 MiB .. 256 MiB, each route; the host link")
+    lk = sub.add_parser("link", help="rank 0 to rank 1: GB/s of one message, 1 MiB .. 256 MiB, each route; "
+                        "on a GPU its host link, every rank copying at once")
     lk.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
     lk.add_argument("--mib", nargs="+", type=cli.at_least(1), default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     lk.add_argument("--window", type=cli.at_least(1), default=8, help="messages sent back to back per timing")

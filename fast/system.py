@@ -20,8 +20,8 @@ import torch
 
 import calibrate
 import cli
-import partition
 import fast.decode
+import partition
 from fast.compiled import fuse
 from fast.direct import DirectTransport
 from fast.staged import StagedTransport, cuda_aware_mpi
