@@ -94,8 +94,8 @@ def measure(job):
     cost = t.agree(lambda: calibrate_model(job.model, job.device, job.dtype, max_len=max(1024, n)))   # all of C;
     cfg, times = job.model.cfg, {}                     # 1k tokens at least: shorter ones hide attention
     big = link_tokens(cfg, job.dtype, job.device.type)
-    if hasattr(t, "reserve"):                          # staged K/V by the route prefill takes (its slots),
-        t.reserve(max(big * bytes_per_token(cfg, job.dtype), t.slot_bytes[t.rank]))   # never smaller ones
+    if hasattr(t, "reserve"):                          # staged K/V by the route prefill takes (its slots)
+        t.reserve(big * bytes_per_token(cfg, job.dtype))
     if job.size > 1 and job.rank < 2:                  # one layer's K/V of n tokens, there and back,
         polite, t.polite = t.polite, False             # timed by waits that spin (a sleeping poll
         for n in (1, big):                             # would round every wait up to its period)

@@ -367,14 +367,13 @@ def ranks(a):
     with abort_on_error(comm):
         searched, chosen = {}, {}
         search = {"KVR-S", "KVR-P"} & set(a.variants)   # the variants that need a searched partition
-        if search and job.system and job.system.staged:
-            # slots for every chain message of the longest C: the search is timed on the route the runs take
-            job.transport.reserve(max(a.C) * bytes_per_token(job.model.cfg, job.dtype))
         for C in sorted(a.C, reverse=True) if search else ():   # KVR-S first (KVR-P interpolates them);
                                                                 # the largest C calibrates the cost model
             job.tokens = random_prompt(job, C)
             calibrate.pick_partition(job, "searched")
-            if job.c_modelled:                          # as runahead.py runs it: timed against even
+            if job.c_modelled:                          # as runahead.py runs it: timed against even,
+                if job.system and job.system.staged:   # by slots that fit any message, as the runs' do
+                    job.transport.reserve(max(a.C) * bytes_per_token(job.model.cfg, job.dtype))
                 calibrate.versus_even(job, runahead.prefill)
             searched[C], chosen[C] = job.c, job.c_source
         for C in a.C:
