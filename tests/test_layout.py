@@ -126,7 +126,7 @@ def test_the_rooms_depend_one_way():
     assert "transport" not in GRAPH["partition"] | GRAPH["bench.sim"]
     assert GRAPH["fast.trace"] == {"cli"}
     assert GRAPH["fast.system"] == {"calibrate", "cli", "fast.decode", "fast.compiled", "fast.direct", "fast.staged",
-                                   "fast.trace"}
+                                   "fast.trace", "partition"}
 
 
 def test_root_modules_are_short_and_the_model_is_the_decoder_as_taught():
