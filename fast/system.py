@@ -83,10 +83,11 @@ class System:
         self.warm_ups = (job.device.type == "cuda" or self.staged) * (1 + bool(self.args.graphs))
         for _ in range(self.warm_ups):                 # (staged on a CPU: one, to size the slots)
             prefill(job, *args)
-            if job.c_modelled:                         # and the even split's, which versus_even times
-                prefill(job, partition.even(job.tokens.shape[1], job.size))
             self.reserve()
         if job.c_modelled:
+            if self.staged:                            # the even split's messages take slots too
+                prefill(job, partition.even(job.tokens.shape[1], job.size))
+                self.reserve()
             calibrate.versus_even(job, prefill)
             self.reserve()
         job.transport.finish()
