@@ -125,7 +125,7 @@ def program(description):
     ap = Parser(description=description)
     ap.add_argument("--model", default="builtin:llama",
                     help="HF checkpoint directory, builtin:llama / builtin:falcon (small, random weights), "
-                         "or dims:llama7b / dims:falcon7b (the paper's sizes, random weights) "
+                         "or dims:llama7b / dims:falcon7b[:LAYERS] (the paper's sizes, random weights) "
                          "(default builtin:llama)")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer.json or tokenizer.model)")

@@ -257,12 +257,18 @@ def dims_model(name, dtype=torch.float16, device="cuda", n_layers=None):
 
 
 def named(spec, dtype, device):
-    """(description, model) for --model: dims:NAME (the paper's shapes, random weights) or a checkpoint."""
+    """(description, model) for --model: dims:NAME (the paper's shapes, random weights), dims:NAME:L
+    (its first L layers: four 7B ranks at 16k fit 80 GB at 16) or a checkpoint."""
     if not spec.startswith("dims:"):
         return spec, load_model(spec, dtype, device)
-    if spec[5:] not in DIMS:
-        raise ValueError(f"--model {spec}: known dims are " + ", ".join("dims:" + k for k in DIMS))
-    return f"{spec[5:]} dimensions, random weights", dims_model(spec[5:], dtype, device)
+    name, colon, layers = spec[5:].partition(":")
+    full = DIMS[name]["n_layers"] if name in DIMS else 0
+    if not full or colon and not (layers.isdigit() and 1 <= int(layers) <= full):
+        raise ValueError(f"--model {spec}: known dims are " + ", ".join("dims:" + k for k in DIMS)
+                         + ", each with an optional :L for its first L layers (1 to 32)")
+    n = int(layers or full)
+    part = "" if n == full else f", {n} of its {full} layers"
+    return f"{name} dimensions{part}, random weights", dims_model(name, dtype, device, n)
 
 
 def load_tokenizer(path):
