@@ -17,8 +17,10 @@ from conftest import tokens
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, FalconConfig, FalconForCausalLM, LlamaConfig
 
+import cli
+import program
 from kvcache import KVCache
-from load_weights import ConfigError, LoadError, config_from_hf, load_model, load_tokenizer
+from load_weights import ConfigError, LoadError, config_from_hf, load_model, load_tokenizer, named
 
 
 @pytest.fixture
@@ -494,9 +496,7 @@ def test_shard_named_by_the_index_but_missing(checkpoint, tmp_path):
 def test_dims_with_a_layer_count_build_that_many_layers_at_the_papers_widths():
     """dims:NAME:L is the paper's model cut to its first L layers, named so, and filed under its own
     key: a run of four 7B ranks at 16k that fits 80 GB only at fewer layers says that it did."""
-    import program
-    from cli import program as options
-    name, model, key = program.load(options("").parse_args(["--model", "dims:llama7b:1", "--dtype", "bfloat16"]),
+    name, model, key = program.load(cli.program("").parse_args(["--model", "dims:llama7b:1", "--dtype", "bfloat16"]),
                                     torch.device("cpu"))
     assert (model.cfg.n_layers, model.cfg.dim, model.cfg.ffn_dim, len(model.layers)) == (1, 4096, 11008, 1)
     assert name == "llama7b dimensions, 1 of its 32 layers, random weights"
@@ -506,7 +506,6 @@ def test_dims_with_a_layer_count_build_that_many_layers_at_the_papers_widths():
 @pytest.mark.parametrize("spec", ["dims:llama7b:0", "dims:llama7b:33", "dims:llama7b:x", "dims:llama7b:",
                                   "dims:llama7b:-1", "dims:gpt2", "dims:gpt2:4"])
 def test_a_bad_dims_spec_is_refused_by_name(spec):
-    from load_weights import named
     with pytest.raises(ValueError, match=re.escape(f"--model {spec}: known dims are dims:llama7b, dims:falcon7b, "
                                                    "each with an optional :L for its first L layers (1 to 32)")):
         named(spec, torch.float16, "cpu")
