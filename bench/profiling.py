@@ -164,9 +164,9 @@ def profile_tsp(model, C, p, zigzag=False, repeats=3, warmup=1, math_path=False,
         if cache is not None:                          # the other ranks' K/V, where the gather puts them
             for kv_ in cache.kv:
                 kv_[:, :, :, :C] = gathered
-        landed = [(a, gathered[:, :, :, a:a + n].contiguous()) for s in spans if s is not mine for a, n in s]
-        kv = TimedKV(Clock(device), cache, gathered=gathered, spans=mine, dense=not zigzag,
-                     landed=landed if landing else None)
+        landed = [(a, gathered[:, :, :, a:a + n].contiguous()) for s in spans if s is not mine for a, n in s
+                  ] if landing else None
+        kv = TimedKV(Clock(device), cache, gathered=gathered, spans=mine, dense=not zigzag, landed=landed)
         out.append(_time(model, sum(n for _, n in mine), kv, mine, repeats, warmup, math_path))
     return out
 
