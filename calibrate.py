@@ -99,7 +99,7 @@ def measure(job):
     if job.size > 1 and job.rank < 2:                  # one layer's K/V of n tokens, there and back,
         polite, t.polite = t.polite, False             # timed by waits that spin (a sleeping poll
         for n in (1, big):                             # would round every wait up to its period)
-            buf = torch.zeros((2, 1, cfg.n_kv_heads, n, cfg.head_dim), dtype=job.dtype, device=job.device)
+            buf = torch.zeros((1, n, 2, cfg.n_kv_heads, cfg.head_dim), dtype=job.dtype, device=job.device)
             ack = torch.zeros(1, dtype=job.dtype, device=job.device)
             best = float("inf")
             for _ in range(5):

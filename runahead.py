@@ -57,7 +57,7 @@ class ChainKV:
             self.t.recv_into(room, self.t.rank - 1, tag=layer)
         k_all, v_all = self.cache.update(layer, k, v)  # (B, n_kv, S_i, hs)
         if not self.last:                              # send on the S_i positions it holds
-            self.t.isend(self.cache.kv[layer][:, :, :, :self.cache.n[layer]], self.t.rank + 1, tag=layer)
+            self.t.isend(self.cache.held(layer), self.t.rank + 1, tag=layer)
             if layer == len(self.cache.kv) - 1:        # this rank's part of the first token is sent
                 self.t.finish()
                 raise Done

@@ -9,7 +9,6 @@ they share: then politely, 0.5 ms apart, so that a waiting rank does not take a 
 MPI starts in `init`, not at import: a rank that computes on a GPU selects its device and creates
 its CUDA context first, because a CUDA-aware MPI sets up CUDA IPC between a node's ranks at MPI_Init.
 """
-import math
 import os
 import time
 
@@ -44,29 +43,10 @@ def local_comm(comm):
 
 
 def _buf(t):
-    """A tensor's bytes as an MPI buffer (any dtype, host or device memory). A view that is a block of
-    a larger tensor, such as the first S tokens of a cache layer, goes as an MPI subarray type: MPI
-    reads or writes its bytes where they are, no copy."""
-    if t.is_contiguous():
-        return [MPI.buffer.fromaddress(t.data_ptr(), t.numel() * t.element_size()), MPI.BYTE]
-    full, kind = _subarray(t)
-    return [MPI.buffer.fromaddress(t.data_ptr(), math.prod(full) * t.element_size()), 1, kind]
-
-
-def _subarray(t, extent=None):
-    """(the shape of the tensor t is a block of, t's MPI subarray type within it [resized to extent])"""
-    size, st = t.element_size(), t.stride()
-    full = [t.shape[0]] + [a // b for a, b in zip(st[:-1], st[1:])]   # the shape of the tensor it is a block of
-    assert (st[-1] == 1 and all(a % b == 0 for a, b in zip(st[:-1], st[1:]))
-            and all(n <= m for n, m in zip(t.shape, full))), "not a block of a larger tensor"
-    key = (tuple(full), tuple(t.shape), size, extent)
-    if key not in _SUBARRAYS:
-        kind = MPI.BYTE.Create_contiguous(size).Create_subarray(full, list(t.shape), [0] * t.dim())
-        _SUBARRAYS[key] = (kind if extent is None else kind.Create_resized(0, extent)).Commit()
-    return full, _SUBARRAYS[key]
-
-
-_SUBARRAYS = {}            # (block shape, view shape, element size, extent) -> committed MPI datatype
+    """A contiguous tensor's bytes as an MPI buffer (any dtype, host or device memory): MPI reads or
+    writes them where they are, no copy."""
+    assert t.is_contiguous(), "MPI is handed one block of memory"
+    return [MPI.buffer.fromaddress(t.data_ptr(), t.numel() * t.element_size()), MPI.BYTE]
 
 
 class Transport:
@@ -165,15 +145,23 @@ class Transport:
         self.pending.append((self.comm.Isend(_buf(t), dest, tag), t))
 
     def _receive(self, out, source, tag):
-        self.wait(self.comm.Irecv(_buf(out), source, tag))
+        """Into `out` in place if it is one block (kvcache.py: a run of positions), else via new memory."""
+        whole = out if out.is_contiguous() else self._empty(out.shape, out.dtype)
+        self.wait(self.comm.Irecv(_buf(whole), source, tag))
+        out.copy_(whole)                               # (nothing to do when whole is out)
 
     def _gather(self, out, starts, counts, dim):
-        """Rank r's counts[r] positions from starts[r] along `dim` of `out`, MPI writing them in place: a
-        position (a block of out's memory) is one MPI element, its extent the step to the next one."""
-        step = out.stride(dim) * out.element_size()
-        full, one = _subarray(out.narrow(dim, 0, 1), extent=step)
-        buf = MPI.buffer.fromaddress(out.data_ptr(), math.prod(full) * out.element_size() + step * out.shape[dim])
-        self.wait(self.comm.Iallgatherv(MPI.IN_PLACE, [buf, counts, starts, one]))
+        """Rank r's counts[r] positions from starts[r] along `dim` of `out`, MPI writing them in place
+        where positions lie back to back (a run of a cache layer's, kvcache.py), else through a copy."""
+        rows = out.movedim(dim, 0)                     # positions first
+        if not rows.is_contiguous():
+            whole = rows.contiguous()
+            self._gather(whole, starts, counts, 0)
+            rows.copy_(whole)
+            return
+        step = rows[0].numel() * out.element_size()    # the bytes of one position
+        self.wait(self.comm.Iallgatherv(MPI.IN_PLACE, [_buf(rows)[0], [n * step for n in counts],
+                                                       [a * step for a in starts], MPI.BYTE]))
 
     def _progress(self):
         """Let go of the sends that have gone."""

@@ -41,6 +41,7 @@ if __name__ == "__main__":                             # --help and bad options 
 import torch  # noqa: E402
 
 from generate import sync  # noqa: E402
+from kvcache import split  # noqa: E402
 from program import Done, abort_on_error, cache_for, done, report, setup  # noqa: E402
 
 
@@ -54,19 +55,20 @@ class GatherKV:
 
     def update(self, layer, k, v):
         """This rank's own k, v (B, n_kv, its tokens, hs) in; the K, V of all C positions out."""
-        out = self.buffer if self.cache is None else self.cache.claim(layer, self.C)   # (2, B, n_kv, C, hs)
+        out = self.buffer if self.cache is None else self.cache.claim(layer, self.C)   # (B, C, 2, n_kv, hs)
         put(out, self.spans[self.t.rank], k, v)
-        self.t.allgather_into(out, self.spans, dim=3)
+        self.t.allgather_into(out, self.spans, dim=1)
         if self.cache is None and layer == self.last_layer:
             raise Done                                 # a rank that does not emit is done
-        return out[0], out[1]
+        return split(out)
 
 
 def put(out, spans, k, v):
     """Write k, v (B, n_kv, T, hs), a rank's tokens in span order, at their positions of out."""
+    ko, vo = split(out)                                # (B, n_kv, C, hs) views of out
     sizes = [n for _, n in spans]
     for (a, n), k_, v_ in zip(spans, k.split(sizes, dim=2), v.split(sizes, dim=2)):
-        out[0, :, :, a:a + n], out[1, :, :, a:a + n] = k_, v_
+        ko[:, :, a:a + n], vo[:, :, a:a + n] = k_, v_
 
 
 @torch.no_grad()
@@ -77,7 +79,7 @@ def prefill(job, zigzag, decode_room=0, math_path=False):
     spans, emitter = tsp_layout(C, job.size, zigzag)
     mine = spans[job.rank]
     cache = cache_for(job, C + decode_room) if job.rank == emitter else None
-    buffer = None if cache is not None else torch.empty((2, 1, cfg.n_kv_heads, C, cfg.head_dim),
+    buffer = None if cache is not None else torch.empty((1, C, 2, cfg.n_kv_heads, cfg.head_dim),
                                                         dtype=job.dtype, device=job.device)
     kv = GatherKV(job.transport, spans, not zigzag, cache, buffer, cfg.n_layers)
     tokens = torch.cat([job.tokens[:, a:a + n] for a, n in mine], dim=1)

@@ -22,7 +22,7 @@ import tsp
 from bench import sim
 from fast.compiled import fuse
 from generate import sync
-from kvcache import KVCache, bytes_per_token
+from kvcache import KVCache, bytes_per_token, split
 from load_weights import DIMS, dims_model
 
 class Clock:
@@ -61,17 +61,11 @@ class TimedKV:
     `spans`: this rank's): write the own K/V at its positions, mark (the real rank enters the
     all-gather, which fills the other positions in place). With neither: a plain KV cache, marked
     after each append.
-
-    landed: what the direct route receives whole before it copies it into place (fast/direct.py: a
-    CUDA-aware MPI would unpack a device block through host memory), copied in as it would be: the
-    chain's prefix, (2, B, n_kv, S_{i-1}, hs); for the all-gather, (start, tensor) per position run of
-    the other ranks, after this rank's own runs are copied out whole. None: nothing lands (staged,
-    host). The copies are on the rank's compute stream, so they are part of its segments.
     """
 
-    def __init__(self, clock, cache=None, prefix=0, gathered=None, spans=None, dense=False, landed=None):
+    def __init__(self, clock, cache=None, prefix=0, gathered=None, spans=None, dense=False):
         self.clock, self.cache, self.prefix, self.gathered, self.spans = clock, cache, prefix, gathered, spans
-        self.dense, self.landed = dense, landed
+        self.dense = dense
 
     def reset(self):
         if self.cache is not None:
@@ -80,21 +74,14 @@ class TimedKV:
     def update(self, layer, k, v):
         if self.gathered is None:
             if self.prefix:
-                room = self.cache.claim(layer, self.prefix)
-                if self.landed is not None:
-                    room.copy_(self.landed)
+                self.cache.claim(layer, self.prefix)
             k, v = self.cache.update(layer, k, v)
             self.clock.mark()
             return k, v
-        out = self.gathered if self.cache is None else self.cache.claim(layer, self.gathered.shape[3])
+        out = self.gathered if self.cache is None else self.cache.claim(layer, self.gathered.shape[1])
         tsp.put(out, self.spans, k, v)
-        if self.landed is not None:
-            for a, n in self.spans:
-                out[:, :, :, a:a + n].contiguous()
-            for a, part in self.landed:
-                out[:, :, :, a:a + part.shape[3]].copy_(part)
         self.clock.mark()
-        return out[0], out[1]
+        return split(out)
 
 
 def _where(model):
@@ -128,22 +115,20 @@ def _recording(model):
     return 2 * getattr(model, "graphs", False)
 
 
-def profile_chunk(model, c, prefix, repeats=3, warmup=1, landing=False):
-    """One KV-Runahead rank: c tokens after a prefix of `prefix` tokens. L+1 segment times (s).
-    landing: the prefix lands whole and is copied into the cache each layer (the direct route)."""
+def profile_chunk(model, c, prefix, repeats=3, warmup=1):
+    """One KV-Runahead rank: c tokens after a prefix of `prefix` tokens. L+1 segment times (s)."""
     (device, dtype), cfg = _where(model), model.cfg
     cache = KVCache(cfg, 1, prefix + c, dtype, device)
     for kv in cache.kv:                                # the prefix as received: random K/V
-        kv[:, :, :, :prefix] = torch.randn_like(kv[:, :, :, :prefix])
-    landed = cache.kv[0][:, :, :, :prefix].contiguous() if landing and prefix else None
+        kv[:, :prefix] = torch.randn_like(kv[:, :prefix])
     warmup += _recording(model)
-    return _time(model, c, TimedKV(Clock(device), cache, prefix, landed=landed), prefix, repeats, warmup)
+    return _time(model, c, TimedKV(Clock(device), cache, prefix), prefix, repeats, warmup)
 
 
-def profile_kvr(model, c, repeats=3, warmup=1, landing=False):
+def profile_kvr(model, c, repeats=3, warmup=1):
     """Every rank of KV-Runahead with partition c: per rank, L+1 segment times (s)."""
     S = partition.prefix_sums(c)
-    return [profile_chunk(model, ci, Si - ci, repeats, warmup, landing) for ci, Si in zip(c, S)]
+    return [profile_chunk(model, ci, Si - ci, repeats, warmup) for ci, Si in zip(c, S)]
 
 
 def profile_single(model, C, repeats=3, warmup=1):
@@ -151,22 +136,20 @@ def profile_single(model, C, repeats=3, warmup=1):
     return [profile_chunk(model, C, 0, repeats, warmup)]
 
 
-def profile_tsp(model, C, p, zigzag=False, repeats=3, warmup=1, math_path=False, landing=False):
+def profile_tsp(model, C, p, zigzag=False, repeats=3, warmup=1, math_path=False):
     """Every rank of TSP (dense masked attention) or zigzag TSP: per rank, L+1 segment times (s).
     math_path: attention as plain tensor ops, scores and mask materialised (as transformers' eager
-    attention computes it). landing: the other ranks' positions land whole and are copied in (direct)."""
+    attention computes it)."""
     (device, dtype), cfg = _where(model), model.cfg
     spans, emitter = tsp.tsp_layout(C, p, zigzag)
-    gathered = torch.randn((2, 1, cfg.n_kv_heads, C, cfg.head_dim), dtype=dtype, device=device)
+    gathered = torch.randn((1, C, 2, cfg.n_kv_heads, cfg.head_dim), dtype=dtype, device=device)
     out, warmup = [], warmup + _recording(model)      # the emitter records; the other ranks run eagerly
     for r, mine in enumerate(spans):
         cache = KVCache(cfg, 1, C, dtype, device) if r == emitter else None
         if cache is not None:                          # the other ranks' K/V, where the gather puts them
             for kv_ in cache.kv:
-                kv_[:, :, :, :C] = gathered
-        landed = [(a, gathered[:, :, :, a:a + n].contiguous()) for s in spans if s is not mine for a, n in s
-                  ] if landing else None
-        kv = TimedKV(Clock(device), cache, gathered=gathered, spans=mine, dense=not zigzag, landed=landed)
+                kv_[:, :C] = gathered
+        kv = TimedKV(Clock(device), cache, gathered=gathered, spans=mine, dense=not zigzag)
         out.append(_time(model, sum(n for _, n in mine), kv, mine, repeats, warmup, math_path))
     return out
 

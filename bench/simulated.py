@@ -255,8 +255,7 @@ def validate(a):
     (--measured-link FILE --route R), and report the error. `--devices 1` when
     the real ranks shared one device, default: a device per rank. `--shared-host`: the ranks shared
     one GPU on the staged route, so TSP's gather goes through that GPU's host link, as the link
-    file's host rows measured it (sim.replay_allgather's host). A real run on the direct route copied
-    each message that landed into its positions, so its ranks are profiled with those copies."""
+    file's host rows measured it (sim.replay_allgather's host)."""
     out, host = [], None
     if a.shared_host:
         if not a.measured_link:
@@ -271,7 +270,6 @@ def validate(a):
         torch.set_num_threads(meta["threads"])
         _, model, key = program.load(args, torch.device(meta["device"]))
         L, bpt = model.cfg.n_layers, bytes_per_token(model.cfg, getattr(torch, meta["dtype"]))
-        landing = meta.get("route") == "direct" and meta["device"] == "cuda"   # it copies what lands into place
         if a.measured_link:                            # the link bench/measured.py link measured on this route
             link = sim.Link(**next(iter(measured_links(a.measured_link, [a.route]).values())))
         else:                                          # the link the real run calibrated
@@ -285,11 +283,11 @@ def validate(a):
                 t = sim.replay_chain(segs, [C], link, bpt).ttft
             elif v.startswith("TSP"):
                 spans, emitter = tsp_layout(C, p, v == "TSP-zigzag")
-                segs = profiling.profile_tsp(model, C, p, v == "TSP-zigzag", a.repeats, 2, landing=landing)
+                segs = profiling.profile_tsp(model, C, p, v == "TSP-zigzag", a.repeats, 2)
                 t = sim.replay_allgather(segs, [sum(n for _, n in s) for s in spans], link, bpt, emitter,
                                          devices=a.devices, host=host).ttft
             else:
-                segs = profiling.profile_kvr(model, r["partition"], a.repeats, 2, landing)
+                segs = profiling.profile_kvr(model, r["partition"], a.repeats, 2)
                 t = sim.replay_chain(segs, r["partition"], link, bpt, devices=a.devices).ttft
             via = (f"host link down {host[0].bandwidth / 1e9:.3g}, up {host[1].bandwidth / 1e9:.3g} GB/s"
                    if host and v.startswith("TSP") else f"{link.bandwidth / 1e9:.3g} GB/s, {link.latency * 1e6:.3g} us")

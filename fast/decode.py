@@ -16,6 +16,7 @@ Replaying the graph launches exactly the kernels the step launches eagerly: the 
 """
 import torch
 
+from kvcache import split
 from model import rope, rope_inv_freq
 
 
@@ -43,9 +44,9 @@ class StaticKV:
         self.cache, self.pos = cache, pos
 
     def update(self, layer, k, v):
-        kv = self.cache.kv[layer]                      # (2, B, n_kv, capacity, hs)
-        kv.index_copy_(3, self.pos, torch.stack((k, v)))
-        return kv[0], kv[1]
+        kv = self.cache.kv[layer]                      # (B, capacity, 2, n_kv, hs)
+        kv.index_copy_(1, self.pos, torch.stack((k, v), dim=2).transpose(1, 3))   # (B, 1, 2, n_kv, hs)
+        return split(kv)
 
 
 class Step:
@@ -84,7 +85,7 @@ def decode(model, tok, cache, steps, stop_at_eos=False, graphs=True, eager_steps
         raise ValueError("ALiBi, and dynamic RoPE past max_position_embeddings, decode with "
                          "generate.decode: a static step fixes its constants")
     for kv in cache.kv:                                # the masked keys: zeros, not junk
-        kv[:, :, :, len(cache):].zero_()
+        kv[:, len(cache):].zero_()
     step, out, graph = Step(model, cache, tok), [tok], None
     run = torch.compile(step.__call__, fullgraph=True) if compiled else step
     for i in range(steps):

@@ -5,10 +5,14 @@ queued with the event that marks its tensor written (not the whole stream) and s
 rank's next exchange at the latest (`_progress`), so a rank runs at most one layer ahead of its
 GPU. Memory that MPI writes is allocated on a side stream, so no kernel still queued on the
 compute stream can be using it. StagedTransport (staged.py) builds on this order.
+
+A message lands where it belongs: the cache's layout (kvcache.py) makes a run of positions one block,
+which MPI reads and writes in place (a CUDA-aware Open MPI unpacks a datatype of many pieces through
+host memory, several times slower).
 """
 import torch
 
-from transport import MPI, Transport, _buf
+from transport import Transport, _buf
 
 
 class _Passed:
@@ -19,13 +23,6 @@ class _Passed:
 
     def query(self):
         return True
-
-
-def positions(out, starts, counts, dim):
-    """Each rank's positions of `out` as views, their bytes, and their offsets packed one after another."""
-    parts = [out.narrow(dim, a, n) for a, n in zip(starts, counts)]
-    sizes = [p.numel() * out.element_size() for p in parts]
-    return parts, sizes, [sum(sizes[:r]) for r in range(len(sizes))]
 
 
 class DirectTransport(Transport):
@@ -47,28 +44,10 @@ class DirectTransport(Transport):
     def _send(self, t, dest, tag):
         self.queued.append((self._event(), t, dest, tag))   # MPI may read it once the GPU has written it
 
-    def _receive(self, out, source, tag):
-        if self.cuda and not out.is_contiguous():      # a CUDA-aware Open MPI unpacks a device subarray
-            whole = self._empty(out.shape, out.dtype)  # through host memory: 6x slower on an H200 than
-            self.wait(self.comm.Irecv(_buf(whole), source, tag))   # landing it whole and copying once
-            out.copy_(whole)
-            whole.record_stream(torch.cuda.current_stream())   # not reused before the copy has run
-            return
-        super()._receive(out, source, tag)
-
     def _gather(self, out, starts, counts, dim):
-        """On a GPU the parts land whole and are copied once into their positions, as the chain's
-        prefix is (a CUDA-aware MPI would unpack a device datatype through host memory)."""
-        if not self.cuda:
-            return super()._gather(out, starts, counts, dim)
-        parts, sizes, displs = positions(out, starts, counts, dim)
-        mine = parts[self.rank].contiguous()
-        flat = self._empty((sum(p.numel() for p in parts),), out.dtype)
-        self._event().synchronize()                    # mine is written
-        self.wait(self.comm.Iallgatherv(_buf(mine), [_buf(flat)[0], sizes, displs, MPI.BYTE]))
-        for r, (part, got) in enumerate(zip(parts, flat.split([p.numel() for p in parts]))):
-            if r != self.rank:
-                part.copy_(got.view(part.shape))
+        """transport.Transport's in-place all-gather, once this rank's part is written."""
+        self._event().synchronize()
+        super()._gather(out, starts, counts, dim)
 
     def _event(self):
         """An event on the compute stream, here: what was queued before it is done when it is."""

@@ -12,12 +12,11 @@ CPU copies the bytes. Other staged messages travel through MPI in private pinned
 On the CPU the same protocol runs with plain copies: that is how the tests check it without a GPU.
 """
 import ctypes
-import functools
 import os
 
 import torch
 
-from fast.direct import DirectTransport, _Passed, positions
+from fast.direct import DirectTransport, _Passed
 from transport import MPI, _buf, local_comm   # transport decides when MPI starts
 
 
@@ -36,6 +35,12 @@ def cuda_aware_mpi():
             return bool(ok.value)
     return False
 
+
+def positions(out, starts, counts, dim):
+    """Each rank's positions of `out` as views, their bytes, and their offsets packed one after another."""
+    parts = [out.narrow(dim, a, n) for a, n in zip(starts, counts)]
+    sizes = [p.numel() * out.element_size() for p in parts]
+    return parts, sizes, [sum(sizes[:r]) for r in range(len(sizes))]
 
 
 class StagedTransport(DirectTransport):
@@ -237,8 +242,7 @@ class StagedTransport(DirectTransport):
         with torch.cuda.stream(self.up):               # after what the compute stream queued before
             self.up.wait_event(self.fence)             # the last barrier: a prefill makes `out` before it
             span = self._span(name, layer)
-            if out.is_contiguous() or not _copy_rows(out, host, self.up):
-                out.copy_(host.view(out.dtype).view(out.shape), non_blocking=True)
+            out.copy_(host.view(out.dtype).view(out.shape), non_blocking=True)   # a cache block: one copy
             done = self._span_end(span)
         torch.cuda.current_stream().wait_event(done)
         return done
@@ -270,32 +274,3 @@ class StagedTransport(DirectTransport):
         """Return a staging buffer to the pool (other buffers are the caller's tensors)."""
         if id(buf) in self.staging:
             self.free[buf.numel()].append(buf)
-
-
-@functools.cache
-def _cudart():
-    """The CUDA runtime library torch loaded (for cudaMemcpy2DAsync, which torch does not wrap), or None."""
-    with open("/proc/self/maps") as maps:
-        paths = [line.split()[-1] for line in maps if "/libcudart.so" in line]
-    return ctypes.CDLL(paths[0]) if paths else None
-
-
-def _copy_rows(out, host, stream):
-    """Copy contiguous host bytes up into `out`, the first tokens of a cache layer (rows of contiguous
-    bytes at the layer's pitch), as one 2-D copy: torch's copy_ would copy into new memory first and
-    then copy that into place. False where it cannot (then the caller copies)."""
-    try:
-        rows = out.view(-1, out.shape[-2] * out.shape[-1])   # (2 B n_kv, T hs), pitch capacity hs
-    except RuntimeError:
-        return False
-    if _cudart() is None or rows.stride(1) != 1:
-        return False
-    size = out.element_size()
-    width, pitch = rows.shape[1] * size, rows.stride(0) * size
-    c = ctypes.c_size_t
-    err = _cudart().cudaMemcpy2DAsync(ctypes.c_void_p(rows.data_ptr()), c(pitch), ctypes.c_void_p(host.data_ptr()),
-                                       c(width), c(width), c(rows.shape[0]), 1,   # 1: host to device
-                                       ctypes.c_void_p(stream.cuda_stream))
-    if err:
-        raise RuntimeError(f"cudaMemcpy2DAsync failed with CUDA error {err}")
-    return True

@@ -26,6 +26,7 @@ from fast.compiled import fuse
 from fast.direct import DirectTransport
 from fast.staged import StagedTransport, cuda_aware_mpi
 from fast.trace import Trace, Traced
+from kvcache import split
 
 
 class System:
@@ -129,7 +130,8 @@ class System:
         if not self.args.save:
             return
         C = self.job.tokens.shape[1]
-        prompt_kv = [(kv[0, :, :, :C].cpu().clone(), kv[1, :, :, :C].cpu().clone()) for kv in cache.kv]
+        prompt_kv = [tuple(t.cpu().clone(memory_format=torch.contiguous_format) for t in split(kv[:, :C]))
+                     for kv in cache.kv]                 # HF's layout: (k, v), each (B, n_kv, C, hs)
         with cli.replace_whole(self.args.save) as tmp:
             torch.save(dict(logits=logits.cpu(), past_key_values=prompt_kv, partition=partition, ttft_s=ttft,
                             first_token=tokens[0], generated_ids=tokens, messages=stats), tmp)

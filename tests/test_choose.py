@@ -187,7 +187,7 @@ class Link:
     def isend(self, t, dest, tag):
         self.polite_seen.append(self.polite)
         if t.dim() == 5:
-            self.sent = t.shape[3]
+            self.sent = t.shape[1]                     # (B, n, 2, n_kv, hs): n tokens
 
     def finish(self):
         pass
@@ -247,8 +247,8 @@ class Echo:
         pass
 
     def recv(self, shape, dtype, source, tag):
-        self.got.append((source, shape[3]))
-        self.clock.now += 1e-3 * shape[3]
+        self.got.append((source, shape[1]))            # (B, n, 2, n_kv, hs): n tokens
+        self.clock.now += 1e-3 * shape[1]
         return torch.zeros(shape, dtype=dtype)
 
     def isend(self, t, dest, tag):

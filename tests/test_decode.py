@@ -26,7 +26,7 @@ import generate
 import model
 import runahead
 import tsp
-from kvcache import KVCache, bytes_per_token
+from kvcache import KVCache, bytes_per_token, split
 from tsp import tsp_layout
 from program import Done
 
@@ -80,16 +80,16 @@ def chunk(T, base, B=1):
 
 
 def test_cache_is_created_zeroed_with_the_capacity_asked_for():
-    """A new cache holds nothing, every layer is (2, B, n_kv, capacity, hs) in the dtype asked for, and
+    """A new cache holds nothing, every layer is (B, capacity, 2, n_kv, hs) in the dtype asked for, and
     every entry is 0, even where the allocator hands back freed NaN memory: the static decode step reads
     the whole capacity (masked), and NaN there would poison it (test_the_static_step_reads_...)."""
     cfg = tiny_cfg()
     for _ in range(20):                                # leave freed NaN blocks of this size around
-        junk = [torch.full((2, 2, 2, 7, 4), float("nan"), dtype=F64) for _ in range(cfg.n_layers)]
+        junk = [torch.full((2, 7, 2, 2, 4), float("nan"), dtype=F64) for _ in range(cfg.n_layers)]
         del junk
         cache = KVCache(cfg, 2, 7, F64)
         assert cache.capacity == 7 and len(cache) == 0 and cache.n == [0, 0, 0]
-        assert [tuple(kv.shape) for kv in cache.kv] == [(2, 2, 2, 7, 4)] * 3
+        assert [tuple(kv.shape) for kv in cache.kv] == [(2, 7, 2, 2, 4)] * 3
         assert all(kv.dtype == F64 and not kv.any() for kv in cache.kv)
         assert len({kv.data_ptr() for kv in cache.kv}) == 3   # one buffer per layer, not shared
 
@@ -104,8 +104,9 @@ def test_update_appends_and_returns_every_position_so_far():
     k, v = cache.update(1, k2, v2)
     assert torch.equal(k, torch.cat([k1, k2], dim=2)) and torch.equal(v, torch.cat([v1, v2], dim=2))
     assert cache.n == [0, 7, 0]
-    assert torch.equal(cache.kv[1][0, :, :, :7], k) and torch.equal(cache.kv[1][1, :, :, :7], v)
-    assert not cache.kv[1][:, :, :, 7:].any() and not cache.kv[0].any() and not cache.kv[2].any()
+    k_held, v_held = split(cache.kv[1][:, :7])
+    assert torch.equal(k_held, k) and torch.equal(v_held, v)
+    assert not cache.kv[1][:, 7:].any() and not cache.kv[0].any() and not cache.kv[2].any()
 
 
 def test_len_is_what_every_layer_holds():
@@ -124,13 +125,13 @@ def test_claim_hands_out_the_next_positions_in_place():
     writes a received prefix): writing the view writes the cache; the next update goes after it."""
     cache = KVCache(tiny_cfg(), 2, 10)
     room = cache.claim(0, 3)
-    assert room.shape == (2, 2, 2, 3, 4) and cache.n == [3, 0, 0]
+    assert room.shape == (2, 3, 2, 2, 4) and cache.n == [3, 0, 0]
     room.fill_(7.0)
-    assert (cache.kv[0][:, :, :, :3] == 7).all() and not cache.kv[0][:, :, :, 3:].any()
+    assert (cache.kv[0][:, :3] == 7).all() and not cache.kv[0][:, 3:].any()
     room2 = cache.claim(0, 2)
-    assert room2.shape[3] == 2 and cache.n[0] == 5
+    assert room2.shape[1] == 2 and cache.n[0] == 5
     room2.fill_(9.0)
-    assert (cache.kv[0][:, :, :, 3:5] == 9).all() and (cache.kv[0][:, :, :, :3] == 7).all()
+    assert (cache.kv[0][:, 3:5] == 9).all() and (cache.kv[0][:, :3] == 7).all()
     k, v = chunk(1, 50, B=2)
     k_all, _ = cache.update(0, k, v)
     assert k_all.shape[2] == 6 and torch.equal(k_all[:, :, 5:], k)
@@ -146,7 +147,7 @@ def test_layer_returns_views_of_what_each_layer_holds():
     k1, _ = cache.layer(1)
     assert torch.equal(k0, k) and torch.equal(v0, v) and k1.shape[2] == 2 and cache.layer(2)[0].shape[2] == 0
     k0[0, 0, 0, 0] = -1.0                              # a view: the cache sees the write
-    assert cache.kv[0][0, 0, 0, 0, 0] == -1.0
+    assert cache.kv[0][0, 0, 0, 0, 0] == -1.0          # row 0, position 0, K, head 0, entry 0
 
 
 @pytest.mark.parametrize("extra", [0, 1, 9])
@@ -178,7 +179,7 @@ def test_reset_empties_every_layer_and_the_next_update_starts_at_position_0():
     assert cache.n == [0, 0, 0] and len(cache) == 0
     k, v = chunk(2, 500)
     out_k, out_v = cache.update(2, k, v)
-    assert torch.equal(out_k, k) and torch.equal(cache.kv[2][0, :, :, :2], k) and cache.n == [0, 0, 2]
+    assert torch.equal(out_k, k) and torch.equal(split(cache.kv[2][:, :2])[0], k) and cache.n == [0, 0, 2]
 
 
 def test_bytes_per_token_is_what_one_token_takes_in_one_layer():
@@ -187,7 +188,7 @@ def test_bytes_per_token_is_what_one_token_takes_in_one_layer():
         cfg = builtin(arch).cfg
         for dtype in (torch.float32, torch.bfloat16, F64):
             cache = KVCache(cfg, 1, 8, dtype)
-            one = cache.kv[0][:, :, :, :1]
+            one = cache.kv[0][:, :1]
             assert bytes_per_token(cfg, dtype) == one.numel() * one.element_size()
 
 
@@ -273,7 +274,7 @@ def test_decode_stops_at_the_first_eos_only_when_asked(name, arch):
     out = decode(m, tok, cache, 12, stop_at_eos=True)
     assert out[0].tolist() == full[:k + 1]
     assert len(cache) == C + k and cache.n == [C + k] * m.cfg.n_layers
-    assert all(not kv[:, :, :, C + k:].any() for kv in cache.kv)
+    assert all(not kv[:, C + k:].any() for kv in cache.kv)
 
     tok, cache = prefill(m, PROMPT[1:], C + 12)
     out = decode(m, tok, cache, 12)
@@ -367,8 +368,8 @@ def test_a_static_step_writes_at_its_position_and_advances_it_in_place(arch):
     assert torch.equal(tok, fed)                       # the caller's token is not overwritten
     assert len(cache) == C                             # fast.decode claims the positions at the end
     for kv, kv_ref in zip(cache.kv, ref.kv):
-        torch.testing.assert_close(kv[:, :, :, :C + 2], kv_ref[:, :, :, :C + 2], atol=1e-10, rtol=0)
-        assert not kv[:, :, :, C + 2:].any()
+        torch.testing.assert_close(kv[:, :C + 2], kv_ref[:, :C + 2], atol=1e-10, rtol=0)
+        assert not kv[:, C + 2:].any()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -398,8 +399,7 @@ def test_the_static_step_reads_the_whole_capacity_masked(arch):
     for junk in (1e3, float("nan")):
         tok, cache = prefill(m, PROMPT, C + 10)
         for kv in cache.kv:
-            kv[:, :, :, C:] = junk * torch.randn(kv[:, :, :, C:].shape, generator=torch.Generator().manual_seed(0),
-                                                 dtype=F64)
+            kv[:, C:] = junk * torch.randn(kv[:, C:].shape, generator=torch.Generator().manual_seed(0), dtype=F64)
         assert torch.equal(static_decode(m, tok, cache, 10), want)
 
 
@@ -580,7 +580,7 @@ def test_chain_receives_the_prefix_into_the_cache_and_sends_what_it_holds(rank):
     S_prev, S_i = sum(c[:rank]), sum(c[:rank + 1])
     last = rank == 2
     cache = KVCache(cfg, 1, S_i + (5 if last else 0))
-    prefix = {layer: marked((2, 1, 2, S_prev, 4), 1000 * (layer + 1)) for layer in range(3)}
+    prefix = {layer: marked((1, S_prev, 2, 2, 4), 1000 * (layer + 1)) for layer in range(3)}
     t = FakeTransport(rank, 3, feed=lambda tag, out: out.copy_(prefix[tag]))
     kv = runahead.ChainKV(cache, t, S_prev)
     for layer in range(3):
@@ -591,21 +591,22 @@ def test_chain_receives_the_prefix_into_the_cache_and_sends_what_it_holds(rank):
             assert t.log[-1] == ("finish",) and t.log[-2][:3] == ("send", 2, rank + 1)
         else:
             k_all, v_all = kv.update(layer, k, v)
-            assert torch.equal(k_all, torch.cat([prefix[layer][0], k], dim=2))
-            assert torch.equal(v_all, torch.cat([prefix[layer][1], v], dim=2))
+            k_prev, v_prev = split(prefix[layer])
+            assert torch.equal(k_all, torch.cat([k_prev, k], dim=2))
+            assert torch.equal(v_all, torch.cat([v_prev, v], dim=2))
         assert cache.n[layer] == S_i
-        assert torch.equal(cache.kv[layer][:, :, :, :S_prev], prefix[layer])
-        assert torch.equal(cache.kv[layer][:, :, :, S_prev:S_i], torch.stack((k, v)))
+        assert torch.equal(cache.kv[layer][:, :S_prev], prefix[layer])
+        assert torch.equal(cache.kv[layer][:, S_prev:S_i], torch.stack((k.transpose(1, 2), v.transpose(1, 2)), dim=2))
     recvs, sends = t.of("recv"), t.of("send")
     assert [(tag, src) for _, tag, src, _ in recvs] == [(layer, rank - 1) for layer in range(3) if rank > 0]
     for _, tag, _, out in recvs:
-        assert out.shape == (2, 1, 2, S_prev, 4) and out.data_ptr() == cache.kv[tag].data_ptr()
+        assert out.shape == (1, S_prev, 2, 2, 4) and out.data_ptr() == cache.kv[tag].data_ptr()
     if last:
         assert sends == [] and t.of("finish") == []
     else:
         assert [(tag, dest) for _, tag, dest, _ in sends] == [(0, rank + 1), (1, rank + 1), (2, rank + 1)]
         for _, tag, _, sent in sends:
-            assert sent.shape == (2, 1, 2, S_i, 4) and torch.equal(sent, cache.kv[tag][:, :, :, :S_i])
+            assert sent.shape == (1, S_i, 2, 2, 4) and torch.equal(sent, cache.kv[tag][:, :S_i])
         assert len(t.of("finish")) == 1
 
 
@@ -620,7 +621,7 @@ def test_chain_sends_the_positions_it_holds_not_its_capacity():
     kv = runahead.ChainKV(cache, t, 0)
     kv.update(0, marked((1, 2, 3, 4), 1.0), marked((1, 2, 3, 4), 2.0))
     (_, tag, dest, sent), = t.of("send")
-    assert sent.shape == (2, 1, 2, 3, 4) and not sent.isnan().any() and (tag, dest) == (0, 1)
+    assert sent.shape == (1, 3, 2, 2, 4) and not sent.isnan().any() and (tag, dest) == (0, 1)
 
 
 def reference(m, tokens):
@@ -645,24 +646,24 @@ def test_runahead_prefill_on_each_rank_of_a_chain(arch):
     logits_ref, ref = reference(m, PROMPT[1:])
     for rank in range(3):
         S_prev, S_i = sum(c[:rank]), sum(c[:rank + 1])
-        t = FakeTransport(rank, 3, feed=lambda tag, out: out.copy_(ref.kv[tag][:, :, :, :out.shape[3]]))
+        t = FakeTransport(rank, 3, feed=lambda tag, out: out.copy_(ref.kv[tag][:, :out.shape[1]]))
         logits, cache, _ = runahead.prefill(fake_job(m, rank, 3, t), c, decode_room=6)
         n_layers = m.cfg.n_layers
         assert [e[1] for e in t.of("recv")] == ([] if rank == 0 else list(range(n_layers)))
-        assert all(e[3].shape[3] == S_prev for e in t.of("recv"))
+        assert all(e[3].shape[1] == S_prev for e in t.of("recv"))
         if rank < 2:
             assert logits is None and cache.capacity == S_i and len(t.of("finish")) == 1
             sends = t.of("send")
             assert [(tag, dest) for _, tag, dest, _ in sends] == [(layer, rank + 1) for layer in range(n_layers)]
             for _, tag, _, sent in sends:
-                assert sent.shape[3] == S_i
-                torch.testing.assert_close(sent, ref.kv[tag][:, :, :, :S_i], atol=1e-10, rtol=0)
+                assert sent.shape[1] == S_i
+                torch.testing.assert_close(sent, ref.kv[tag][:, :S_i], atol=1e-10, rtol=0)
         else:
             assert t.of("send") == [] and cache.capacity == 11 + 6 and len(cache) == 11
             assert t.of("finish") == []
             torch.testing.assert_close(logits, logits_ref, atol=1e-10, rtol=0)
             for kv, kv_ref in zip(cache.kv, ref.kv):
-                torch.testing.assert_close(kv[:, :, :, :11], kv_ref, atol=1e-10, rtol=0)
+                torch.testing.assert_close(kv[:, :11], kv_ref, atol=1e-10, rtol=0)
 
 
 def test_a_rank_prefills_into_the_same_cache_memory_each_time():
@@ -683,9 +684,9 @@ def test_a_rank_prefills_into_the_same_cache_memory_each_time():
 # ----------------------------------------------------------------------------- tsp.GatherKV
 
 def by_position(C_, B=1):
-    """K/V (2, B, 2, C_, 4) whose entries at position j are j (K) and -j (V)."""
-    pos = torch.arange(C_, dtype=torch.float32)[None, None, :, None].expand(B, 2, C_, 4)
-    return torch.stack((pos, -pos))
+    """K/V (B, C_, 2, 2, 4) whose entries at position j are j (K) and -j (V)."""
+    pos = torch.arange(C_, dtype=torch.float32)[None, :, None, None].expand(B, C_, 2, 4)
+    return torch.stack((pos, -pos), dim=2)
 
 
 @pytest.mark.parametrize("C_,p", [(9, 3), (11, 3), (8, 4), (17, 5)])
@@ -730,22 +731,22 @@ def test_gather_puts_every_rank_s_kv_in_position_order(zigzag, rank):
     kv = tsp.GatherKV(t, spans, not zigzag, cache, buffer, n_layers)
     assert kv.dense == (not zigzag)
     for layer in range(n_layers):
-        own = truth[:, :, :, mine]
+        own = split(truth[:, mine])                   # this rank's k, v, (B, n_kv, its tokens, hs)
         if layer == n_layers - 1 and not emits:
             with pytest.raises(Done):
-                kv.update(layer, own[0], own[1])
+                kv.update(layer, *own)
             continue
-        k, v = kv.update(layer, own[0], own[1])
-        assert torch.equal(k, truth[0]) and torch.equal(v, truth[1])
+        k, v = kv.update(layer, *own)
+        assert torch.equal(k, split(truth)[0]) and torch.equal(v, split(truth)[1])
         if emits:
-            assert cache.n[layer] == C_ and torch.equal(cache.kv[layer][:, :, :, :C_], truth)
+            assert cache.n[layer] == C_ and torch.equal(cache.kv[layer][:, :C_], truth)
             assert k.data_ptr() == cache.kv[layer].data_ptr()          # gathered into the cache itself
         else:
             assert k.data_ptr() == buffer.data_ptr()
     gathers = t.of("allgather")
     assert len(gathers) == n_layers
     for _, held, spans_, dim in gathers:                 # its own positions written before the gather
-        assert torch.equal(held[:, :, :, mine], truth[:, :, :, mine]) and spans_ == spans and dim == 3
+        assert torch.equal(held[:, mine], truth[:, mine]) and spans_ == spans and dim == 1
 
 
 @pytest.mark.parametrize("zigzag", [False, True])
@@ -765,12 +766,12 @@ def test_tsp_prefill_on_each_rank(zigzag):
         gathers = t.of("allgather")
         assert len(gathers) == m.cfg.n_layers
         for i, (_, held, spans_, dim) in enumerate(gathers):
-            assert spans_ == spans and dim == 3 and held.shape[3] == 11
-            torch.testing.assert_close(held[:, :, :, mine], ref.kv[i][:, :, :, mine], atol=1e-10, rtol=0)
+            assert spans_ == spans and dim == 1 and held.shape[1] == 11
+            torch.testing.assert_close(held[:, mine], ref.kv[i][:, mine], atol=1e-10, rtol=0)
         if rank == emitter:
             assert cache.capacity == 14 and len(cache) == 11
             torch.testing.assert_close(logits, logits_ref, atol=1e-10, rtol=0)
             for kv, kv_ref in zip(cache.kv, ref.kv):
-                torch.testing.assert_close(kv[:, :, :, :11], kv_ref, atol=1e-10, rtol=0)
+                torch.testing.assert_close(kv[:, :11], kv_ref, atol=1e-10, rtol=0)
         else:
             assert logits is None and cache is None

@@ -60,8 +60,8 @@ def test_unknown_exercise_is_refused():
 CHAIN_MISTAKES = {
     "no Done": ([("                raise Done\n", "")], "(no Done)"),
     "own before prefix": ([("        if self.prefix:", "        k_all, v_all = self.cache.update(layer, k, v)\n        if self.prefix:"),
-                           ("            self.cache.update(layer, kv[0], kv[1])\n        k_all, v_all = self.cache.update(layer, k, v)",
-                            "            k_all, v_all = self.cache.update(layer, kv[0], kv[1])")],
+                           ("            self.cache.update(layer, *split(kv))\n        k_all, v_all = self.cache.update(layer, k, v)",
+                            "            k_all, v_all = self.cache.update(layer, *split(kv))")],
                           "come before the prefix"),
 }
 

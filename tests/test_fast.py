@@ -134,10 +134,10 @@ def test_static_decode_does_not_read_what_the_unused_capacity_holds(arch, dtype,
         cache = KVCache(m.cfg, 1, 23 + 10, dtype)
         tok = m(prompt, cache, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
         for kv in cache.kv:
-            kv[:, :, :, len(cache):] = fill
-        prompt_rows = [kv[:, :, :, :len(cache)].clone() for kv in cache.kv]
+            kv[:, len(cache):] = fill
+        prompt_rows = [kv[:, :len(cache)].clone() for kv in cache.kv]
         out.append(fast.decode.decode(m, tok, cache, 8, graphs=False))
-        assert all(torch.equal(kv[:, :, :, :23], rows) for kv, rows in zip(cache.kv, prompt_rows))
+        assert all(torch.equal(kv[:, :23], rows) for kv, rows in zip(cache.kv, prompt_rows))
     assert torch.equal(out[0], out[1])
 
 

@@ -68,20 +68,6 @@ def test_a_small_chunk_after_a_prefix_is_flash_attentions_lower_right_kernel(dty
     assert torch.equal(model.attend(q, k, v, P, cfg, dense=True), dense)
 
 
-def test_a_staged_prefix_lands_in_the_cache_by_one_2d_copy():
-    """The staged route's copy up into the first tokens of a cache layer (not contiguous) is one
-    cudaMemcpy2DAsync, and writes those positions only."""
-    from fast.staged import _copy_rows
-    cache = torch.full((2, 1, 4, 100, 64), -1.0, dtype=torch.float16, device="cuda")
-    room = cache[:, :, :, :37]
-    src = torch.randn(2, 1, 4, 37, 64, dtype=torch.float16)
-    host = src.reshape(-1).view(torch.uint8).pin_memory()
-    stream = torch.cuda.Stream()
-    assert _copy_rows(room, host, stream)
-    stream.synchronize()
-    assert torch.equal(room.cpu(), src) and (cache[:, :, :, 37:] == -1).all()
-
-
 def test_staged_slots_on_the_gpu():
     """The staged route's shared slots with device tensors (side streams, pinned shared window):
     a 3-rank chain of 6 layers through 2 slots, then all-gathers; every tensor arrives intact."""
@@ -255,7 +241,7 @@ def test_decode_graphs_replay_the_static_steps_exactly(arch, fused):
         kv[way] = torch.stack(cache.kv)
     assert torch.equal(out["graphs"], out["eager"]) and torch.equal(kv["graphs"], kv["eager"])
     n = int((out["graphs"] == out["teaching"]).cumprod(1).sum())   # the same tokens up to here
-    torch.testing.assert_close(kv["graphs"][..., :100 + n, :], kv["teaching"][..., :100 + n, :], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(kv["graphs"][:, :, :100 + n], kv["teaching"][:, :, :100 + n], atol=2e-2, rtol=2e-2)
     assert n >= 10, n
 
 

@@ -122,11 +122,11 @@ def test_the_rooms_depend_one_way():
     assert GRAPH["fast.attention"] == set() and GRAPH["fast.direct"] == {"transport"}
     assert GRAPH["fast.staged"] == {"fast.direct", "transport"}
     assert GRAPH["fast.compiled"] == {"fast.segments"} and GRAPH["fast.segments"] == {"kvcache"}   # the cache it keys on
-    assert GRAPH["fast.decode"] == {"model"}           # the blocks it replays, and their RoPE
+    assert GRAPH["fast.decode"] == {"kvcache", "model"}   # the cache's views; the blocks it replays, their RoPE
     assert "transport" not in GRAPH["partition"] | GRAPH["bench.sim"]
     assert GRAPH["fast.trace"] == {"cli"}
     assert GRAPH["fast.system"] == {"calibrate", "cli", "fast.decode", "fast.compiled", "fast.direct", "fast.staged",
-                                   "fast.trace", "partition"}
+                                   "fast.trace", "kvcache", "partition"}
 
 
 def test_root_modules_are_short_and_the_model_is_the_decoder_as_taught():

@@ -207,7 +207,7 @@ def test_the_builtin_models_tokens_wander_so_a_quoted_list_catches_a_wrong_cache
         cache = KVCache(m.cfg, 1, 512 + 16)
         m(ids[:, :256], cache, 0)
         if spoil:                                      # 16 positions of one layer stale (zeros)
-            cache.kv[1][:, :, :, 100:116] = 0
+            cache.kv[1][:, 100:116] = 0
         first = m(ids[:, 256:], cache, 256, last_only=True)[:, -1].argmax(-1, keepdim=True)
         runs.append(decode(m, first, cache, 15)[0].tolist())
     assert len(set(runs[0])) >= 12, runs[0]

@@ -28,7 +28,7 @@ import torch
 
 from conftest import case
 from generate import decode
-from kvcache import KVCache
+from kvcache import KVCache, split
 from load_weights import load_model
 from model import builtin, rope, rope_inv_freq
 from partition import chain_kv_tokens, tsp_kv_tokens
@@ -145,10 +145,11 @@ def tsp_reference(model, tokens, p, zigzag, new_tokens):
         cache = KVCache(cfg, 1, C + new_tokens, xs[0].dtype, dev)
         for layer, block in enumerate(model.layers):
             pre = [block.pre(x, cs) for x, cs in zip(xs, rot)]
-            kv = torch.cat([torch.stack((k, v)) for _, _, k, v in pre], dim=3)
-            kv = kv if order is None else kv[:, :, :, order]
-            mine = Gathered({layer: cache.update(layer, kv[0], kv[1])}, dense=not zigzag)   # the emitter's
-            theirs = Gathered({layer: (kv[0], kv[1])}, dense=not zigzag)                   # the others'
+            kv = torch.cat([torch.stack((k.transpose(1, 2), v.transpose(1, 2)), dim=2) for _, _, k, v in pre],
+                           dim=1)                     # (B, C, 2, n_kv, hs), as the all-gather's buffer
+            kv = kv if order is None else kv[:, order]
+            mine = Gathered({layer: cache.update(layer, *split(kv))}, dense=not zigzag)   # the emitter's
+            theirs = Gathered({layer: split(kv)}, dense=not zigzag)                      # the others'
             xs = [block.post(x, h, block.attn(q, k, v, mine if r == emitter else theirs, s, False))
                   for r, (x, (h, q, k, v), s) in enumerate(zip(xs, pre, spans))]
         logits = model.lm_head(model.norm(xs[emitter][:, -1:]))[0, -1]

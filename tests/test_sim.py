@@ -19,7 +19,7 @@ import calibrate  # noqa: E402
 import partition as P  # noqa: E402
 from bench import measured, profiling, sim  # noqa: E402
 from bench.measured import covered, order, shared  # noqa: E402
-from kvcache import KVCache, bytes_per_token  # noqa: E402
+from kvcache import bytes_per_token  # noqa: E402
 from load_weights import dims_model  # noqa: E402
 
 UNIT = sim.Link(bandwidth=1.0, latency=0.5)            # with 1 byte per token: 0.5 + tokens seconds
@@ -146,25 +146,6 @@ def test_profiles_give_positive_segments_per_rank(llama):
     r = profiling.simulate_tsp(llama, 40, 2, sim.FAST, zigzag=True, repeats=1)
     assert r.ttft == r.finish[0] > 0                               # zigzag: rank 0 emits
     assert profiling.simulate_kvr(llama, [30, 10], sim.FAST, devices=1, repeats=1).ttft > 0
-
-
-def test_landing_copies_what_the_direct_route_receives_into_place(llama):
-    """Profiled for the direct route, a rank copies what lands into its positions as the route does:
-    the chain's prefix into the cache, the all-gather's other runs into theirs; its own stay its own."""
-    cfg, g = llama.cfg, torch.Generator().manual_seed(0)
-    k, v = (torch.randn(1, cfg.n_kv_heads, 3, cfg.head_dim, generator=g) for _ in range(2))
-    cache = KVCache(cfg, 1, 8, torch.float32, "cpu")
-    landed = torch.randn(2, 1, cfg.n_kv_heads, 5, cfg.head_dim, generator=g)
-    k_all, v_all = profiling.TimedKV(profiling.Clock("cpu"), cache, 5, landed=landed).update(1, k, v)
-    assert torch.equal(cache.kv[1][:, :, :, :5], landed) and torch.equal(k_all[:, :, 5:], k) and torch.equal(v_all[:, :, :5], landed[1])
-    out = torch.zeros(2, 1, cfg.n_kv_heads, 8, cfg.head_dim)
-    runs = [(0, landed[:, :, :, :2]), (5, landed[:, :, :, 2:])]
-    profiling.TimedKV(profiling.Clock("cpu"), gathered=out, spans=[(2, 3)], landed=runs).update(0, k, v)
-    assert torch.equal(out[:, :, :, :2], landed[:, :, :, :2]) and torch.equal(out[:, :, :, 5:], landed[:, :, :, 2:])
-    assert torch.equal(out[0, :, :, 2:5], k) and torch.equal(out[1, :, :, 2:5], v)
-    for segs in (profiling.profile_kvr(llama, [20, 12], 1, 0, landing=True),
-                 profiling.profile_tsp(llama, 40, 2, True, 1, 0, landing=True)):
-        assert len(segs) == 2 and all(len(s) == cfg.n_layers + 1 and min(s) > 0 for s in segs)
 
 
 def test_dims_model_shapes():

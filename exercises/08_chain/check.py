@@ -137,13 +137,13 @@ def protocol(r, ev, ranks):
                         f"neighbour, rank {r + 1}: {RULE}")
             if e["tag"] != L:
                 return f"rank {r} sent layer {L}'s K/V with tag {e['tag']}; the tag is the layer, tag={L}: {RULE}"
-            if r and e["shape"] == want[:3] + [c[r]] + want[4:]:
+            if r and e["shape"] == want[:1] + [c[r]] + want[2:]:
                 return (f"rank {r} sent layer {L}'s K/V of its own {c[r]} positions only, shape {e['shape']}; the "
                         f"right rank needs all {S} positions [0, {S}), prefix included: send the layer's whole "
                         f"cache, shape {want}")
             if e["shape"] != want:
                 return (f"rank {r} sent layer {L}'s K/V as shape {e['shape']}; rank {r + 1} needs K and V of all "
-                        f"{S} positions [0, {S}) stacked, shape {want}: send the layer's whole cache")
+                        f"{S} positions [0, {S}), shape {want}: send the layer's whole cache")
             if e["held"] is not None and e["held"] < S:
                 return (f"rank {r} sent layer {L}'s cache when it held {e['held']} of its {S} positions: send it "
                         "after appending the prefix and the rank's own k, v")
@@ -240,7 +240,7 @@ def cached(r, d, ref, c):
     at = (f"rank {r} (its own positions [{S_prev}, {S}) after the prefix [0, {S_prev}) from rank {r - 1})" if r
           else f"rank 0 (positions [0, {S}), no prefix)")
     for layer, (kv, n) in enumerate(zip(d["kv"], d["n"])):
-        want = ref.kv[layer][:, :, :, :S]
+        want = ref.kv[layer][:, :S]
         if n == S and same(kv, want):
             continue
         if n < S:
@@ -253,13 +253,13 @@ def cached(r, d, ref, c):
                            + ": own K/V not appended. Append the rank's own k, v to the cache"
                            + (" after the prefix" if r else ""))
             raise Fail(f"{has}: append the prefix received (rank 0 has none), then the rank's own k, v")
-        if r and same(kv[:, :, :, c[r]:], ref.kv[layer][:, :, :, :S_prev]):
+        if r and same(kv[:, c[r]:], ref.kv[layer][:, :S_prev]):
             raise Fail(f"{at}, layer {layer}: its own k, v come before the prefix in the cache (wrong order). "
                        f"Positions must be in order: append the prefix [0, {S_prev}) received from rank {r - 1} "
                        "first, then the rank's own")
-        if r and not same(kv[:, :, :, :S_prev], ref.kv[layer][:, :, :, :S_prev]):
+        if r and not same(kv[:, :S_prev], ref.kv[layer][:, :S_prev]):
             raise Fail(f"{at}, layer {layer}: the prefix [0, {S_prev}) in the cache differs from one process's; "
-                       f"append the K/V received from rank {r - 1} as they came (K = kv[0], V = kv[1])")
+                       f"append the K/V received from rank {r - 1} as they came (kvcache.split gives their K and V)")
         raise Fail(f"{at}, layer {layer}: its own positions [{S_prev}, {S}) differ from one process's (by up to "
                    f"{(kv - want).abs().max():.3g}) while the prefix is right: update must return the K and V of "
                    f"all {S} positions [0, {S}), prefix then own (what the cache's update returns)")

@@ -87,7 +87,7 @@ def main(path, out):
     log = Log(os.path.join(out, f"rank{job.rank}.log"))
     cfg, c = job.model.cfg, job.c
     log("start", c=c, layers=cfg.n_layers,            # what rank r should send: K, V of all S[r] positions
-        send=[2, 1, cfg.n_kv_heads, sum(c[:job.rank + 1]), cfg.head_dim])
+        send=[1, sum(c[:job.rank + 1]), 2, cfg.n_kv_heads, cfg.head_dim])
     head = []                                          # a non-last rank must never get this far
     for name in ("norm", "lm_head"):
         if hasattr(job.model, name):
@@ -96,7 +96,7 @@ def main(path, out):
         runahead.ChainKV = watch(job, grade.load(path).ChainKV, log)
         logits, cache, _ = runahead.prefill(job, job.c)
         job.transport.finish()
-        kv = [cache.kv[layer][:, :, :, :cache.n[layer]].clone() for layer in range(len(cache.kv))]
+        kv = [cache.held(layer).clone() for layer in range(len(cache.kv))]
         file = os.path.join(out, f"rank{job.rank}.pt")
         torch.save(dict(rank=job.rank, c=job.c, tokens=job.tokens.cpu(), n=list(cache.n), kv=kv,
                         logits=None if logits is None else logits.cpu(), head=sorted(set(head))), file + ".tmp")

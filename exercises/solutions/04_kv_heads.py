@@ -1,4 +1,5 @@
 """Exercise 4: send only the KV heads. Check with: python exercises/check.py 4"""
+from kvcache import split
 
 
 class ChainKV:
@@ -14,13 +15,13 @@ class ChainKV:
     def __init__(self, cache, transport, prefix, cfg):
         self.cache, self.t, self.prefix = cache, transport, prefix
         self.last = transport.rank == transport.size - 1
-        B = cache.kv[0].shape[1]
-        self.inbox = (2, B, cfg.n_kv_heads, prefix, cfg.head_dim)   # the shape of K, V of [0, S_{i-1})
+        B = cache.kv[0].shape[0]
+        self.inbox = (B, prefix, 2, cfg.n_kv_heads, cfg.head_dim)   # the shape of K, V of [0, S_{i-1})
 
     def update(self, layer, k, v):
         if self.prefix:                                # wait for the left neighbour's layer
             kv = self.t.recv(self.inbox, self.cache.kv[0].dtype, self.t.rank - 1, tag=layer)
-            self.cache.update(layer, kv[0], kv[1])
+            self.cache.update(layer, *split(kv))
         k_all, v_all = self.cache.update(layer, k, v)  # (B, n_kv, S_i, hs)
         if not self.last:                              # the cache holds exactly S_i tokens: send it all
             self.t.isend(self.cache.kv[layer], self.t.rank + 1, tag=layer)

@@ -1,4 +1,5 @@
 """Exercise 8: the chain's K/V exchange. Check with: python exercises/check.py 8"""
+from kvcache import split
 from program import Done
 
 
@@ -15,15 +16,15 @@ class ChainKV:
     def __init__(self, cache, transport, prefix):
         self.cache, self.t, self.prefix = cache, transport, prefix
         self.last = transport.rank == transport.size - 1
-        B, n_kv, hs = cache.kv[0].shape[1], cache.kv[0].shape[2], cache.kv[0].shape[4]
-        self.inbox = (2, B, n_kv, prefix, hs)         # K and V of [0, S[i-1]): the shape to receive
+        B, _, _, n_kv, hs = cache.kv[0].shape       # a layer: (B, capacity, 2, n_kv, hs)
+        self.inbox = (B, prefix, 2, n_kv, hs)         # K and V of [0, S[i-1]): the shape to receive
 
     def update(self, layer, k, v):
         """Called by the model in every layer with this rank's own k, v (B, n_kv, c_i, hs); returns
         the K and V of every position this rank's queries may see, [0, S[i])."""
         if self.prefix:                                # wait for the left neighbour's layer
             kv = self.t.recv(self.inbox, self.cache.kv[0].dtype, self.t.rank - 1, tag=layer)
-            self.cache.update(layer, kv[0], kv[1])
+            self.cache.update(layer, *split(kv))
         k_all, v_all = self.cache.update(layer, k, v)  # (B, n_kv, S_i, hs)
         if not self.last:                              # the cache holds exactly S_i tokens: send it all
             self.t.isend(self.cache.kv[layer], self.t.rank + 1, tag=layer)
