@@ -7,8 +7,9 @@ GPU. Memory that MPI writes is allocated on a side stream, so no kernel still qu
 compute stream can be using it. StagedTransport (staged.py) builds on this order.
 
 A message lands where it belongs: the cache's layout (kvcache.py) makes a run of positions one block,
-which MPI reads and writes in place (a CUDA-aware Open MPI unpacks a datatype of many pieces through
-host memory, several times slower).
+which MPI reads and writes in place; anything else lands in new memory and is copied
+(transport.Transport), never as an MPI datatype of many pieces, which a CUDA-aware Open MPI unpacks
+through host memory, several times slower.
 """
 import torch
 
