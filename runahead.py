@@ -52,10 +52,10 @@ class ChainKV:
 
     def update(self, layer, k, v):
         """This rank's own k, v (B, n_kv, c_i, hs) in; the K, V of positions [0, S_i) out."""
-        if self.prefix:                                # rank i > 0: [0, S_{i-1}) from rank i-1, into
-            room = self.cache.claim(layer, self.prefix)   # the cache's first positions (in place)
+        room = self.cache.claim(layer, self.prefix)    # [0, S_{i-1}): rank i-1 fills it, in place
+        k_all, v_all = self.cache.update(layer, k, v)  # (B, n_kv, S_i, hs): own K/V written meanwhile
+        if self.prefix:                                # rank i > 0: the prefix from the left
             self.t.recv_into(room, self.t.rank - 1, tag=layer)
-        k_all, v_all = self.cache.update(layer, k, v)  # (B, n_kv, S_i, hs)
         if not self.last:                              # send on the S_i positions it holds
             self.t.isend(self.cache.held(layer), self.t.rank + 1, tag=layer)
             if layer == len(self.cache.kv) - 1:        # this rank's part of the first token is sent

@@ -3,7 +3,8 @@
 A GPU runs behind the host, so a tensor the host has asked for may not be written yet. A send is
 queued with the event that marks its tensor written (not the whole stream) and started by the
 rank's next exchange at the latest (`_progress`), so a rank runs at most one layer ahead of its
-GPU. Memory that MPI writes is allocated on a side stream, so no kernel still queued on the
+GPU. A send right after a receive starts at once: the chain forwards a prefix as soon as it has come
+in, not after the host has queued the rest of the layer (a millisecond or more a hop). Memory that MPI writes is allocated on a side stream, so no kernel still queued on the
 compute stream can be using it. StagedTransport (staged.py) builds on this order.
 
 A message lands where it belongs: the cache's layout (kvcache.py) makes a run of positions one block,
@@ -36,6 +37,7 @@ class DirectTransport(Transport):
         if self.cuda:
             self.up = torch.cuda.Stream(self.device)   # where received memory is allocated (_empty)
         self.queued = []           # (event, buffer, dest, tag): sends waiting for their bytes
+        self.forward = False       # a receive just ended: the next send starts at once (_send)
 
     @property
     def path(self):
@@ -44,6 +46,13 @@ class DirectTransport(Transport):
 
     def _send(self, t, dest, tag):
         self.queued.append((self._event(), t, dest, tag))   # MPI may read it once the GPU has written it
+        if self.forward:                               # the chain: a prefix just came in, and the GPU
+            self.forward = False                       # wrote this rank's own K/V while it came, so
+            self._progress()                           # the send starts now, not at the next exchange
+
+    def _receive(self, out, source, tag):
+        super()._receive(out, source, tag)
+        self.forward = True
 
     def _gather(self, out, starts, counts, dim):
         """transport.Transport's in-place all-gather, once this rank's part is written."""

@@ -314,6 +314,35 @@ if comm.rank == 0:
     assert run(code, n=2, timeout=60).strip() == "[(5, 1), (1, 5)]"
 
 
+def test_the_direct_route_forwards_what_it_received_at_once():
+    """On the direct route a send waits in `queued` for the rank's next exchange, except right after
+    a receive: then it starts at once (fast/direct.py), so the chain's prefix goes on before the
+    host has queued the rest of the layer. Only the send that follows the receive starts early."""
+    code = """
+import torch
+from fast.direct import DirectTransport
+comm, dev = transport.init('cpu')
+t = DirectTransport(comm, dev, polite=True)
+x = torch.arange(4, dtype=torch.float64)
+if comm.rank == 0:
+    t.isend(x, 1, tag=0)
+    assert len(t.queued) == 1                        # nothing received before it: it waits
+    t.finish()
+    got = [t.recv((4,), torch.float64, 1, tag=k) for k in (1, 2)]
+    assert torch.equal(got[0], x + 1) and torch.equal(got[1], x + 2)
+else:
+    room = torch.empty(4, dtype=torch.float64)
+    t.recv_into(room, 0, tag=0)
+    t.isend(room + 1, 0, tag=1)
+    assert t.queued == []                            # forwarded: started by the isend itself
+    t.isend(room + 2, 0, tag=2)
+    assert len(t.queued) == 1                        # the next one waits as before
+    t.finish()
+print(comm.rank, t.stats["sends"], t.stats["recvs"])
+"""
+    assert sorted(run(code, n=2, timeout=60).strip().splitlines()) == ["0 1 2", "1 2 1"]
+
+
 def test_staged_slots_fit_messages_of_any_size_and_are_remade_only_when_asked():
     """StagedTransport.reserve and the slots: with zero bytes reserved nothing is shared and messages
     go through MPI; a message of exactly a slot or fewer bytes goes by slot (the smaller one arrives
