@@ -3,9 +3,10 @@
 A GPU runs behind the host, so a tensor the host has asked for may not be written yet. A send is
 queued with the event that marks its tensor written (not the whole stream) and started by the
 rank's next exchange at the latest (`_progress`), so a rank runs at most one layer ahead of its
-GPU. A send right after a receive starts at once: the chain forwards a prefix as soon as it has come
-in, not after the host has queued the rest of the layer (a millisecond or more a hop). Memory that MPI writes is allocated on a side stream, so no kernel still queued on the
-compute stream can be using it. StagedTransport (staged.py) builds on this order.
+GPU. A send right after a receive starts at once: the chain forwards a prefix as soon as it has
+come in, not after the host has queued the rest of the layer. Memory that MPI writes is allocated
+on a side stream, so no kernel still queued on the compute stream can be using it.
+StagedTransport (staged.py) builds on this order.
 
 A message lands where it belongs: the cache's layout (kvcache.py) makes a run of positions one block,
 which MPI reads and writes in place; anything else lands in new memory and is copied
@@ -51,6 +52,7 @@ class DirectTransport(Transport):
             self._progress()                           # the send starts now, not at the next exchange
 
     def _receive(self, out, source, tag):
+        """transport.Transport's receive; the send that follows it starts at once (`_send`)."""
         super()._receive(out, source, tag)
         self.forward = True
 
