@@ -209,7 +209,7 @@ def simulate_kvr(model, c, links, devices=None, repeats=3):
 def simulate_tsp(model, C, p, links, zigzag=False, devices=None, repeats=3):
     """Profile TSP's ranks (or zigzag's), then replay them: what `mpirun tsp.py` would do."""
     spans, emitter = tsp.tsp_layout(C, p, zigzag)
-    return sim.replay_allgather(profile_tsp(model, C, p, zigzag, repeats), [sum(n for _, n in s) for s in spans],
+    return sim.replay_allgather(profile_tsp(model, C, p, zigzag, repeats), [[n for _, n in s] for s in spans],
                                 links, bytes_per_token(model.cfg, _where(model)[1]), emitter, devices)
 
 

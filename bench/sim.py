@@ -180,8 +180,10 @@ def replay_allgather(segs, counts, links, bytes_per_token, emitter, devices=None
     """TSP: every layer ends in an all-gather, a barrier: it completes for all ranks at the latest
     arrival plus the gather time. The gather is a ring: p-1 steps, each moving the largest rank's
     chunk, max(counts) tokens, over all p links at once; a step lasts as long as its slowest link.
-    counts and emitter: from tsp.tsp_layout; links: one Link or a list of p (the ring, link r from rank r
-    to r+1 mod p); devices and seed as in replay_chain. Returns a Replay; TTFT is the emitter's finish.
+    counts: per rank, its tokens, or the lengths of its spans: then one all-gather per span index, one
+    after another, as transport.allgather_into runs them (zigzag: two). counts and emitter: from
+    tsp.tsp_layout; links: one Link or a list of p (the ring, link r from rank r to r+1 mod p);
+    devices and seed as in replay_chain. Returns a Replay; TTFT is the emitter's finish.
 
     host=(down, up): instead of the ring, the staged route's gather through shared slots on ranks that
     share one GPU, and so its host link (fast/staged.py): each rank's part goes down as it arrives,
@@ -190,11 +192,12 @@ def replay_allgather(segs, counts, links, bytes_per_token, emitter, devices=None
     """
     p = len(segs)
     ring, rngs = _links(links, p), [random.Random(f"{seed}/{i}") for i in range(p)]
-    nbytes = max(counts) * bytes_per_token
+    gathers = list(zip(*(n if isinstance(n, (list, tuple)) else [n] for n in counts)))   # per gather, per rank
     reached, done, timeline = [{} for _ in segs[0]], {}, [[] for _ in range(p)]
 
-    def gather(arrivals):
+    def one(arrivals, counts):
         if host is None:
+            nbytes = max(counts) * bytes_per_token
             return max(arrivals) + sum(max(link.time(nbytes, rng) for link, rng in zip(ring, rngs))
                                        for _ in range(p - 1))
         down, up = host
@@ -202,6 +205,11 @@ def replay_allgather(segs, counts, links, bytes_per_token, emitter, devices=None
         for at, n in sorted(zip(arrivals, counts)):   # the parts go down in the order they are ready
             t = max(t, at) + down.time(n * bytes_per_token)
         return t + up.time((p - 1) * sum(counts) * bytes_per_token)
+
+    def gather(arrivals):
+        for counts in gathers:
+            arrivals = [one(arrivals, counts)] * p
+        return arrivals[0]
 
     def wait(i, l, t):
         reached[l][i] = t

@@ -169,7 +169,7 @@ def simulate(a):
 
                     def tsp(v, net=net, **kw):
                         spans, emitter = tsp_layout(C, p, v == "TSP-zigzag")
-                        return sim.replay_allgather(direct[v, C, p, ()], [sum(n for _, n in s) for s in spans],
+                        return sim.replay_allgather(direct[v, C, p, ()], [[n for _, n in s] for s in spans],
                                                     net, bpt, emitter, **kw).ttft
 
                     one, even, s = sum(direct["one process", C, 1, ()][0]), partition.even(C, p), short[label, p, C]
@@ -284,7 +284,7 @@ def validate(a):
             elif v.startswith("TSP"):
                 spans, emitter = tsp_layout(C, p, v == "TSP-zigzag")
                 segs = profiling.profile_tsp(model, C, p, v == "TSP-zigzag", a.repeats, 2)
-                t = sim.replay_allgather(segs, [sum(n for _, n in s) for s in spans], link, bpt, emitter,
+                t = sim.replay_allgather(segs, [[n for _, n in s] for s in spans], link, bpt, emitter,
                                          devices=a.devices, host=host).ttft
             else:
                 segs = profiling.profile_kvr(model, r["partition"], a.repeats, 2)

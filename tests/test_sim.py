@@ -51,6 +51,16 @@ def test_allgather_by_hand():
     assert ("allgather", 0, 1, 5.5) in r.timeline[0] and ("allgather", 1, 6.5, 11) in r.timeline[1]
 
 
+def test_allgather_of_two_spans_is_two_gathers_by_hand():
+    # zigzag's spans (2, 1) and (1, 1): two all-gathers a layer, one after the other, 0.5 + 2 s and
+    # 0.5 + 1 s on the ring. Through the host link: the first spans go down 1-3.5 and 3.5-5, up 5-8.5
+    # (3 tokens); the second ones, ready at once, down 8.5-10 and 10-11.5, up 11.5-14 (2 tokens)
+    r = sim.replay_allgather([[1, 2, 1], [2, 1, 1]], [[2, 1], [1, 1]], UNIT, 1, emitter=1)
+    assert ("allgather", 0, 1, 6) in r.timeline[0] and r.ttft == 13
+    r = sim.replay_allgather([[1, 2, 1], [2, 1, 1]], [[2, 1], [1, 1]], INSTANT, 1, 1, host=(UNIT, UNIT))
+    assert ("allgather", 0, 1, 14) in r.timeline[0]
+
+
 def test_allgather_through_a_shared_host_link_by_hand():
     # host=(down, up), 0.5 + tokens seconds each: layer 0's parts go down in the order they are ready
     # (rank 0's 3 tokens at 1 until 4.5, rank 1's 2 until 7), then both ranks copy the other's part up
