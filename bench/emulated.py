@@ -267,6 +267,42 @@ def summary(d):
     targets(meta, t)
 
 
+def replay(d):
+    """The results file d with its simulated cells replayed again: each sim step's stored profiles
+    (validate's segs) by bench/sim.py as it is now, over the link its link step measured, capped as
+    it was (--devices). What a change to the replay does to every cell, without a GPU."""
+    import torch
+    from bench import sim, simulated
+    from kvcache import bytes_per_token
+    from load_weights import DIMS, named
+    from model import Config, builtin
+    meta, spec, dtype = d["meta"], d["meta"]["settings"]["model"], getattr(torch, d["meta"]["settings"]["dtype"])
+    kind, _, name = spec.partition(":")
+    cfg = (Config(**DIMS[name.partition(":")[0]]) if kind == "dims" else builtin(name).cfg if kind == "builtin"
+           else named(spec, dtype, "cpu")[1].cfg)
+    bpt = bytes_per_token(cfg, dtype)
+    cells, got = {(r["p"], r["C"], r["variant"]): r for r in d["rows"]}, {}
+    for s in meta["steps"].values():
+        if s["kind"] != "sim" or s["note"]:
+            continue
+        cmd, link, host = s["cmd"], sim.Link(1e15, 0.0), None      # p=1: one rank, no messages
+        if "--measured-link" in cmd:
+            lrows = meta["steps"][f"link p={s['p']}"]["rows"]
+            route = cmd[cmd.index("--route") + 1]
+            link = sim.Link(**next(iter(simulated.measured_links(None, [route], lrows).values())))
+            if "--shared-host" in cmd:
+                host = tuple(sim.Link(**f) for f in simulated.measured_links(None, ["host down", "host up"],
+                                                                             lrows).values())
+        devices = float(cmd[cmd.index("--devices") + 1]) if "--devices" in cmd else None
+        for r in s["rows"]:
+            key = (r["p"], r["C"], r["variant"])
+            got[key] = simulated.replay(r["variant"], r["C"], r["p"], cells[key]["partition"], r["segs"], link, bpt,
+                                        devices, host)
+    for key, t in got.items():
+        cells[key].update(simulated_s=t, error=t / cells[key]["ttft_s"] - 1 if cells[key]["ttft_s"] else None)
+    return d
+
+
 def targets(meta, t):
     """The issue's targets, at 4 emulated GPUs and the largest C measured there; the simulator's error."""
     def ttft(p, C, v):
@@ -314,13 +350,16 @@ def main(argv=None):
     r.add_argument("--dry-run", action="store_true", help="print the commands and their environments, run nothing")
     s = sub.add_parser("summary", help="the tables and targets of results files, again")
     s.add_argument("files", nargs="+")
+    s.add_argument("--replay", action="store_true", help="the simulated cells replayed again from the profiles "
+                   "the files keep, by bench/sim.py as it is now (no GPU)")
     a = ap.parse_args(argv)
     if a.cmd == "run":
         a.argv = sys.argv[1:] if argv is None else argv
         return run(a)
     for path in a.files:
         with open(path) as f:
-            summary(json.load(f))
+            d = json.load(f)
+        summary(replay(d) if a.replay else d)
 
 
 if __name__ == "__main__":

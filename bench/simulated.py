@@ -45,10 +45,12 @@ def links(p, measured=None, jitter=0.0):
     return out
 
 
-def measured_links(path, routes):
-    """label -> Link fields of each route of a bench/measured.py link file, fitted by sim.fit_link."""
-    with open(path) as f:
-        lrows = json.load(f)["rows"]
+def measured_links(path, routes, lrows=None):
+    """label -> Link fields of each route of a bench/measured.py link file (or its rows, `lrows`),
+    fitted by sim.fit_link."""
+    if lrows is None:
+        with open(path) as f:
+            lrows = json.load(f)["rows"]
     out = {}
     for route in routes:
         mine = [r for r in lrows if r["route"] == route]
@@ -249,6 +251,19 @@ TARGETS = [   # (what, which cells, ratio, test): issue 12's targets on the simu
 ]
 
 
+def replay(v, C, p, c, segs, link, bpt, devices=None, host=None):
+    """validate's replay of one cell, variant v of C tokens on p ranks (c: KV-Runahead's partition),
+    from its profiled segments: one process as a chain of one rank; TSP's gather through the shared
+    host link if `host`."""
+    if v == "one process":
+        return sim.replay_chain(segs, [C], link, bpt).ttft
+    if v.startswith("TSP"):
+        spans, emitter = tsp_layout(C, p, v == "TSP-zigzag")
+        return sim.replay_allgather(segs, [[n for _, n in s] for s in spans], link, bpt, emitter, devices=devices,
+                                    host=host).ttft
+    return sim.replay_chain(segs, c, link, bpt, devices=devices).ttft
+
+
 def validate(a):
     """The simulator against real runs: profile each real row's work on this device, replay it with
     the link calibrated in the real run (calibration.json) or one bench/measured.py link measured
@@ -280,15 +295,11 @@ def validate(a):
             C, p, v = r["C"], r["p"], r["variant"]
             if v == "one process":
                 segs = profiling.profile_single(model, C, a.repeats, 2)
-                t = sim.replay_chain(segs, [C], link, bpt).ttft
             elif v.startswith("TSP"):
-                spans, emitter = tsp_layout(C, p, v == "TSP-zigzag")
                 segs = profiling.profile_tsp(model, C, p, v == "TSP-zigzag", a.repeats, 2)
-                t = sim.replay_allgather(segs, [[n for _, n in s] for s in spans], link, bpt, emitter,
-                                         devices=a.devices, host=host).ttft
             else:
                 segs = profiling.profile_kvr(model, r["partition"], a.repeats, 2)
-                t = sim.replay_chain(segs, r["partition"], link, bpt, devices=a.devices).ttft
+            t = replay(v, C, p, r["partition"], segs, link, bpt, a.devices, host)
             via = (f"host link down {host[0].bandwidth / 1e9:.3g}, up {host[1].bandwidth / 1e9:.3g} GB/s"
                    if host and v.startswith("TSP") else f"{link.bandwidth / 1e9:.3g} GB/s, {link.latency * 1e6:.3g} us")
             out.append(dict(model=key, C=C, p=p, variant=v, real_s=r["ttft_s"], simulated_s=t,

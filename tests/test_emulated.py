@@ -310,3 +310,18 @@ def test_end_to_end_on_the_cpu(tmp_path):
     assert s.returncode == 0 and "emulated: 2 ranks at 50% of one CPU" in s.stdout
     assert markdown_rows(s.stdout, "C") == markdown_rows(r.stdout, "C")[-4:]
     assert [x["C"] for x in markdown_rows(s.stdout, "C")] == ["128", "256"] * 2
+    again = emulated.replay(json.load(open(out)))["rows"]       # the replay has not changed since
+    assert [(x["simulated_s"], x["error"]) for x in again] == [(x["simulated_s"], x["error"]) for x in d["rows"]]
+
+
+def test_replay_of_the_stored_h100_profiles():
+    """summary --replay on results/: the stored profiles replayed by today's bench/sim.py. It gives
+    back what validate computed then, but for zigzag TSP, which was replayed as one all-gather a layer
+    and is now two, one per span (sim.replay_allgather): slower, on the direct and the staged route."""
+    for name in ("emulated-h100-direct-l16-sim.json", "emulated-h100-staged-l16-sim.json"):
+        d = json.load(open(os.path.join(ROOT, "results", name)))
+        then = {(r["p"], r["C"], r["variant"]): r["simulated_s"] for r in d["rows"]}
+        now = {(r["p"], r["C"], r["variant"]): r["simulated_s"] for r in emulated.replay(d)["rows"]}
+        zigzag = [k for k in then if k[2] == "TSP-zigzag" and then[k]]
+        assert len(zigzag) == 2 and all(now[k] > then[k] for k in zigzag)
+        assert all(now[k] == pytest.approx(then[k], rel=1e-9) for k in then if k not in zigzag)
