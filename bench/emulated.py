@@ -3,7 +3,8 @@ CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100/p % of the SMs, against one process on t
 
     python -m bench.emulated run [--model dims:llama7b] [--dtype float16] [--C 4096 8192 12288 16384]
         [-p 2 4] [--repeats 3] [--route staged|direct] [--simulate] [--out FILE.json] [--dry-run]
-    python -m bench.emulated summary FILE.json ...     the tables and the targets again, no GPU
+    python -m bench.emulated summary [--replay] FILE.json ...     the tables and the targets again, no
+        GPU; --replay: the simulated cells replayed again by bench/sim.py as it is now (`replay`)
 
 `run` starts MPS unless a daemon runs (and then stops it at the end), and runs each step as a job:
   ranks whole GPU  `mpirun -n 1 ... bench.measured ranks --variants "one process"`, no share
