@@ -195,20 +195,20 @@ def replay_allgather(segs, counts, links, bytes_per_token, emitter, devices=None
     gathers = list(zip(*(n if isinstance(n, (list, tuple)) else [n] for n in counts)))   # per gather, per rank
     reached, done, timeline = [{} for _ in segs[0]], {}, [[] for _ in range(p)]
 
-    def one(arrivals, counts):
+    def one(arrivals, sizes):            # one all-gather of the ranks' sizes
         if host is None:
-            nbytes = max(counts) * bytes_per_token
+            nbytes = max(sizes) * bytes_per_token
             return max(arrivals) + sum(max(link.time(nbytes, rng) for link, rng in zip(ring, rngs))
                                        for _ in range(p - 1))
         down, up = host
         t = 0.0
-        for at, n in sorted(zip(arrivals, counts)):   # the parts go down in the order they are ready
+        for at, n in sorted(zip(arrivals, sizes)):   # the parts go down in the order they are ready
             t = max(t, at) + down.time(n * bytes_per_token)
-        return t + up.time((p - 1) * sum(counts) * bytes_per_token)
+        return t + up.time((p - 1) * sum(sizes) * bytes_per_token)
 
     def gather(arrivals):
-        for counts in gathers:
-            arrivals = [one(arrivals, counts)] * p
+        for sizes in gathers:
+            arrivals = [one(arrivals, sizes)] * p
         return arrivals[0]
 
     def wait(i, l, t):
