@@ -34,9 +34,15 @@ import subprocess
 import sys
 import time
 
+import torch
+
 import cli
+from bench import sim, simulated
 from bench.measured import save, table
 from fast.system import mps
+from kvcache import bytes_per_token
+from load_weights import DIMS, named
+from model import Config, builtin
 
 SHARE = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 VARIANTS = ["one process", "TSP", "TSP-zigzag", "KVR-E", "KVR-S"]
@@ -272,11 +278,6 @@ def replay(d):
     """The results file d with its simulated cells replayed again: each sim step's stored profiles
     (validate's segs) by bench/sim.py as it is now, over the link its link step measured, capped as
     it was (--devices). What a change to the replay does to every cell, without a GPU."""
-    import torch
-    from bench import sim, simulated
-    from kvcache import bytes_per_token
-    from load_weights import DIMS, named
-    from model import Config, builtin
     meta, spec, dtype = d["meta"], d["meta"]["settings"]["model"], getattr(torch, d["meta"]["settings"]["dtype"])
     kind, _, name = spec.partition(":")
     cfg = (Config(**DIMS[name.partition(":")[0]]) if kind == "dims" else builtin(name).cfg if kind == "builtin"
