@@ -173,7 +173,8 @@ def pick_partition(job, spec, recalibrate=False):
     why = job.transport.agree(why_calibrate)
     if why:
         calibrate(job, why)
-    job.c, job.c_source = job.transport.agree(lambda: choose.explain(spec, C, p, key))
+    align = choose.alignment(job.device.type)
+    job.c, job.c_source = job.transport.agree(lambda: choose.explain(spec, C, p, key, align=align))
     job.c_modelled = modelled and job.c != partition.even(C, p)
 
 
@@ -205,8 +206,9 @@ def versus_even(job, prefill, repeats=3):
 
 
 def live_search(job, args, prefill):
-    """KVR-S measured live: rank 0 runs the grid search, and every candidate it scores is a real
-    prefill by all ranks (runahead.prefill; median TTFT of --repeats). The best goes into the table."""
+    """KVR-S measured live: rank 0 runs the grid search (on a GPU over whole tiles, choose.alignment),
+    and every candidate it scores is a real prefill by all ranks (runahead.prefill; median TTFT of
+    --repeats). The best goes into the table."""
     comm, C, p, path = job.comm, job.tokens.shape[1], job.size, choose.table_path()
     table = job.transport.agree(lambda: choose.load_table(path))
 
@@ -220,15 +222,19 @@ def live_search(job, args, prefill):
             comm.bcast(c, root=0)
             return measure(c)
         history = []
-        best = partition.searched(C, p, score, args.search_steps, args.search_levels, history)
+        best = partition.searched(C, p, score, args.search_steps, args.search_levels, history,
+                                  choose.alignment(job.device.type))
+        scores = dict((tuple(c), s) for c, s in history)
+        even = tuple(partition.even(C, p))             # a search on whole tiles may not have tried it
+        if even not in scores:
+            scores[even] = score(list(even))
+        best = list(min(tuple(best), even, key=scores.get))
         comm.bcast(None, root=0)
         table.add(job.model_key, best)
         table.save(path)
-        scores = dict((tuple(c), s) for c, s in history)
-        print(f"live search over {len(history)} measured partitions: best {','.join(map(str, best))}, "
-              f"median TTFT {scores[tuple(best)] * 1e3:.2f} ms (even split "
-              f"{scores[tuple(partition.even(C, p))] * 1e3:.2f} ms); saved to {path} "
-              f"under {job.model_key}")
+        print(f"live search over {len(scores)} measured partitions: best {','.join(map(str, best))}, "
+              f"median TTFT {scores[tuple(best)] * 1e3:.2f} ms (even split {scores[even] * 1e3:.2f} ms); "
+              f"saved to {path} under {job.model_key}")
     else:
         while (c := comm.bcast(None, root=0)) is not None:
             measure(c)

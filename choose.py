@@ -70,13 +70,18 @@ def check_caches():
 
 # ----------------------------------------------------------------------------- choosing one
 
+def alignment(device_type):
+    """The tokens a run's boundaries are multiples of: a GPU's attention tiles, any token on a CPU."""
+    return partition.ALIGN if device_type == "cuda" else 1
 
-def explain(spec, C, p, model="", table=None, cost=None):
+
+def explain(spec, C, p, model="", table=None, cost=None, align=1):
     """The partition to run, and where it came from: spec is even | searched | predicted | 'c0,c1,...'.
 
     searched and predicted answer in seconds: a table entry for (model, p, C) if there is one;
     for predicted, else an interpolation of the table's entries for (model, p); else a search
     on the cost model: `cost`, else the model's calibration, else CostModel()'s documented defaults.
+    Interpolated and searched boundaries fall on multiples of `align` tokens (partition.aligned).
     """
     if spec not in ("even", "searched", "predicted"):
         return partition.parse(spec, C, p), "given"
@@ -87,13 +92,14 @@ def explain(spec, C, p, model="", table=None, cost=None):
     if t.get(model, p, C):
         return list(t.get(model, p, C)), f"table {table}"
     if spec == "predicted" and t.contexts(model, p):
-        return partition.predicted(C, p, t, model), f"interpolated from table {table}"
+        return partition.predicted(C, p, t, model, align), f"interpolated from table {table}"
     source = "given cost model" if cost else "calibration of " + model
     cost = cost or load_calibration(model)
     if cost is None:
         cost, source = partition.CostModel(), "CostModel() defaults (H100, uncalibrated)"
-    c, source = partition.searched(C, p, cost.ttft), source + " (its chunk times measured)" * bool(cost.measured)
+    c, source = partition.searched(C, p, cost.ttft, align=align), source + " (its chunk times measured)" * bool(cost.measured)
     how = "searched" if spec == "searched" else f"predicted: no table entry for {p} ranks, so searched"
+    how += f" on multiples of {align} tokens" * (align > 1 and partition.aligned(C, p, align) is not None)
     return c, (f"{how} on {source}: predicted TTFT {cost.ttft(c):.4g} s, "
                f"even split {cost.ttft(partition.even(C, p)):.4g} s, TSP {cost.ttft_tsp(C, p):.4g} s")
 
@@ -108,9 +114,12 @@ def main(argv=None):
     ap.add_argument("--model", default="", help="model name in the table (runahead.py's job.model_key)")
     ap.add_argument("--cost", help=f"CostModel JSON (default: --model's entry in {calibration_path()}, "
                                    "else CostModel() defaults)")
+    ap.add_argument("--align", type=cli.at_least(1), help="boundaries on multiples of this many tokens (default: "
+                    f"{partition.ALIGN} for a GPU's --model, one ending in -cuda, as runahead.py runs it; else 1)")
     a = ap.parse_args(argv)
+    align = a.align or alignment("cuda" if a.model.endswith("-cuda") else "cpu")
     try:
-        c, source = explain(a.how, a.C, a.p, a.model, a.table, a.cost and partition.CostModel.load(a.cost))
+        c, source = explain(a.how, a.C, a.p, a.model, a.table, a.cost and partition.CostModel.load(a.cost), align)
     except (OSError, ValueError) as e:
         sys.exit(f"choose.py: {e}")
     print(f"# {source}", file=sys.stderr)

@@ -38,6 +38,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import calibrate
+import choose
 import cli
 import fast.decode
 import generate
@@ -384,7 +385,7 @@ def ranks(a):
                 for K in a.C:
                     if K != C:
                         others.add(job.model_key, searched[K])
-                parts["KVR-P"] = partition.predicted(C, p, others, job.model_key)
+                parts["KVR-P"] = partition.predicted(C, p, others, job.model_key, choose.alignment(job.device.type))
 
             variants = {"one process": (lambda: one_process(job), p - 1),
                         "TSP": (lambda: tsp.prefill(job, False)[2], p - 1)}

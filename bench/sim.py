@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 import bench
+import choose
 import cli
 import partition
 import fast.table
@@ -293,8 +294,10 @@ def predict(table, c, links, bpt=None, devices=None):
 
 
 def search(C, p, table, links, bpt=None, steps=8, levels=3):
-    """KVR-S on the simulator: partition.searched scored by predicted TTFT."""
-    return partition.searched(C, p, lambda c: predict(table, c, links, bpt).ttft, steps, levels)
+    """KVR-S on the simulator: partition.searched scored by predicted TTFT, its boundaries aligned as
+    a real run on the table's device aligns them (choose.alignment)."""
+    return partition.searched(C, p, lambda c: predict(table, c, links, bpt).ttft, steps, levels,
+                              align=choose.alignment(table.meta["device_type"]))
 
 
 def build_table(table, Cs, ps, links, key=None, steps=8, levels=3):

@@ -81,7 +81,7 @@ def shortlist(kt, name, Cs, ps, nets, table_C, steps, levels, pool):
                 if K != C:
                     others.add(name, best[label, p, K])
             out.append(dict(link=label, p=p, C=C, searched=best[label, p, C], predicted=partition.predicted(
-                C, p, others, name) if len(table_C) > 1 else None))
+                C, p, others, name, choose.alignment(kt.meta["device_type"])) if len(table_C) > 1 else None))
     return out
 
 

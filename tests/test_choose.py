@@ -528,21 +528,26 @@ def test_versus_even_keeps_the_even_split_when_it_is_faster(cache):
     assert job.c_source.endswith(f"3 vs 2 ms, even kept, saved to {choose.table_path()}")
 
 
-def test_live_search_stores_the_best_measured_partition(cache, capsys):
+@pytest.mark.parametrize("device, C, attn", [("cpu", 60, 1e-8), ("cuda", 1000, 1e-8), ("cuda", 1000, 1e-9)])
+def test_live_search_stores_the_best_measured_partition(cache, capsys, device, C, attn):
     """Rank 0 searches with the median of --repeats real prefills as the score; the best goes into
-    the table under the model's key."""
-    truth = P.CostModel(lin=1e-6, attn=1e-9, comm_per_token=0, latency=0)
+    the table under the model's key. On a GPU the search is on whole tiles (choose.alignment), and
+    the even split, which no tile partition of 1000 tokens is, is measured too, and kept where it
+    wins (attention cheap enough: 1e-9)."""
+    truth = P.CostModel(lin=1e-6, attn=attn, comm_per_token=0, latency=0)
     runs = {}
 
     def prefill(job, c):
         n = runs[tuple(c)] = runs.get(tuple(c), 0) + 1
         return None, None, truth.ttft(c) * (5 if n == 1 else 1)    # the first run of each is cold
     comm = SimpleNamespace(bcast=lambda value, root=0: value)
-    job = SimpleNamespace(comm=comm, tokens=SimpleNamespace(shape=(1, 60)), size=3, rank=0, model_key="m",
-                          transport=Agreeing())
+    job = SimpleNamespace(comm=comm, tokens=SimpleNamespace(shape=(1, C)), size=3, rank=0, model_key="m",
+                          transport=Agreeing(), device=SimpleNamespace(type=device))
     calibrate.live_search(job, SimpleNamespace(repeats=3, search_steps=4, search_levels=3), prefill)
-    best = P.searched(60, 3, truth.ttft, 4, 3)
-    assert choose.load_table().get("m", 3, 60) == best and set(runs.values()) == {3}
+    best = min(P.searched(C, 3, truth.ttft, 4, 3, align=choose.alignment(device)), P.even(C, 3), key=truth.ttft)
+    assert choose.load_table().get("m", 3, C) == best and set(runs.values()) == {3} and tuple(P.even(C, 3)) in runs
+    assert (best == P.even(C, 3)) == (attn == 1e-9)
+    assert all(S % 128 == 0 for S in P.prefix_sums(best)[:-1]) == (device == "cuda" and attn == 1e-8)
     assert f"best {','.join(map(str, best))}" in capsys.readouterr().out
 
 

@@ -1,5 +1,6 @@
 """partition.py: validation, the paper's counts, the cost model (and fast/table.py's measured times), KVR-S
 search, KVR-P table, CLI."""
+import itertools
 import os
 import random
 import re
@@ -211,6 +212,30 @@ def test_searched_tiny_prompts_and_history():
     assert min(history, key=lambda h: h[1])[0] == c
 
 
+@pytest.mark.parametrize("C, p, align", [(1000, 3, 64), (1024, 4, 128), (997, 2, 100)])
+def test_searched_on_tiles_matches_brute_force(C, p, align):
+    """align > 1: every boundary a multiple of align (the last chunk keeps C's remainder), and the
+    best such partition: all of them scored by brute force, on a cost model whose optimum lies
+    between tiles."""
+    m = P.CostModel(lin=1e-6, attn=1e-9)
+    n = -(-C // align)
+    tiled = [[b * align for b in u] for u in itertools.combinations(range(1, n), p - 1)]
+    best = min(m.ttft(P.from_boundaries(b, C)) for b in tiled)
+    history = []
+    c = P.searched(C, p, m.ttft, history=history, align=align)
+    assert all(S % align == 0 for S in boundaries(c)) and sum(c) == C
+    assert m.ttft(c) == pytest.approx(best, rel=1e-12) and m.ttft(P.searched(C, p, m.ttft)) < best
+    assert all(S % align == 0 for h, _ in history for S in boundaries(h)) and (c, m.ttft(c)) in history
+
+
+def test_aligned_needs_a_tile_a_rank():
+    n, tokens = P.aligned(16384, 4, 128)
+    assert n == 128 and tokens([38, 33, 30, 27]) == [4864, 4224, 3840, 3456]
+    assert P.aligned(1000, 4, 128)[1]([2, 2, 2, 2]) == [256, 256, 256, 232]     # the last tile is short
+    assert P.aligned(300, 4, 128) is None and P.aligned(300, 4, 1) is None      # 3 tiles for 4 ranks
+    assert P.searched(300, 4, lambda c: 0.0, align=128) == [75, 75, 75, 75]    # so on tokens
+
+
 # ----------------------------------------------------------------------------- KVR-P: table
 
 @pytest.fixture
@@ -257,6 +282,19 @@ def test_predicted_is_always_valid(table):
     table.add("m", [1, 1, 1, 97])                             # tiny chunks stress the rounding
     for C in list(range(4, 200)) + [999, 1001, 1999, 2001, 9999]:
         P.validate(P.predicted(C, 4, table, "m"), C, 4)
+
+
+def test_predicted_on_tiles(table):
+    """align: the interpolated boundaries rounded to whole tiles. C = 1250 by hand
+    (test_predicted_interpolates_off_the_midpoint): 468.75, 843.75, 1109.375 tokens are 7.32, 13.18,
+    17.33 tiles of 64, so boundaries 448, 832, 1088; C = 100 in 4 tiles of 25: .4 .7 .9 of them are
+    1.6, 2.8, 3.6 -> 2, 3, 4, fixed up to 1, 2, 3 (each rank a tile)."""
+    assert P.predicted(1250, 4, table, "m", align=64) == [448, 384, 256, 162]
+    assert P.predicted(1000, 4, table, "m", align=64) == [400, 300, 200, 100]   # stored: as stored
+    assert P.predicted(100, 4, table, "m", align=25) == [25, 25, 25, 25]
+    for C in list(range(4, 300)) + [999, 1001, 1999, 2001, 9999]:
+        c = P.validate(P.predicted(C, 4, table, "m", align=32), C, 4)
+        assert -(-C // 32) < 4 or all(S % 32 == 0 for S in boundaries(c))
 
 
 def test_predicted_needs_an_entry(table):
@@ -335,6 +373,22 @@ def test_cli_searched_is_a_bounded_search(monkeypatch, tmp_path, capsys):
     assert len(seen) == len(set(seen)) > 0
     assert min(history, key=lambda h: h[1])[0] == c and c == sorted(c, reverse=True)
     assert c != P.even(16384, 8) and "CostModel() defaults" in err
+
+
+def test_a_gpu_searches_on_tiles(tmp_path):
+    """A GPU's run (choose.alignment('cuda')) and the CLI for a GPU's model key search with boundaries
+    on whole tiles of partition.ALIGN tokens, and say so; a CPU's on tokens; --align overrides."""
+    assert (choose.alignment("cuda"), choose.alignment("cpu")) == (P.ALIGN, 1)
+    m, t = P.CostModel(), str(tmp_path / "none.json")
+    c, how = choose.explain("searched", 16384, 4, "m-cuda", t, m, align=P.ALIGN)
+    assert c == P.searched(16384, 4, m.ttft, align=P.ALIGN) != P.searched(16384, 4, m.ttft)
+    assert all(S % P.ALIGN == 0 for S in boundaries(c)) and f"on multiples of {P.ALIGN} tokens" in how
+    env = dict(os.environ, KVR_CACHE=str(tmp_path))
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "choose.py"), "searched", "--C", "16384",  # noqa: E731
+                                     "-p", "4", *a], capture_output=True, text=True, timeout=60, env=env)
+    assert run("--model", "llama-cuda").stdout.strip() == ",".join(map(str, c))
+    assert run("--model", "llama-cpu").stdout.strip() == run("--model", "llama-cuda", "--align", "1").stdout.strip() \
+        == ",".join(map(str, P.searched(16384, 4, m.ttft)))
 
 
 def test_cli_table_and_errors(table, tmp_path):

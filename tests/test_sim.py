@@ -166,11 +166,11 @@ def test_dims_model_shapes():
 
 # ----------------------------------------------------------------------------- kernel table, search
 
-def synthetic_table(lin, attn, layers=4):
+def synthetic_table(lin, attn, layers=4, device_type="cpu"):
     """A KernelTable from the cost formula itself: a layer costs lin c + attn c (P + c)."""
     cs, Ps = [64, 128, 256, 512, 1024], [0, 256, 512, 768]
     grid = {(c, pre): (0.0, lin * c + attn * c * (pre + c), 0.0) for c in cs for pre in Ps if c + pre <= 1024}
-    return sim.KernelTable(grid, dict(layers=layers, bytes_per_token=1024))
+    return sim.KernelTable(grid, dict(layers=layers, bytes_per_token=1024, device_type=device_type))
 
 
 def test_kernel_table_interpolation():
@@ -206,6 +206,8 @@ def test_search_front_loads_when_attention_dominates():
     assert sim.predict(t, c, sim.FAST).ttft < 0.8 * sim.predict(t, P.even(1024, 4), sim.FAST).ttft
     table = sim.build_table(t, [512, 1024], [2], sim.FAST, key="m", levels=2)
     assert table.contexts("m", 2) == [512, 1024] and P.predicted(768, 2, table, "m")[0] > 384
+    on_gpu = sim.search(1024, 4, synthetic_table(lin=1e-6, attn=1e-7, device_type="cuda"), sim.FAST, steps=8, levels=2)
+    assert on_gpu != c and all(S % P.ALIGN == 0 for S in P.prefix_sums(on_gpu)[:-1])   # as a GPU's run searches
 
 
 def test_compare_and_trace(tmp_path):
