@@ -55,7 +55,10 @@ MPIRUN = os.path.join(os.path.dirname(sys.executable), "mpirun")
 
 def flavor(launcher):
     """'openmpi' or 'mpich', as `mpirun --version` says: they export variables to the ranks differently."""
-    r = subprocess.run([*launcher, "--version"], capture_output=True, text=True)
+    try:
+        r = subprocess.run([*launcher, "--version"], capture_output=True, text=True)
+    except OSError as e:
+        raise SystemExit(f"error: cannot run {shlex.join(launcher)} ({e.strerror}): pass --mpirun") from None
     for name, marks in (("openmpi", ("Open MPI", "OpenRTE")), ("mpich", ("HYDRA", "MPICH"))):
         if any(m in r.stdout + r.stderr for m in marks):
             return name

@@ -79,7 +79,7 @@ def test_dry_run_staged_replays_tsp_through_the_shared_host_link(tmp_path, capsy
 
 def test_flavor_from_version(tmp_path):
     """Which MPI a launcher is, from its --version: this checkout's (MPICH's Hydra), a fake Open MPI,
-    and one that is neither, refused."""
+    and one that is neither, refused; one that is not there, a one-line error."""
     assert emulated.flavor([MPIRUN]) == "mpich"
     for name, text in (("ompi", "mpirun (Open MPI) 4.1.6"), ("other", "some launcher 1.0")):
         (tmp_path / name).write_text(f"#!/bin/sh\necho '{text}'\n")
@@ -87,6 +87,8 @@ def test_flavor_from_version(tmp_path):
     assert emulated.flavor([str(tmp_path / "ompi")]) == "openmpi"
     with pytest.raises(SystemExit, match="neither Open MPI nor MPICH"):
         emulated.flavor([str(tmp_path / "other")])
+    with pytest.raises(SystemExit, match=r"cannot run .*absent --oversubscribe \(No such file or directory\): pass --mpirun"):
+        emulated.flavor([str(tmp_path / "absent"), "--oversubscribe"])
 
 
 def test_a_jobs_output_that_is_not_utf8_is_shown_not_fatal(tmp_path, capsys):
