@@ -232,7 +232,7 @@ def aligned(C, p, align):
     n = ceil(C / align) tiles: returns (n, tokens), tokens(u) being the chunks in tokens of a
     partition u of the tiles (the last chunk keeps what is left of its last tile); None when align is
     1 or the tiles are fewer than the ranks. On a GPU, a chunk that starts inside a tile makes its
-    rank's attention pay for part-masked tiles (cuDNN, 25% of an H200's SMs, Llama-7B dims: 3501
+    rank's attention pay for partial tiles (cuDNN, 25% of an H200's SMs, Llama-7B dims: 3501
     tokens after 12883 took 5.35 ms of attention a layer, 3456 after 12928 4.67), so it searches on
     whole tiles (choose.alignment)."""
     n = -(-C // align)
