@@ -99,7 +99,7 @@ def explain(spec, C, p, model="", table=None, cost=None, align=1):
         cost, source = partition.CostModel(), "CostModel() defaults (H100, uncalibrated)"
     c, source = partition.searched(C, p, cost.ttft, align=align), source + " (its chunk times measured)" * bool(cost.measured)
     how = "searched" if spec == "searched" else f"predicted: no table entry for {p} ranks, so searched"
-    how += f" on multiples of {align} tokens" * (align > 1 and partition.aligned(C, p, align) is not None)
+    how += f" on multiples of {align} tokens" * (partition.aligned(C, p, align)[2] > 1)
     return c, (f"{how} on {source}: predicted TTFT {cost.ttft(c):.4g} s, "
                f"even split {cost.ttft(partition.even(C, p)):.4g} s, TSP {cost.ttft_tsp(C, p):.4g} s")
 

@@ -228,17 +228,16 @@ ALIGN = 128   # a GPU's boundaries: whole tiles of its attention kernels (see `a
 
 
 def aligned(C, p, align):
-    """Partitions whose boundaries S[0..p-2] are multiples of `align` tokens, as partitions of the
-    n = ceil(C / align) tiles: returns (n, tokens), tokens(u) being the chunks in tokens of a
-    partition u of the tiles (the last chunk keeps what is left of its last tile); None when align is
-    1 or the tiles are fewer than the ranks. On a GPU, a chunk that starts inside a tile makes its
-    rank's attention pay for partial tiles (cuDNN, 25% of an H200's SMs, Llama-7B dims: 3501
-    tokens after 12883 took 5.35 ms of attention a layer, 3456 after 12928 4.67), so it searches on
-    whole tiles (choose.alignment)."""
-    n = -(-C // align)
-    if align <= 1 or n < p:
-        return None
-    return n, lambda u: [x * align for x in u[:-1]] + [C - align * (n - u[-1])]
+    """Partitions whose boundaries S[0..p-2] are multiples of `size` tokens, as partitions of the
+    n = ceil(C / size) tiles: returns (n, tokens, size), tokens(u) being the chunks in tokens of a
+    partition u of the tiles (the last chunk keeps what is left of its last tile). size is `align`,
+    or 1 (tiles are tokens) where fewer tiles than ranks would leave a rank none. On a GPU, a chunk
+    that starts inside a tile makes its rank's attention pay for partial tiles (cuDNN, 25% of an
+    H200's SMs, Llama-7B dims: 3501 tokens after 12883 took 5.35 ms of attention a layer, 3456
+    after 12928 4.67), so it searches on whole tiles (choose.alignment)."""
+    size = align if -(-C // align) >= p else 1
+    n = -(-C // size)
+    return n, lambda u: [x * size for x in u[:-1]] + [C - size * (n - u[-1])], size
 
 
 def searched(C, p, score, steps=8, levels=3, history=None, align=1):
@@ -261,8 +260,8 @@ def searched(C, p, score, steps=8, levels=3, history=None, align=1):
     search over whole tiles of `align` tokens (`aligned`).
     """
     _check_ranks(C, p)
-    if tiles := aligned(C, p, align):
-        n, tokens = tiles
+    n, tokens, size = aligned(C, p, align)
+    if size > 1:
         inner = [] if history is not None else None
         best = tokens(searched(n, p, lambda u: score(tokens(u)), steps, levels, inner))
         if history is not None:
@@ -367,8 +366,7 @@ def predicted(C, p, table, model, align=1):
         f = (1 - w) * frac(a) + w * frac(z)
     else:
         f = frac(below[-1] if below else above[0])
-    tiles = aligned(C, p, align)
-    n, tokens, size = (*tiles, align) if tiles else (C, list, 1)
+    n, tokens, size = aligned(C, p, align)
     b = [math.floor(x * C / size + 0.5) for x in f] + [n]        # in tiles of `size` tokens
     for j in range(p - 1):                           # each boundary >= 1 past the previous
         b[j] = max(b[j], b[j - 1] + 1 if j else 1)
