@@ -208,7 +208,8 @@ def versus_even(job, prefill, repeats=3):
 def live_search(job, args, prefill):
     """KVR-S measured live: rank 0 runs the grid search (on a GPU over whole tiles, choose.alignment),
     and every candidate it scores is a real prefill by all ranks (runahead.prefill; median TTFT of
-    --repeats). The best goes into the table."""
+    --repeats). With --search-span it starts at --partition's pick (the cost model's, the table's)
+    and stays near it. The best goes into the table."""
     comm, C, p, path = job.comm, job.tokens.shape[1], job.size, choose.table_path()
     table = job.transport.agree(lambda: choose.load_table(path))
 
@@ -222,13 +223,14 @@ def live_search(job, args, prefill):
             comm.bcast(c, root=0)
             return measure(c)
         history = []
+        local = args.search_span is not None           # around --partition's pick, or over everything
         best = partition.searched(C, p, score, args.search_steps, args.search_levels, history,
-                                  choose.alignment(job.device.type))
+                                  choose.alignment(job.device.type), job.c if local else None, args.search_span)
         scores = dict((tuple(c), s) for c, s in history)
-        even = tuple(partition.even(C, p))             # a search on whole tiles may not have tried it
-        if even not in scores:
-            scores[even] = score(list(even))
-        best = list(min(tuple(best), even, key=scores.get))
+        even = tuple(partition.even(C, p))             # a search on whole tiles may not have tried
+        for c in {even, tuple(job.c) if local else even} - scores.keys():   # these: measured too
+            scores[c] = score(list(c))
+        best = list(min(scores, key=scores.get))
         comm.bcast(None, root=0)
         table.add(job.model_key, best)
         table.save(path)

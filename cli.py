@@ -156,12 +156,12 @@ def runahead():
                     help="searched/predicted: measure this machine for the cost model again, and save it")
     ap.add_argument("--search-live", action="store_true",
                     help="instead of one run: search the partition by measured TTFT, store it in the table")
-    ap.add_argument("--search-steps", type=at_least(1), default=4,
-                    help="--search-live: grid points per boundary and level (default 4)")
-    ap.add_argument("--search-levels", type=at_least(1), default=2,
-                    help="--search-live: levels of refinement around the best so far (default 2)")
-    ap.add_argument("--repeats", type=at_least(1), default=3,
-                    help="--search-live: runs per candidate, their median scores it (default 3)")
+    for flag, default, what in (("--search-steps", 4, "grid points per boundary and level (default 4)"),
+                                ("--search-levels", 2, "levels of refinement around the best so far (default 2)"),
+                                ("--search-span", None, "start at --partition's pick, each boundary at first within "
+                                 "this many tokens (default: from the even split, anywhere)"),
+                                ("--repeats", 3, "runs per candidate, their median scores it (default 3)")):
+        ap.add_argument(flag, type=at_least(1), default=default, help=f"--search-live: {what}")
     return ap
 
 

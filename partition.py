@@ -240,7 +240,16 @@ def aligned(C, p, align):
     return n, lambda u: [x * size for x in u[:-1]] + [C - size * (n - u[-1])], size
 
 
-def searched(C, p, score, steps=8, levels=3, history=None, align=1):
+def tiles(c, n, size):
+    """The partition of n tiles of `size` tokens nearest to c: each boundary to its nearest tile
+    edge, kept increasing and short of the end (the last chunk may end inside its last tile)."""
+    b = []
+    for j, x in enumerate(prefix_sums(c)[:-1]):
+        b.append(min(max(round(x / size), b[-1] + 1 if b else 1), n - (len(c) - 1 - j)))
+    return from_boundaries(b, n)
+
+
+def searched(C, p, score, steps=8, levels=3, history=None, align=1, start=None, span=None):
     """KVR-S: the partition with the lowest score(c), by hierarchical grid search over boundaries.
 
     Start from the even split. Level 0 moves boundaries on a grid of spacing about C/steps over the whole
@@ -257,13 +266,20 @@ def searched(C, p, score, steps=8, levels=3, history=None, align=1):
     score(c) -> float: a cost model's ttft or a measured TTFT. Each partition is scored once; for
     the default CostModel, p = 8, C = 16384 that is ~19k scores (~5k with levels=4, same answer).
     If `history` is a list it receives every (c, score) evaluated, in order. align > 1: the same
-    search over whole tiles of `align` tokens (`aligned`).
+    search over whole tiles of `align` tokens (`aligned`). start, span: begin at partition `start`
+    instead of the even split, with level 0's grid only `span` tokens either side of each boundary
+    (spacing about span/steps; a sweep that improves moves it along): a local search around a good
+    guess, for scores slow to measure (calibrate.live_search at 16k: hundreds of prefills from even).
     """
     _check_ranks(C, p)
+    if span is not None and span < 1:
+        raise PartitionError(f"a search span of {span} tokens moves no boundary: give at least 1")
     n, tokens, size = aligned(C, p, align)
     if size > 1:
         inner = [] if history is not None else None
-        best = tokens(searched(n, p, lambda u: score(tokens(u)), steps, levels, inner))
+        u = None if start is None else tiles(validate(start, C, p), n, size)
+        best = tokens(searched(n, p, lambda u: score(tokens(u)), steps, levels, inner, 1,
+                               u, None if span is None else -(-span // size)))
         if history is not None:
             history += [(tokens(u), s) for u, s in inner]
         return validate(best, C, p)
@@ -280,10 +296,10 @@ def searched(C, p, score, steps=8, levels=3, history=None, align=1):
     def valid(b):
         return all(u < v for u, v in zip([0, *b], [*b, C]))
 
-    b = prefix_sums(even(C, p))[:-1]
-    best, window = f(b), C
+    b = prefix_sums(even(C, p) if start is None else validate(start, C, p))[:-1]
+    best, window = f(b), min(span or C, C)
     exponents = [1.0] if levels == 1 else np.linspace(1, 0, levels)
-    for s in [max(1, round((C / steps) ** e)) for e in exponents]:
+    for s in [max(1, round((window / steps) ** e)) for e in exponents]:
         improved = True
         while improved:
             improved = False

@@ -543,12 +543,33 @@ def test_live_search_stores_the_best_measured_partition(cache, capsys, device, C
     comm = SimpleNamespace(bcast=lambda value, root=0: value)
     job = SimpleNamespace(comm=comm, tokens=SimpleNamespace(shape=(1, C)), size=3, rank=0, model_key="m",
                           transport=Agreeing(), device=SimpleNamespace(type=device))
-    calibrate.live_search(job, SimpleNamespace(repeats=3, search_steps=4, search_levels=3), prefill)
+    calibrate.live_search(job, SimpleNamespace(repeats=3, search_steps=4, search_levels=3, search_span=None), prefill)
     best = min(P.searched(C, 3, truth.ttft, 4, 3, align=choose.alignment(device)), P.even(C, 3), key=truth.ttft)
     assert choose.load_table().get("m", 3, C) == best and set(runs.values()) == {3} and tuple(P.even(C, 3)) in runs
     assert (best == P.even(C, 3)) == (attn == 1e-9)
     assert all(S % 128 == 0 for S in P.prefix_sums(best)[:-1]) == (device == "cuda" and attn == 1e-8)
     assert f"best {','.join(map(str, best))}" in capsys.readouterr().out
+
+
+def test_a_live_search_with_a_span_starts_at_the_partitions_pick(cache, capsys):
+    """--search-span: the search starts at job.c (what --partition picked), measured first, and
+    stays near it; a pick off the tile grid is measured too, and kept where nothing beats it."""
+    truth = P.CostModel(lin=1e-6, attn=1e-8, comm_per_token=0, latency=0)
+    pick = P.searched(16384, 4, truth.ttft)           # the optimum, on tokens: off the tile grid
+    runs = []
+
+    def prefill(job, c):
+        runs.append(tuple(c))
+        return None, None, truth.ttft(c)
+    comm = SimpleNamespace(bcast=lambda value, root=0: value)
+    job = SimpleNamespace(comm=comm, tokens=SimpleNamespace(shape=(1, 16384)), size=4, rank=0, model_key="m",
+                          transport=Agreeing(), device=SimpleNamespace(type="cuda"), c=pick)
+    calibrate.live_search(job, SimpleNamespace(repeats=1, search_steps=4, search_levels=2, search_span=256), prefill)
+    assert runs[0] == tuple(P.aligned(16384, 4, 128)[1](P.tiles(pick, 128, 128))) and tuple(pick) in runs
+    assert 10 < len(set(runs)) < 100 and len(runs) == len(set(runs))
+    assert choose.load_table().get("m", 4, 16384) == pick and tuple(P.even(16384, 4)) in runs
+    assert max(abs(a - b) for c in runs[:-2] for a, b in zip(P.prefix_sums(c), P.prefix_sums(pick))) <= 1024
+    assert f"best {','.join(map(str, pick))}" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- choose.py: the caches
