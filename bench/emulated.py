@@ -2,7 +2,8 @@
 CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100/p % of the SMs, against one process on the whole GPU.
 
     python -m bench.emulated run [--model dims:llama7b] [--dtype float16] [--C 4096 8192 12288 16384]
-        [-p 2 4] [--repeats 3] [--route staged|direct] [--simulate] [--out FILE.json] [--dry-run]
+        [-p 2 4] [--repeats 3] [--route staged|direct] [--simulate] [--live-span TOKENS] [--out FILE.json]
+        [--dry-run]
     python -m bench.emulated summary [--replay] FILE.json ...     the tables and the targets again, no
         GPU; --replay: the simulated cells replayed again by bench/sim.py as it is now (`replay`)
 
@@ -17,9 +18,10 @@ CUDA_MPS_ACTIVE_THREAD_PERCENTAGE = 100/p % of the SMs, against one process on t
                    side no faster together than the whole GPU (`--devices`, see `capacity`);
                    on the staged route TSP's gather goes through the one host link they share
 Each share calibrates its own cost model (KVR_CACHE=FILE/cache-SHARE): KVR-S is searched for the
-small GPU. A ranks job that runs out of GPU memory runs again C by C (on the H100 4k and 8k fitted
-alone, not in one job), and a C alone again without TSP and TSP-zigzag (each of their ranks holds
-the whole prompt's K/V): every cell that fits is measured, one that does not says "out of memory".
+small GPU (--live-span: then by measured TTFT near the model's pick, as the paper searches it). A
+ranks job that runs out of GPU memory runs again C by C (on the H100 4k and 8k fitted alone, not in
+one job), and a C alone again without TSP and TSP-zigzag (each of their ranks holds the whole
+prompt's K/V): every cell that fits is measured, one that does not says "out of memory".
 FILE.json keeps every step (command, environment, exit status, the job's own meta and rows), saved
 after each: the same command again goes on where a time limit cut it off, and may add values of p.
 """
@@ -46,7 +48,7 @@ from model import Config, builtin
 
 SHARE = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 VARIANTS = ["one process", "TSP", "TSP-zigzag", "KVR-E", "KVR-S"]
-SETTINGS = ("model", "dtype", "device", "C", "repeats", "route", "fuse")   # one of each per results file
+SETTINGS = ("model", "dtype", "device", "C", "repeats", "route", "fuse", "live_span")   # one of each per results file
 JOBS = {"ranks": ("bench.measured", "ranks"), "link": ("bench.measured", "link"),
         "sim": ("bench.simulated", "validate")}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,7 +180,8 @@ def run(a):
             ran, todo = [], [(a.C, every)]
             while todo:                                # out of memory: each C alone, then a C alone
                 Cs, vs = todo.pop(0)                   # without TSP's full-length caches
-                ran.append(do(step(a, "ranks", p, [*ranks, "--C", *map(str, Cs), "--variants", *vs]
+                live = ["--live-span", str(a.live_span)] if a.live_span and p > 1 else []
+                ran.append(do(step(a, "ranks", p, [*ranks, "--C", *map(str, Cs), "--variants", *vs, *live]
                                    + ["--fuse"] * a.fuse, p, Cs, "TSP" if vs != every else "")))
                 if ran[-1]["note"] == "out of memory" and len(Cs) > 1:
                     todo[:0] = [([C], vs) for C in Cs]
@@ -347,6 +350,8 @@ def main(argv=None):
     r.add_argument("--repeats", type=cli.at_least(1), default=3)
     r.add_argument("--route", default="auto", choices=["auto", "staged", "direct"], help="KVR_ROUTE of the ranks")
     r.add_argument("--fuse", action="store_true", help="compile each layer's pre/post (bench.measured ranks --fuse)")
+    r.add_argument("--live-span", type=cli.at_least(1), metavar="TOKENS", help="KVR-S searched by measured TTFT "
+                   "at each share, within TOKENS of the cost model's pick (bench.measured ranks --live-span)")
     r.add_argument("--simulate", action="store_true", help="the simulator's TTFT of each cell too")
     r.add_argument("--link-mib", nargs="+", type=cli.at_least(1), default=[1, 4, 16, 64, 256], help="--simulate's link")
     r.add_argument("--mpirun", default=MPIRUN if os.path.exists(MPIRUN) else "mpirun", help="the launcher, its options")

@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from types import SimpleNamespace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -372,9 +373,16 @@ def ranks(a):
                                                                 # the largest C calibrates the cost model
             job.tokens = random_prompt(job, C)
             calibrate.pick_partition(job, "searched")
-            if job.c_modelled:                          # as runahead.py runs it: timed against even,
-                if job.system and job.system.staged:   # by slots that fit any message, as the runs' do
-                    job.transport.reserve(max(a.C) * bytes_per_token(job.model.cfg, job.dtype))
+            timed = a.live_span or job.c_modelled       # prefills time the pick: by slots that fit any
+            if timed and job.system and job.system.staged:   # message, as the runs' do
+                job.transport.reserve(max(a.C) * bytes_per_token(job.model.cfg, job.dtype))
+            if a.live_span:                             # by measured TTFT near that pick, into the table
+                near = job.c_source                     # (runahead.py --search-live --search-span)
+                calibrate.live_search(job, SimpleNamespace(search_steps=4, search_levels=2, search_span=a.live_span,
+                                                           repeats=a.repeats), runahead.prefill)
+                calibrate.pick_partition(job, "searched")
+                job.c_source = f"live search within {a.live_span} tokens of: {near}"
+            elif job.c_modelled:                        # as runahead.py runs it: timed against even
                 calibrate.versus_even(job, runahead.prefill)
             searched[C], chosen[C] = job.c, job.c_source
         for C in a.C:
@@ -684,6 +692,8 @@ def main(argv=None):
     r.add_argument("--repeats", type=cli.at_least(1), default=5)
     r.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="which to run (default all)")
     r.add_argument("--trace-dir", help="also write one traced TSP, zigzag and KVR-S run at the largest C here")
+    r.add_argument("--live-span", type=cli.at_least(1), metavar="TOKENS", help="KVR-S searched by measured "
+                   "TTFT within TOKENS of the cost model's pick (runahead.py --search-live --search-span)")
     r.add_argument("--out", default="results/ranks.json")
     sh = sub.add_parser("share", help="ranks sharing one GPU: where the time goes (GPU busy, idle, in flight)")
     sh.add_argument("--model", default="dims:llama7b")

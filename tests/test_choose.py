@@ -415,6 +415,29 @@ def test_the_search_of_bench_measured_ranks_is_timed_on_the_route_its_runs_take(
     assert got[0][1] == got[1][1] == 0, got
 
 
+LIVE_JOB = """
+import json, sys
+from bench import measured
+from transport import MPI
+measured.main(["ranks", "--device", "cpu", "--model", "builtin:llama", "--dtype", "float32", "--C", "768",
+               "--variants", "KVR-E", "KVR-S", "--repeats", "1", "--live-span", "64", "--out", sys.argv[1] + "/r.json"])
+if MPI.COMM_WORLD.rank == 0:
+    with open(sys.argv[1] + "/rank0.jsonl", "w") as f:
+        f.write(json.dumps(json.load(open(sys.argv[1] + "/r.json"))["rows"]) + "\\n")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_bench_measured_ranks_can_search_kvr_s_live(tmp_path, capsys):
+    """--live-span: KVR-S is what a live search near the cost model's pick measured best, the table's
+    entry afterwards, and its row says how it was chosen."""
+    (rows,) = run_ranks(2, LIVE_JOB, tmp_path, timeout=110)
+    kvrs = next(r for r in rows if r["variant"] == "KVR-S")
+    assert kvrs["partition"] == choose.load_table(str(tmp_path / "partitions.json")).get(
+        "llama-d256-L4-h8-kv2-float32-cpu", 2, 768)
+    assert kvrs["chosen"].startswith("live search within 64 tokens of: searched on calibration of llama-d256")
+
+
 # ----------------------------------------------------------------------------- calibrate.pick_partition
 
 def pick_job(C, p, device="cpu"):

@@ -77,6 +77,16 @@ def test_dry_run_staged_replays_tsp_through_the_shared_host_link(tmp_path, capsy
         assert after(sim, "--route", 2) == (["staged", "--shared-host"] if shared else ["staged", "--repeats"])
 
 
+def test_dry_run_live_span_reaches_the_ranks_of_every_share(tmp_path, capsys):
+    """--live-span: each share's ranks job searches KVR-S live (bench.measured ranks --live-span);
+    the whole GPU runs one process only, and so searches nothing."""
+    emulated.main(["run", "--dry-run", "--mpi", "openmpi", "--mpirun", "mpirun", "-p", "2", "4", "--C", "16384",
+                   "--live-span", "512", "--out", str(tmp_path / "e.json")])
+    steps = printed_steps(capsys.readouterr().out)
+    assert [after(steps[f"ranks p={p} C=16384"], "--live-span") for p in (2, 4)] == [["512"], ["512"]]
+    assert "--live-span" not in steps["ranks whole GPU C=16384"]
+
+
 def test_flavor_from_version(tmp_path):
     """Which MPI a launcher is, from its --version: this checkout's (MPICH's Hydra), a fake Open MPI,
     and one that is neither, refused; one that is not there, a one-line error."""
