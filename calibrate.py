@@ -212,6 +212,9 @@ def live_search(job, args, prefill):
     and stays near it. The best goes into the table."""
     comm, C, p, path = job.comm, job.tokens.shape[1], job.size, choose.table_path()
     table = job.transport.agree(lambda: choose.load_table(path))
+    if job.device.type == "cuda":                      # untimed: a GPU's first prefill loads and tunes
+        prefill(job, job.c)                            # kernels (hundreds of ms), the rest do not
+        job.transport.finish()
 
     def measure(c):                                    # every rank runs this for every candidate
         ts = [prefill(job, c)[2] for _ in range(args.repeats)]
