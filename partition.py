@@ -252,11 +252,12 @@ def tiles(c, n, size):
 def searched(C, p, score, steps=8, levels=3, history=None, align=1, start=None, span=None):
     """KVR-S: the partition with the lowest score(c), by hierarchical grid search over boundaries.
 
-    Start from the even split. Level 0 moves boundaries on a grid of spacing about C/steps over the whole
-    prompt; each later level shrinks the spacing by the same factor, (C/steps)**(1/(levels-1)), so that
-    the last level is one token, and looks only within one old spacing of the incumbent. A full grid over
-    all p-1 boundaries at once would be steps**(p-1) candidates (2M for p = 8), so within a level we do
-    coordinate search instead: for one boundary j at a time, each grid point x is tried twice,
+    Start from the even split (or `start`, below). Level 0 moves boundaries on a grid of spacing
+    about C/steps over the whole prompt; each later level shrinks the spacing by the same factor,
+    (C/steps)**(1/(levels-1)), so that the last level is one token, and looks only within one old
+    spacing of the incumbent. A full grid over all p-1 boundaries at once would be steps**(p-1)
+    candidates (2M for p = 8), so within a level we do coordinate search instead: for one boundary j
+    at a time, each grid point x is tried twice,
       slide:    b[j] = x, the other boundaries stay;
       stretch:  b[j] = x, the chunks on either side of it scale with it (_stretch).
     Any improvement is kept, and all boundaries are swept again until a sweep improves nothing.
@@ -277,9 +278,9 @@ def searched(C, p, score, steps=8, levels=3, history=None, align=1, start=None, 
     n, tokens, size = aligned(C, p, align)
     if size > 1:
         inner = [] if history is not None else None
-        u = None if start is None else tiles(validate(start, C, p), n, size)
+        first = None if start is None else tiles(validate(start, C, p), n, size)
         best = tokens(searched(n, p, lambda u: score(tokens(u)), steps, levels, inner, 1,
-                               u, None if span is None else -(-span // size)))
+                               first, None if span is None else -(-span // size)))
         if history is not None:
             history += [(tokens(u), s) for u, s in inner]
         return validate(best, C, p)
