@@ -230,9 +230,10 @@ def live_search(job, args, prefill):
         best = partition.searched(C, p, score, args.search_steps, args.search_levels, history,
                                   choose.alignment(job.device.type), job.c if local else None, args.search_span)
         scores = dict((tuple(c), s) for c, s in history)
-        even = tuple(partition.even(C, p))             # a search on whole tiles may not have tried
-        for c in {even, tuple(job.c) if local else even} - scores.keys():   # these: measured too
-            scores[c] = score(list(c))
+        even = tuple(partition.even(C, p))
+        for c in {even, tuple(job.c)} if local else {even}:   # a search on whole tiles may not have
+            if c not in scores:                               # tried them: measured too
+                scores[c] = score(list(c))
         best = list(min(scores, key=scores.get))
         comm.bcast(None, root=0)
         table.add(job.model_key, best)

@@ -428,7 +428,7 @@ if MPI.COMM_WORLD.rank == 0:
 
 
 @pytest.mark.timeout(120)
-def test_bench_measured_ranks_can_search_kvr_s_live(tmp_path, capsys):
+def test_bench_measured_ranks_can_search_kvr_s_live(tmp_path):
     """--live-span: KVR-S is what a live search near the cost model's pick measured best, the table's
     entry afterwards, and its row says how it was chosen."""
     (rows,) = run_ranks(2, LIVE_JOB, tmp_path, timeout=110)
