@@ -7,6 +7,7 @@ searched|predicted and --search-live). partition.py holds the searches themselve
   measure          ... and the link: ranks 0 and 1 time one layer's K/V there and back
   calibrate        measure until the fit is plausible, and save it in the cache
   pick_partition   rank 0 decides (calibrating first if it must), every rank gets the answer
+  release          on a GPU, hand what the allocator holds free back to the ranks beside it
   versus_even      a partition searched on the cost model, timed against the even split
   live_search      the grid search with a real prefill of all ranks as the score
 """
@@ -138,6 +139,7 @@ def calibrate(job, why, tries=3):
     for _ in range(tries):
         cost = measure(job)
         bad = job.transport.agree(cost.implausible)
+        release(job)
         if not bad:
             job.transport.agree(lambda: choose.save_calibration(key, cost))
             if job.rank == 0:
@@ -176,6 +178,16 @@ def pick_partition(job, spec, recalibrate=False):
     align = choose.alignment(job.device.type)
     job.c, job.c_source = job.transport.agree(lambda: choose.explain(spec, C, p, key, align=align))
     job.c_modelled = modelled and job.c != partition.even(C, p)
+
+
+def release(job):
+    """On a GPU, drop this rank's KV cache and hand back to the device what its allocator holds
+    free. Ranks that share one GPU cannot use memory another rank's allocator holds, and a
+    calibration (chunks of up to C tokens) or a live search (a cache of another size for every
+    candidate) frees more than a run keeps."""
+    if torch.cuda.is_initialized():                    # (a CPU run: nothing to hand back)
+        job.cache = None
+        torch.cuda.empty_cache()
 
 
 def versus_even(job, prefill, repeats=3):
@@ -219,6 +231,7 @@ def live_search(job, args, prefill):
     def measure(c):                                    # every rank runs this for every candidate
         ts = [prefill(job, c)[2] for _ in range(args.repeats)]
         job.transport.finish()
+        release(job)                                   # the next candidate's cache has another size
         return comm.bcast(statistics.median(ts), root=p - 1)
 
     if job.rank == 0:
