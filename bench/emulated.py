@@ -223,7 +223,8 @@ def cells(meta):
     first job's bench.measured.machine() saw it), the route and the SMs each share's ranks saw."""
     done = [s for s in meta["steps"].values() if not s["note"]]
     first = next((s["meta"] for s in done), {})
-    route = next((s["meta"]["route"] for s in done if s["kind"] == "ranks" and s["p"] > 1), None)
+    route = next((s["meta"]["route"] for s in done if s["kind"] == "ranks" and s["p"] > 1),
+                 meta["settings"]["route"])            # none ran: the route asked for
     meta.update(machine={k: first.get(k) for k in ("host", "cpus", "gpu", "torch", "cudnn", "mpi")}, route=route,
                 sms={str(s["p"]): s["meta"]["sms"] for s in done if s["kind"] == "ranks"})
     sim = {(r["p"], r["C"], r["variant"]): r["simulated_s"] for s in done if s["kind"] == "sim" for r in s["rows"]}

@@ -207,6 +207,21 @@ def test_a_largest_c_that_fits_only_without_tsp_is_measured_without_it(tmp_path,
     assert "TSP / KVR-S >= 1.42: TSP out of memory" in text
 
 
+def test_a_share_whose_every_job_runs_out_of_memory_still_says_its_route(tmp_path, monkeypatch, capsys):
+    """4 ranks out of memory at every C, with TSP and without: every cell of theirs says so, the
+    table is headed by the route asked for (no ranks job of theirs could say which ran), and the
+    target says it was not measured."""
+    calls, out = [], str(tmp_path / "e.json")
+    monkeypatch.setattr(emulated, "execute", fake_execute(calls, oom=lambda s: s["kind"] == "ranks" and s["p"] == 4))
+    emulated.main(["run", "--mpi", "mpich", "--device", "cpu", "-p", "4", "--C", "16384", "--route", "direct",
+                   "--out", out])
+    assert calls == ["ranks whole GPU C=16384", "ranks p=4 C=16384", "ranks p=4 C=16384 without TSP"]
+    d, text = json.load(open(out)), capsys.readouterr().out
+    assert d["meta"]["route"] == "direct" and "dims:llama7b, float16, direct route; TTFT ms, median of 3" in text
+    assert {r["note"] for r in d["rows"] if r["p"] == 4} == {"out of memory"}
+    assert "- 4 emulated GPUs against the whole GPU: not measured" in text
+
+
 def test_mps_required_started_and_stopped(tmp_path, monkeypatch, capsys):
     """--device cuda without MPS and without its control program: one line, nothing run. With a
     control program and no daemon: started before the first job, stopped after the last, also when
