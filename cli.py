@@ -1,8 +1,7 @@
 """The command line runahead.py and tsp.py share, and the checks every numeric option of the
 project's scripts gets. Standard library only, so `--help` and a bad option answer at once, before
-torch loads (seconds). A bad option is one line, `error: ...`, and exit status 2 on every rank;
-`check_early` refuses before torch loads what it can: an output path that cannot be written, a
-partition or a prompt that cannot fit the ranks the launcher started.
+torch loads (seconds): one line, `error: ...`, and exit status 2 on every rank. So does `check_early`
+for an output path that cannot be written, and a partition or prompt that cannot fit the ranks.
 """
 import argparse
 import contextlib
@@ -21,6 +20,12 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         say(f"error: {message}")
         sys.exit(2)
+
+
+class Live(argparse.Action):                           # an option of --search-live, remembered as given
+    def __call__(self, parser, namespace, value, flag=None):
+        setattr(namespace, self.dest, value)
+        namespace.live_option = flag
 
 
 def at_least(lo, kind=int):
@@ -99,22 +104,22 @@ def interrupted(signum, frame):
     interrupted_early = True
 
 
-def check_early(args, check=None):
-    """Refuse what cannot work before torch and the model load (a second, not ten): the options
-    that contradict each other, and a prompt with fewer tokens than ranks. `check(C, p)` adds a
-    program's own check (its partition). The same checks run again on every rank after MPI starts.
-    Ctrl-C from here on is remembered, and program.setup ends the whole job once MPI runs (a rank
-    that died before MPI started could leave the others waiting for it in MPI_Init)."""
+def check_early(args, check):
+    """Refuse what cannot work before torch and the model load (a second, not ten): options that
+    contradict each other or come alone, a prompt with fewer tokens than ranks, and `check(C, p)`, a
+    program's own (its partition). They run again on every rank once MPI starts. Ctrl-C from here on
+    is remembered: program.setup ends the job once MPI runs (a rank dead before could hang MPI_Init)."""
     signal.signal(signal.SIGINT, interrupted)
     try:
         if args.graphs and args.device != "cuda":
             raise ValueError("--graphs: CUDA graphs need --device cuda")
+        if getattr(args, "live_option", None) and not args.search_live:
+            raise ValueError(f"{args.live_option} is an option of --search-live, which is not given")
         C, p = prompt_length(args), launched_ranks()
         if C is not None and p is not None:
             if p > C:
                 raise ValueError(f"{p} ranks but only {C} prompt tokens: every rank needs at least one")
-            if check:
-                check(C, p)
+            check(C, p)
     except ValueError as e:
         say(f"error: {e}")
         sys.exit(2)
@@ -161,7 +166,7 @@ def runahead():
                                 ("--search-span", None, "start at --partition's pick, each boundary at first within "
                                  "this many tokens (default: from the even split, anywhere)"),
                                 ("--repeats", 3, "runs per candidate, their median scores it (default 3)")):
-        ap.add_argument(flag, type=at_least(1), default=default, help=f"--search-live: {what}")
+        ap.add_argument(flag, type=at_least(1), default=default, action=Live, help=f"--search-live: {what}")
     return ap
 
 

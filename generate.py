@@ -16,10 +16,8 @@ def sync(device):
 
 @torch.no_grad()
 def generate(model, prompt, max_new_tokens, cache, stop_at_eos=False):
-    """Greedy decoding on one process: prefill the prompt (B, C), then one token per step.
-
-    Returns (tokens (B, max_new_tokens), ttft_s, seconds per output token after the first).
-    """
+    """Greedy decoding on one process: prefill the prompt (B, C), then one token per step. Returns
+    (tokens (B, max_new_tokens), ttft_s, seconds per output token after the first)."""
     dev = prompt.device
     sync(dev)
     t0 = time.perf_counter()

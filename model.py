@@ -119,8 +119,7 @@ def attend(q, k, v, start, cfg, dense=False, math_path=False):
     # Shared KV heads: HF Llama passes enable_gqa (even for one KV head). HF Falcon's multi-query
     # path lets its one KV head broadcast, which rounds differently in fp32, so we do the same.
     gqa = k.shape[1] < q.shape[1] and not (cfg.arch == "falcon" and k.shape[1] == 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                          enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
 def causal_mask(q, k, start, cfg, dense, math_path):

@@ -107,8 +107,7 @@ def load(args, device):
         from load_weights import named
         name, model = named(args.model, dtype, device)
     cfg = model.cfg
-    key = (f"{cfg.arch}-d{cfg.dim}-L{cfg.n_layers}-h{cfg.n_heads}-kv{cfg.n_kv_heads}"
-           f"-{args.dtype}-{device.type}")
+    key = f"{cfg.arch}-d{cfg.dim}-L{cfg.n_layers}-h{cfg.n_heads}-kv{cfg.n_kv_heads}-{args.dtype}-{device.type}"
     return name, model, key
 
 

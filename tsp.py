@@ -20,8 +20,7 @@ import cli
 def tsp_layout(C, p, zigzag=False):
     """TSP's split, per rank its spans of positions [(start, length), ...], and the rank that emits
     the first token. Plain TSP: the even split, one span each, the last rank emits. Zigzag: 2p even
-    chunks, rank r holds chunks r and 2p-1-r (early and late tokens: balanced causal work), so rank 0
-    holds the last token and emits."""
+    chunks, rank r holds chunks r and 2p-1-r, so rank 0 holds the last token and emits."""
     if zigzag and C < 2 * p:
         raise ValueError(f"--zigzag needs at least 2 tokens per rank: {C} tokens for {p} ranks")
     if p > C:

@@ -194,8 +194,8 @@ def test_help_answers_before_torch_loads(script):
     assert "torch" not in loaded and "mpi4py" not in loaded
 
 
-MAINS = {"runahead.py": lambda argv: cli.check_early(cli.runahead().parse_args(argv)),
-         "tsp.py": lambda argv: cli.check_early(cli.tsp().parse_args(argv)),
+MAINS = {"runahead.py": lambda argv: cli.check_early(cli.runahead().parse_args(argv), lambda C, p: None),
+         "tsp.py": lambda argv: cli.check_early(cli.tsp().parse_args(argv), lambda C, p: None),
          "choose.py": choose.main, "bench/sim.py": bench.sim.main, "bench/profiling.py": bench.profiling.main,
          "bench/measured.py": bench.measured.main, "bench/simulated.py": bench.simulated.main,
          "bench/figures.py": bench.figures.main}

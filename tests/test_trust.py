@@ -230,6 +230,8 @@ def test_every_file_the_programs_write_goes_through_replace_whole():
     (["--prompt-len", "64", "--partition", "30,34"], "partition 30,34 has 2 chunks for 1 rank"),
     (["--prompt-len", "64", "--partition", "even", "--graphs"], "--graphs: CUDA graphs need --device cuda"),
     (["--prompt-ids", "1,2,x"], "--prompt-ids '1,2,x': expected comma-separated integers"),
+    (["--search-span", "256"], "--search-span is an option of --search-live, which is not given"),
+    (["--partition", "searched", "--repeats", "5"], "--repeats is an option of --search-live, which is not given"),
 ])
 def test_input_errors_answer_before_torch_loads(args, message):
     """One line and exit 2 in a fraction of the time a model takes to load: torch is never imported."""
