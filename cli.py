@@ -107,8 +107,8 @@ def interrupted(signum, frame):
 def check_early(args, check):
     """Refuse what cannot work before torch and the model load (a second, not ten): options that
     contradict each other or come alone, a prompt with fewer tokens than ranks, and `check(C, p)`, a
-    program's own (its partition). They run again on every rank once MPI starts. Ctrl-C from here on
-    is remembered: program.setup ends the job once MPI runs (a rank dead before could hang MPI_Init)."""
+    program's own (its partition; both again on every rank once MPI runs). Ctrl-C from here on is
+    remembered: program.setup ends the job once MPI runs (a rank dead before could hang MPI_Init)."""
     signal.signal(signal.SIGINT, interrupted)
     try:
         if args.graphs and args.device != "cuda":
