@@ -181,10 +181,10 @@ def pick_partition(job, spec, recalibrate=False):
 
 
 def release(job):
-    """On a GPU, drop this rank's KV cache and hand back to the device what its allocator holds
-    free. Ranks that share one GPU cannot use memory another rank's allocator holds, and a
-    calibration (chunks of up to C tokens) or a live search (a cache of another size for every
-    candidate) frees more than a run keeps."""
+    """On a GPU, drop this rank's KV cache and hand back to the device what its allocator holds free:
+    ranks that share one GPU cannot use memory another rank's allocator holds, and a calibration
+    (chunks of up to C tokens) frees more than a run keeps. Only before the ranks exchange K/V: CUDA-
+    aware MPI keeps a peer's buffer mapped once it has read it, so memory freed after that stays in use."""
     if torch.cuda.is_initialized():                    # (a CPU run: nothing to hand back)
         job.cache = None
         torch.cuda.empty_cache()
@@ -221,9 +221,13 @@ def live_search(job, args, prefill):
     """KVR-S measured live: rank 0 runs the grid search (on a GPU over whole tiles, choose.alignment),
     and every candidate it scores is a real prefill by all ranks (runahead.prefill; median TTFT of
     --repeats). With --search-span it starts at --partition's pick (the cost model's, the table's)
-    and stays near it. The best goes into the table."""
+    and stays near it. The best goes into the table. Every candidate fills one KV cache per rank, made
+    for C tokens first: CUDA-aware MPI maps each new one a rank sends, and keeps it mapped (a cache of
+    each candidate's size ran 4 ranks on an H100 out of memory at 16k)."""
     comm, C, p, path = job.comm, job.tokens.shape[1], job.size, choose.table_path()
     table = job.transport.agree(lambda: choose.load_table(path))
+    if job.cache is None or job.cache.capacity < C:    # program.cache_for then keeps it
+        job.cache = KVCache(job.model.cfg, 1, C, job.dtype, job.device)
     if job.device.type == "cuda":                      # untimed: a GPU's first prefill loads and tunes
         prefill(job, job.c)                            # kernels (hundreds of ms), the rest do not
         job.transport.finish()
@@ -231,7 +235,6 @@ def live_search(job, args, prefill):
     def measure(c):                                    # every rank runs this for every candidate
         ts = [prefill(job, c)[2] for _ in range(args.repeats)]
         job.transport.finish()
-        release(job)                                   # the next candidate's cache has another size
         return comm.bcast(statistics.median(ts), root=p - 1)
 
     if job.rank == 0:

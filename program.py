@@ -60,9 +60,9 @@ class Done(Exception):
 
 
 def cache_for(job, capacity):
-    """This rank's KV cache, emptied: made once and reused while the capacity is the same (gpt-fast's
-    setup_caches), so that every prefill fills the same memory, which --graphs replays need."""
-    if job.cache is None or job.cache.capacity != capacity:
+    """This rank's KV cache, emptied: made once and reused while big enough (gpt-fast's setup_caches),
+    so every prefill fills the same memory: --graphs replays need it, and CUDA-aware MPI maps it once."""
+    if job.cache is None or job.cache.capacity < capacity:
         job.cache = KVCache(job.model.cfg, 1, capacity, job.dtype, job.device)
     job.cache.reset()
     return job.cache

@@ -551,6 +551,11 @@ def test_versus_even_keeps_the_even_split_when_it_is_faster(cache):
     assert job.c_source.endswith(f"3 vs 2 ms, even kept, saved to {choose.table_path()}")
 
 
+def made(C):
+    """A KV cache of C tokens already made (program.cache_for then keeps it): for a stand-in prefill."""
+    return SimpleNamespace(capacity=C, reset=lambda: None)
+
+
 @pytest.mark.parametrize("device, C, attn", [("cpu", 60, 1e-8), ("cuda", 1000, 1e-8), ("cuda", 1000, 1e-9)])
 def test_live_search_stores_the_best_measured_partition(cache, capsys, device, C, attn):
     """Rank 0 searches with the median of --repeats real prefills as the score; the best goes into
@@ -565,7 +570,7 @@ def test_live_search_stores_the_best_measured_partition(cache, capsys, device, C
         return None, None, truth.ttft(c) * (5 if n == 1 else 1)    # the first run of each is cold
     comm = SimpleNamespace(bcast=lambda value, root=0: value)
     job = SimpleNamespace(comm=comm, tokens=SimpleNamespace(shape=(1, C)), size=3, rank=0, model_key="m",
-                          transport=Agreeing(), device=SimpleNamespace(type=device), c=P.even(C, 3))
+                          transport=Agreeing(), device=SimpleNamespace(type=device), c=P.even(C, 3), cache=made(C))
     calibrate.live_search(job, SimpleNamespace(repeats=3, search_steps=4, search_levels=3, search_span=None), prefill)
     best = min(P.searched(C, 3, truth.ttft, 4, 3, align=choose.alignment(device)), P.even(C, 3), key=truth.ttft)
     warm = device == "cuda"                            # one untimed prefill first, of job.c
@@ -589,13 +594,44 @@ def test_a_live_search_with_a_span_starts_at_the_partitions_pick(cache, capsys):
         return None, None, truth.ttft(c)
     comm = SimpleNamespace(bcast=lambda value, root=0: value)
     job = SimpleNamespace(comm=comm, tokens=SimpleNamespace(shape=(1, 16384)), size=4, rank=0, model_key="m",
-                          transport=Agreeing(), device=SimpleNamespace(type="cuda"), c=pick)
+                          transport=Agreeing(), device=SimpleNamespace(type="cuda"), c=pick, cache=made(16384))
     calibrate.live_search(job, SimpleNamespace(repeats=1, search_steps=4, search_levels=2, search_span=256), prefill)
     assert runs[0] == tuple(pick) and runs[1] == tuple(P.aligned(16384, 4, 128)[1](P.tiles(pick, 128, 128)))
     assert 10 < len(set(runs)) < 100 and len(runs) == len(set(runs)) + 1 and runs.count(tuple(pick)) == 2
     assert choose.load_table().get("m", 4, 16384) == pick and tuple(P.even(16384, 4)) in runs
     assert max(abs(a - b) for c in runs[:-2] for a, b in zip(P.prefix_sums(c), P.prefix_sums(pick))) <= 1024
     assert f"best {','.join(map(str, pick))}" in capsys.readouterr().out
+
+
+class FrontOfChain(Agreeing):
+    """Rank 0's transport in a chain of 3 whose other ranks are not there: its sends go nowhere."""
+    size = 3
+
+    def barrier(self):
+        pass
+
+    def isend(self, t, dest, tag):
+        pass
+
+
+def test_a_live_search_fills_one_kv_cache_per_rank(cache, capsys):
+    """Every candidate of a live search prefills into the same memory on each rank (made for C tokens
+    before the first): CUDA-aware MPI maps each buffer a peer sends from, and keeps it mapped, so a
+    cache of each candidate's size ran 4 ranks sharing an H100 out of memory. Rank 0's real prefills."""
+    import runahead
+    from model import builtin
+    C, caches = 48, []
+
+    def prefill(job, c):
+        out = runahead.prefill(job, c)
+        caches.append((out[1].kv[0].data_ptr(), out[1].capacity, sum(c[:1])))
+        return out
+    job = SimpleNamespace(comm=SimpleNamespace(bcast=lambda value, root=0: value), size=3, rank=0, model_key="m",
+                          tokens=torch.randint(3, 1024, (1, C)), model=builtin("llama"), dtype=torch.float32,
+                          device=torch.device("cpu"), transport=FrontOfChain(), c=P.even(C, 3), cache=None)
+    calibrate.live_search(job, SimpleNamespace(repeats=1, search_steps=4, search_levels=2, search_span=None), prefill)
+    assert len({S for _, _, S in caches}) > 3                # rank 0's chunk took many sizes ...
+    assert {(ptr, cap) for ptr, cap, _ in caches} == {(caches[0][0], C)}   # ... in one cache of C tokens
 
 
 # ----------------------------------------------------------------------------- choose.py: the caches

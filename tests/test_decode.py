@@ -668,8 +668,8 @@ def test_runahead_prefill_on_each_rank_of_a_chain(arch):
 
 def test_a_rank_prefills_into_the_same_cache_memory_each_time():
     """runahead.prefill again on one rank fills the same KV cache memory (program.cache_for: what
-    --graphs' replay needs), emptied first, so it holds what the first prefill held; a partition of
-    another size gets a cache of its own."""
+    --graphs' replay and CUDA-aware MPI need), emptied first, so it holds what the first prefill held;
+    a longer chunk gets a cache of its own, which a shorter one then fills."""
     m = builtin("llama")
     job = fake_job(m, 0, 3, FakeTransport(0, 3))
     _, first, _ = runahead.prefill(job, [4, 5, 2])
@@ -679,6 +679,8 @@ def test_a_rank_prefills_into_the_same_cache_memory_each_time():
     assert all(torch.equal(a, b) for a, b in zip(again.kv, held))
     _, other, _ = runahead.prefill(job, [5, 4, 2])
     assert other is not first and other.capacity == 5 and job.cache is other
+    _, shorter, _ = runahead.prefill(job, [3, 6, 2])
+    assert shorter is other and shorter.n == [3] * m.cfg.n_layers
 
 
 # ----------------------------------------------------------------------------- tsp.GatherKV
