@@ -222,8 +222,8 @@ def live_search(job, args, prefill):
     and every candidate it scores is a real prefill by all ranks (runahead.prefill; median TTFT of
     --repeats). With --search-span it starts at --partition's pick (the cost model's, the table's)
     and stays near it. The best goes into the table. Every candidate fills one KV cache per rank, made
-    for C tokens first: CUDA-aware MPI maps each new one a rank sends, and keeps it mapped (a cache of
-    each candidate's size ran 4 ranks on an H100 out of memory at 16k)."""
+    for C tokens first: CUDA-aware MPI keeps each buffer it read from mapped, so a cache of each
+    candidate's size would stay in use, candidate after candidate (4 ranks on one H100, 16k: out of memory)."""
     comm, C, p, path = job.comm, job.tokens.shape[1], job.size, choose.table_path()
     table = job.transport.agree(lambda: choose.load_table(path))
     if job.cache is None or job.cache.capacity < C:    # program.cache_for then keeps it

@@ -614,10 +614,10 @@ class FrontOfChain(Agreeing):
         pass
 
 
-def test_a_live_search_fills_one_kv_cache_per_rank(cache, capsys):
-    """Every candidate of a live search prefills into the same memory on each rank (made for C tokens
-    before the first): CUDA-aware MPI maps each buffer a peer sends from, and keeps it mapped, so a
-    cache of each candidate's size ran 4 ranks sharing an H100 out of memory. Rank 0's real prefills."""
+def test_a_live_search_fills_one_kv_cache_per_rank(cache):
+    """Every candidate of a live search prefills into the same memory on each rank, a cache made for C
+    tokens before the first (CUDA-aware MPI keeps each buffer it read from mapped: one per rank, not
+    one per candidate). Rank 0's real prefills, its chunk of another size in most candidates."""
     import runahead
     from model import builtin
     C, caches = 48, []
