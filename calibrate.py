@@ -24,7 +24,7 @@ import partition
 from fast import table
 from cli import say
 from generate import sync
-from kvcache import KVCache, bytes_per_token
+from kvcache import KVCache, bytes_per_token, cache_for
 
 
 def fit(measure, points, **fields):
@@ -226,8 +226,7 @@ def live_search(job, args, prefill):
     candidate's size would stay in use, candidate after candidate (4 ranks on one H100, 16k: out of memory)."""
     comm, C, p, path = job.comm, job.tokens.shape[1], job.size, choose.table_path()
     table = job.transport.agree(lambda: choose.load_table(path))
-    if job.cache is None or job.cache.capacity < C:    # program.cache_for then keeps it
-        job.cache = KVCache(job.model.cfg, 1, C, job.dtype, job.device)
+    cache_for(job, C)                                  # every candidate's chunk fits it
     if job.device.type == "cuda":                      # untimed: a GPU's first prefill loads and tunes
         prefill(job, job.c)                            # kernels (hundreds of ms), the rest do not
         job.transport.finish()

@@ -22,8 +22,7 @@ class KVCache:
     """Per-layer K/V storage; `update` appends a chunk and returns everything cached so far.
 
     Every mode of the model talks to its K/V through an object with this `update` (see model.py):
-    this cache (one process), runahead.ChainKV (receive, append, send) and tsp.GatherKV (all-gather).
-    """
+    this cache (one process), runahead.ChainKV (receive, append, send) and tsp.GatherKV (all-gather)."""
 
     dense = False  # attention may skip keys the queries cannot see (tsp.py's paper baseline sets True)
 
@@ -65,3 +64,12 @@ class KVCache:
 
     def reset(self):
         self.n = [0] * len(self.n)
+
+
+def cache_for(job, capacity):
+    """This rank's KV cache, emptied: made once and reused while big enough (gpt-fast's setup_caches),
+    so every prefill fills the same memory: --graphs replays need it, and CUDA-aware MPI maps it once."""
+    if job.cache is None or job.cache.capacity < capacity:
+        job.cache = KVCache(job.model.cfg, 1, capacity, job.dtype, job.device)
+    job.cache.reset()
+    return job.cache

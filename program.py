@@ -51,21 +51,12 @@ class Job:
     c: list = None              # runahead.py: the partition, one chunk per rank (set by its `prepare`)
     c_source: str = ""          # ... and where it came from
     c_modelled: bool = False    # ... searched on the cost model: calibrate.versus_even times it
-    cache: KVCache = None       # this rank's KV cache, made once and reused (`cache_for`)
+    cache: KVCache = None       # this rank's KV cache, made once and reused (kvcache.cache_for)
 
 
 class Done(Exception):
     """Raised by a K/V exchange after its last layer on a rank that does not emit the first token: what
     it would compute next (that layer's attention and MLP, norm, LM head) reaches nobody. Prefill catches it."""
-
-
-def cache_for(job, capacity):
-    """This rank's KV cache, emptied: made once and reused while big enough (gpt-fast's setup_caches),
-    so every prefill fills the same memory: --graphs replays need it, and CUDA-aware MPI maps it once."""
-    if job.cache is None or job.cache.capacity < capacity:
-        job.cache = KVCache(job.model.cfg, 1, capacity, job.dtype, job.device)
-    job.cache.reset()
-    return job.cache
 
 
 def setup(args, prepare=None):

@@ -38,7 +38,8 @@ if __name__ == "__main__":                             # --help and bad options 
 import torch  # noqa: E402
 
 from generate import sync  # noqa: E402
-from program import Done, abort_on_error, cache_for, done, report, setup  # noqa: E402
+from kvcache import cache_for  # noqa: E402
+from program import Done, abort_on_error, done, report, setup  # noqa: E402
 
 
 class ChainKV:

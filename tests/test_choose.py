@@ -552,7 +552,7 @@ def test_versus_even_keeps_the_even_split_when_it_is_faster(cache):
 
 
 def made(C):
-    """A KV cache of C tokens already made (program.cache_for then keeps it): for a stand-in prefill."""
+    """A KV cache of C tokens already made (kvcache.cache_for keeps it): for a stand-in prefill."""
     return SimpleNamespace(capacity=C, reset=lambda: None)
 
 

@@ -667,7 +667,7 @@ def test_runahead_prefill_on_each_rank_of_a_chain(arch):
 
 
 def test_a_rank_prefills_into_the_same_cache_memory_each_time():
-    """runahead.prefill again on one rank fills the same KV cache memory (program.cache_for: what
+    """runahead.prefill again on one rank fills the same KV cache memory (kvcache.cache_for: what
     --graphs' replay and CUDA-aware MPI need), emptied first, so it holds what the first prefill held;
     a longer chunk gets a cache of its own, which a shorter one then fills."""
     m = builtin("llama")
