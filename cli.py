@@ -115,6 +115,8 @@ def check_early(args, check):
             raise ValueError("--graphs: CUDA graphs need --device cuda")
         if getattr(args, "live_option", None) and not args.search_live:
             raise ValueError(f"{args.live_option} is an option of --search-live, which is not given")
+        if getattr(args, "recalibrate", False) and args.partition not in ("searched", "predicted"):
+            raise ValueError(f"--recalibrate: --partition {args.partition} has no cost model to calibrate")
         C, p = prompt_length(args), launched_ranks()
         if C is not None and p is not None:
             if p > C:

@@ -114,15 +114,13 @@ def prompt_ids(args, tokenizer, vocab_size):
     else:
         n = 2048 if args.prompt_len is None else args.prompt_len
         ids = torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
+    if bad := [i for i in ids if not 0 <= i < vocab_size]:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
     return ids
 
 
 def check_room(cfg, C, new_tokens, dtype, device):
-    """Refuse a generation whose KV cache (the prompt and every new token, on the last rank) cannot
-    fit in this machine's memory, before any work: it would fail only after the prefill."""
+    """Refuse at once a KV cache (prompt and new tokens) this machine cannot hold: not after the prefill."""
     need = (C + new_tokens) * bytes_per_token(cfg, dtype) * cfg.n_layers
     if device.type == "cuda":
         have, where = torch.cuda.mem_get_info(device)[1], f"GPU {device.index}"
