@@ -117,6 +117,8 @@ def check_early(args, check):
             raise ValueError(f"{args.live_option} is an option of --search-live, which is not given")
         if getattr(args, "recalibrate", False) and args.partition not in ("searched", "predicted"):
             raise ValueError(f"--recalibrate: --partition {args.partition} has no cost model to calibrate")
+        if getattr(args, "search_live", False) and (args.save or args.trace):
+            raise ValueError(f"--{'save' if args.save else 'trace'}: --search-live makes no single run to keep")
         C, p = prompt_length(args), launched_ranks()
         if C is not None and p is not None:
             if p > C:

@@ -206,8 +206,7 @@ def _wait_until_stderr_read(timeout=2.0):
 
 
 def done(job):
-    """Every rank waits here, sleeping between polls, until the reporting rank has decoded: a rank
-    that went on to exit would spin in MPI_Finalize, taking a core from decode."""
+    """Every rank waits here, politely, until the reporting rank has decoded: not in MPI_Finalize's spin."""
     job.transport.polite = True
     job.transport.barrier()
 

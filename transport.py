@@ -43,8 +43,7 @@ def local_comm(comm):
 
 
 def _buf(t):
-    """A contiguous tensor's bytes as an MPI buffer (any dtype, host or device memory): MPI reads or
-    writes them where they are, no copy."""
+    """A contiguous tensor's bytes as an MPI buffer (any dtype, host or GPU memory): MPI uses them in place."""
     assert t.is_contiguous(), "MPI is handed one block of memory"
     return [MPI.buffer.fromaddress(t.data_ptr(), t.numel() * t.element_size()), MPI.BYTE]
 
