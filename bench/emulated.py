@@ -48,6 +48,7 @@ from model import Config, builtin
 
 SHARE = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 VARIANTS = ["one process", "TSP", "TSP-zigzag", "KVR-E", "KVR-S"]
+LINK_MIB = [1, 4, 16, 64, 256]                         # the message sizes --simulate times the link at
 SETTINGS = ("model", "dtype", "device", "C", "repeats", "route", "fuse", "live_span")   # one of each per results file
 JOBS = {"ranks": ("bench.measured", "ranks"), "link": ("bench.measured", "link"),
         "sim": ("bench.simulated", "validate")}
@@ -138,6 +139,8 @@ def run(a):
     """Every step in turn (the module's docstring), then the tables and the targets."""
     if a.fuse and a.simulate:
         raise SystemExit("error: --simulate profiles with bench.simulated validate, which does not fuse: drop --fuse")
+    if a.link_mib and not a.simulate:
+        raise SystemExit("error: --link-mib is an option of --simulate, which is not given")
     a.C, a.files, a.launcher = sorted(a.C), os.path.abspath(os.path.splitext(a.out)[0]), shlex.split(a.mpirun)
     a.mpi = a.mpi or flavor(a.launcher)
     settings, steps = {k: getattr(a, k) for k in SETTINGS}, {}
@@ -189,7 +192,7 @@ def run(a):
                     todo[:0] = [(Cs, [v for v in vs if not v.startswith("TSP")])]
             ok, link = [s for s in ran if not s["note"]], []
             if a.simulate and ok and p > 1:            # the link at this share, and the host link p ranks share
-                got = do(step(a, "link", p, ["--device", a.device, "--mib", *map(str, a.link_mib)], p))
+                got = do(step(a, "link", p, ["--device", a.device, "--mib", *map(str, a.link_mib or LINK_MIB)], p))
                 route = ok[0]["meta"]["route"]
                 link = None if got["note"] else ["--measured-link", got["out"], "--route", route] + (
                     ["--shared-host"] if route == "staged" and a.device == "cuda" else [])
@@ -354,7 +357,8 @@ def main(argv=None):
     r.add_argument("--live-span", type=cli.at_least(1), metavar="TOKENS", help="KVR-S searched by measured TTFT "
                    "at each share, within TOKENS of the cost model's pick (bench.measured ranks --live-span)")
     r.add_argument("--simulate", action="store_true", help="the simulator's TTFT of each cell too")
-    r.add_argument("--link-mib", nargs="+", type=cli.at_least(1), default=[1, 4, 16, 64, 256], help="--simulate's link")
+    r.add_argument("--link-mib", nargs="+", type=cli.at_least(1),
+                   help=f"--simulate's link (default {' '.join(map(str, LINK_MIB))})")
     r.add_argument("--mpirun", default=MPIRUN if os.path.exists(MPIRUN) else "mpirun", help="the launcher, its options")
     r.add_argument("--mpi", choices=["openmpi", "mpich"], help="the launcher's flavour (default: from its --version)")
     r.add_argument("--out", default="results/emulated.json", help="the results; each job's own go to FILE/")

@@ -77,6 +77,19 @@ def test_dry_run_staged_replays_tsp_through_the_shared_host_link(tmp_path, capsy
         assert after(sim, "--route", 2) == (["staged", "--shared-host"] if shared else ["staged", "--repeats"])
 
 
+def test_link_sizes_are_simulates_own_and_refused_without_it(tmp_path, capsys):
+    """--link-mib sets the sizes the link step times (default 1 4 16 64 256); without --simulate
+    no link is timed, so it is refused rather than ignored."""
+    base = ["run", "--dry-run", "--mpi", "mpich", "--mpirun", "mpirun", "-p", "2", "--C", "4096", "--route", "direct",
+            "--out", str(tmp_path / "e.json")]
+    for given, sizes in (([], ["1", "4", "16", "64", "256"]), (["--link-mib", "8", "32"], ["8", "32"])):
+        emulated.main([*base, "--simulate", *given])
+        link = printed_steps(capsys.readouterr().out)["link p=2"]
+        assert link[link.index("--mib") + 1:link.index("--out")] == sizes
+    with pytest.raises(SystemExit, match="^error: --link-mib is an option of --simulate, which is not given$"):
+        emulated.main([*base, "--link-mib", "8"])
+
+
 def test_dry_run_live_span_reaches_the_ranks_of_every_share(tmp_path, capsys):
     """--live-span: each share's ranks job searches KVR-S live (bench.measured ranks --live-span);
     the whole GPU runs one process only, and so searches nothing."""
