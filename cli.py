@@ -22,10 +22,10 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-class Live(argparse.Action):                           # an option of --search-live, remembered as given
+class Given(argparse.Action):                          # an option one mode reads, remembered as given
     def __call__(self, parser, namespace, value, flag=None):
         setattr(namespace, self.dest, value)
-        namespace.live_option = flag
+        namespace.given = getattr(namespace, "given", ()) + (flag,)
 
 
 def at_least(lo, kind=int):
@@ -91,9 +91,7 @@ def prompt_length(args):
     """The prompt's length when the command line says it (--prompt-len, --prompt-ids), else None."""
     if args.prompt is not None:
         return None                                    # known once the tokenizer has read it
-    if args.prompt_ids is not None:
-        return len(ids(args.prompt_ids))
-    return 2048 if args.prompt_len is None else args.prompt_len
+    return len(ids(args.prompt_ids)) if args.prompt_ids is not None else args.prompt_len
 
 
 interrupted_early = False     # Ctrl-C before MPI runs: program.setup ends the job as soon as it can
@@ -113,12 +111,14 @@ def check_early(args, check):
     try:
         if args.graphs and args.device != "cuda":
             raise ValueError("--graphs: CUDA graphs need --device cuda")
-        if getattr(args, "live_option", None) and not args.search_live:
-            raise ValueError(f"{args.live_option} is an option of --search-live, which is not given")
+        given, live = getattr(args, "given", ()), getattr(args, "search_live", False)
+        one_run = [f for f in given if f in ("--max-new-tokens", "--save", "--trace")]   # a single run's
+        if live and one_run:
+            raise ValueError(f"{one_run[0]}: --search-live makes no single run to keep, trace or generate from")
+        if not live and (alone := [f for f in given if f not in one_run]):
+            raise ValueError(f"{alone[-1]} is an option of --search-live, which is not given")
         if getattr(args, "recalibrate", False) and args.partition not in ("searched", "predicted"):
             raise ValueError(f"--recalibrate: --partition {args.partition} has no cost model to calibrate")
-        if getattr(args, "search_live", False) and (args.save or args.trace):
-            raise ValueError(f"--{'save' if args.save else 'trace'}: --search-live makes no single run to keep")
         C, p = prompt_length(args), launched_ranks()
         if C is not None and p is not None:
             if p > C:
@@ -139,12 +139,12 @@ def program(description):
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer.json or tokenizer.model)")
     src.add_argument("--prompt-ids", help="comma-separated token ids")
-    src.add_argument("--prompt-len", type=at_least(1), help="N synthetic token ids (seeded; default 2048)")
+    src.add_argument("--prompt-len", type=at_least(1), default=2048, help="N seeded synthetic token ids (default 2048)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
                     help="weights, activations and the K/V that travel (default float32)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where each rank computes; cuda: the local rank's GPU (default cpu)")
-    ap.add_argument("--max-new-tokens", type=at_least(1), default=8,
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=8, action=Given,
                     help="tokens to generate, the first included (default 8)")
     ap.add_argument("--threads", type=at_least(1), help="torch threads per rank (default: cores / ranks here)")
     ap.add_argument("--math", action="store_true", help="the readable masked-softmax attention path")
@@ -152,8 +152,8 @@ def program(description):
                     help="compile each layer's elementwise work (torch.compile; for GPUs, slow to start)")
     ap.add_argument("--graphs", action="store_true",
                     help="--fuse, and prefills as CUDA graphs between K/V exchanges (GPU; pays under ~1k tokens a rank)")
-    ap.add_argument("--trace", type=output_file, help="write a per-rank timeline (Chrome trace JSON) to this file")
-    ap.add_argument("--save", type=output_file, help="torch.save logits, KV cache, partition, TTFT and tokens here")
+    ap.add_argument("--trace", type=output_file, action=Given, help="each rank's timeline as Chrome trace JSON")
+    ap.add_argument("--save", type=output_file, action=Given, help="torch.save logits, KV cache, partition, TTFT, tokens")
     return ap
 
 
@@ -170,7 +170,7 @@ def runahead():
                                 ("--search-span", None, "start at --partition's pick, each boundary at first within "
                                  "this many tokens (default: from the even split, anywhere)"),
                                 ("--repeats", 3, "runs per candidate, their median scores it (default 3)")):
-        ap.add_argument(flag, type=at_least(1), default=default, action=Live, help=f"--search-live: {what}")
+        ap.add_argument(flag, type=at_least(1), default=default, action=Given, help=f"--search-live: {what}")
     return ap
 
 

@@ -112,8 +112,7 @@ def prompt_ids(args, tokenizer, vocab_size):
     elif args.prompt_ids is not None:
         ids = cli.ids(args.prompt_ids)
     else:
-        n = 2048 if args.prompt_len is None else args.prompt_len
-        ids = torch.randint(3, vocab_size, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+        ids = torch.randint(3, vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     if bad := [i for i in ids if not 0 <= i < vocab_size]:
         raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
     return ids

@@ -224,6 +224,9 @@ def test_every_file_the_programs_write_goes_through_replace_whole():
 
 # ----------------------------------------------------------------------------- refused at the start
 
+ONE_RUN = "--search-live makes no single run to keep, trace or generate from"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--save", "/nonexistent/x.pt"], "argument --save: /nonexistent/x.pt: no directory /nonexistent"),
     (["--trace", "/"], "argument --trace: / is a directory"),
@@ -234,8 +237,9 @@ def test_every_file_the_programs_write_goes_through_replace_whole():
     (["--partition", "searched", "--repeats", "5"], "--repeats is an option of --search-live, which is not given"),
     (["--recalibrate"], "--recalibrate: --partition even has no cost model to calibrate"),
     (["--partition", "30,34", "--recalibrate"], "--recalibrate: --partition 30,34 has no cost model to calibrate"),
-    (["--search-live", "--save", "x.pt"], "--save: --search-live makes no single run to keep"),
-    (["--search-live", "--trace", "t.json"], "--trace: --search-live makes no single run to keep"),
+    (["--search-live", "--save", "x.pt"], f"--save: {ONE_RUN}"),
+    (["--search-live", "--trace", "t.json"], f"--trace: {ONE_RUN}"),
+    (["--search-live", "--max-new-tokens", "4"], f"--max-new-tokens: {ONE_RUN}"),
 ])
 def test_input_errors_answer_before_torch_loads(args, message):
     """One line and exit 2 in a fraction of the time a model takes to load: torch is never imported."""
