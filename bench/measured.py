@@ -716,6 +716,10 @@ def main(argv=None):
     pl.add_argument("--traces", nargs="*", help="trace JSON files to draw as one timeline figure")
     pl.add_argument("--timeline", default="results/timeline.png")
     a = ap.parse_args(argv)
+    if a.cmd == "ranks" and a.live_span and not {"KVR-S", "KVR-P"} & set(a.variants):
+        ap.error("--live-span searches KVR-S's partition: --variants has neither KVR-S nor KVR-P")
+    if a.cmd == "ranks" and a.trace_dir and not {"TSP", "TSP-zigzag", "KVR-S"} & set(a.variants):
+        ap.error("--trace-dir traces TSP, TSP-zigzag and KVR-S: --variants has none of them")
     {"single": single, "decode": decode_bench, "ranks": ranks, "share": share, "merge": merge, "link": link,
      "plot": plot}[a.cmd](a)
 

@@ -272,6 +272,8 @@ def validate(a):
     one GPU on the staged route, so TSP's gather goes through that GPU's host link, as the link
     file's host rows measured it (sim.replay_allgather's host)."""
     out, host = [], None
+    if a.route and not a.measured_link:
+        raise SystemExit("error: --route picks a route of a --measured-link file: name one")
     if a.shared_host:
         if not a.measured_link:
             raise SystemExit("error: --shared-host replays the host link of a --measured-link file: name one")
@@ -286,7 +288,7 @@ def validate(a):
         _, model, key = program.load(args, torch.device(meta["device"]))
         L, bpt = model.cfg.n_layers, bytes_per_token(model.cfg, getattr(torch, meta["dtype"]))
         if a.measured_link:                            # the link bench/measured.py link measured on this route
-            link = sim.Link(**next(iter(measured_links(a.measured_link, [a.route]).values())))
+            link = sim.Link(**next(iter(measured_links(a.measured_link, [a.route or "staged"]).values())))
         else:                                          # the link the real run calibrated
             cost = choose.load_calibration(key)
             per_token = cost.comm_per_token / L if cost and cost.comm_per_token else 0.0
@@ -352,7 +354,7 @@ def main(argv=None):
                     "each), or as many ranks' speed alone as their GPU gives them together (bench.emulated)")
     va.add_argument("--repeats", type=cli.at_least(1), default=5)
     va.add_argument("--measured-link", help="a bench/measured.py link file: replay on its --route's fitted link")
-    va.add_argument("--route", default="staged")
+    va.add_argument("--route", help="the route of the --measured-link file to replay on (default staged)")
     va.add_argument("--shared-host", action="store_true", help="the ranks shared one GPU on the staged route: "
                     "TSP's gather through its host link (the --measured-link file's host down and up rows)")
     va.add_argument("--out", default="results/validate.json")

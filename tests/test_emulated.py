@@ -322,10 +322,30 @@ def test_the_link_on_more_ranks_than_two_is_rank_0_to_rank_1(tmp_path):
     assert [(x["route"], x["MiB"]) for x in rows] == [("host", 1), ("host", 2)]
 
 
-def test_validate_shared_host_needs_a_link_file():
+@pytest.mark.parametrize("flags,message", [
+    (["--shared-host"], "--shared-host replays the host link of a --measured-link file: name one"),
+    (["--route", "direct"], "--route picks a route of a --measured-link file: name one"),
+])
+def test_validate_options_of_a_link_file_need_one(flags, message):
+    """Without --measured-link the link is the real run's calibration, which has no routes and no
+    host link: these options are refused, before any file is read, not ignored."""
     from bench import simulated
-    with pytest.raises(SystemExit, match="--shared-host replays the host link of a --measured-link file"):
-        simulated.main(["validate", "ranks.json", "--shared-host"])
+    with pytest.raises(SystemExit, match=f"^error: {message}$"):
+        simulated.main(["validate", "ranks.json", *flags])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--live-span", "64"], "--live-span searches KVR-S's partition: --variants has neither KVR-S nor KVR-P"),
+    (["--trace-dir", "t"], "--trace-dir traces TSP, TSP-zigzag and KVR-S: --variants has none of them"),
+])
+def test_ranks_options_of_variants_not_run_are_refused(tmp_path, flags, message):
+    """bench.measured ranks --variants "one process" KVR-E: no partition is searched and none of
+    the traced variants runs, so these options would do nothing; one line, exit 2, before MPI."""
+    r = subprocess.run([sys.executable, "-m", "bench.measured", "ranks", "--variants", "one process", "KVR-E",
+                        "--C", "64", "--repeats", "1", "--out", str(tmp_path / "r.json"), *flags],
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stderr) == (2, f"error: {message}\n"), r.stderr[-2000:]
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.timeout(300)
