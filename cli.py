@@ -112,9 +112,9 @@ def check_early(args, check):
         if args.graphs and args.device != "cuda":
             raise ValueError("--graphs: CUDA graphs need --device cuda")
         given, live = getattr(args, "given", ()), getattr(args, "search_live", False)
-        one_run = [f for f in given if f in ("--max-new-tokens", "--save", "--trace")]   # a single run's
+        one_run = [f for f in given if f in ("--max-new-tokens", "--save", "--trace")] + ["--math"] * args.math
         if live and one_run:
-            raise ValueError(f"{one_run[0]}: --search-live makes no single run to keep, trace or generate from")
+            raise ValueError(f"{one_run[0]} is an option of a single run, which --search-live is not")
         if not live and (alone := [f for f in given if f not in one_run]):
             raise ValueError(f"{alone[-1]} is an option of --search-live, which is not given")
         if getattr(args, "recalibrate", False) and args.partition not in ("searched", "predicted"):

@@ -224,7 +224,7 @@ def test_every_file_the_programs_write_goes_through_replace_whole():
 
 # ----------------------------------------------------------------------------- refused at the start
 
-ONE_RUN = "--search-live makes no single run to keep, trace or generate from"
+ONE_RUN = "is an option of a single run, which --search-live is not"
 
 
 @pytest.mark.parametrize("args,message", [
@@ -237,9 +237,10 @@ ONE_RUN = "--search-live makes no single run to keep, trace or generate from"
     (["--partition", "searched", "--repeats", "5"], "--repeats is an option of --search-live, which is not given"),
     (["--recalibrate"], "--recalibrate: --partition even has no cost model to calibrate"),
     (["--partition", "30,34", "--recalibrate"], "--recalibrate: --partition 30,34 has no cost model to calibrate"),
-    (["--search-live", "--save", "x.pt"], f"--save: {ONE_RUN}"),
-    (["--search-live", "--trace", "t.json"], f"--trace: {ONE_RUN}"),
-    (["--search-live", "--max-new-tokens", "4"], f"--max-new-tokens: {ONE_RUN}"),
+    (["--search-live", "--save", "x.pt"], f"--save {ONE_RUN}"),
+    (["--search-live", "--trace", "t.json"], f"--trace {ONE_RUN}"),
+    (["--search-live", "--max-new-tokens", "4"], f"--max-new-tokens {ONE_RUN}"),
+    (["--search-live", "--math"], f"--math {ONE_RUN}"),
 ])
 def test_input_errors_answer_before_torch_loads(args, message):
     """One line and exit 2 in a fraction of the time a model takes to load: torch is never imported."""
