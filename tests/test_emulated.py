@@ -77,7 +77,7 @@ def test_dry_run_staged_replays_tsp_through_the_shared_host_link(tmp_path, capsy
         assert after(sim, "--route", 2) == (["staged", "--shared-host"] if shared else ["staged", "--repeats"])
 
 
-def test_link_sizes_are_simulates_own_and_refused_without_it(tmp_path, capsys):
+def test_link_sizes_belong_to_simulate_and_are_refused_without_it(tmp_path, capsys):
     """--link-mib sets the sizes the link step times (default 1 4 16 64 256); without --simulate
     no link is timed, so it is refused rather than ignored."""
     base = ["run", "--dry-run", "--mpi", "mpich", "--mpirun", "mpirun", "-p", "2", "--C", "4096", "--route", "direct",
