@@ -117,6 +117,8 @@ def main(argv=None):
     ap.add_argument("--align", type=cli.at_least(1), help="boundaries on multiples of this many tokens (default: "
                     f"{partition.ALIGN} for a GPU's --model, one ending in -cuda, as runahead.py runs it; else 1)")
     a = ap.parse_args(argv)
+    if a.how == "even" and (given := [f"--{k}" for k in ("table", "cost", "model", "align") if getattr(a, k)]):
+        ap.error(f"{given[0]}: the even split uses no table, cost model or alignment")
     align = a.align or alignment("cuda" if a.model.endswith("-cuda") else "cpu")
     try:
         c, source = explain(a.how, a.C, a.p, a.model, a.table, a.cost and partition.CostModel.load(a.cost), align)

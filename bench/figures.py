@@ -278,6 +278,12 @@ def main(argv=None):
     what = ["attention", "timeline"] if a.what == "all" else [a.what]
     if a.out and len(what) > 1:
         ap.error("--out needs one picture")
+    if a.out and a.what == "example":
+        ap.error("--out: example prints its partition, it draws no picture")
+    if a.traces and a.what in ("attention", "example"):
+        ap.error(f"--traces: {a.what} draws no trace; timeline does")
+    if a.traces and a.what == "timeline" and (a.C or a.p or a.partition):
+        ap.error("--traces draws runs made before: --C, -p and --partition make new ones")
     for w in what:
         if w in ("attention", "example"):
             C, p = a.C or 9, a.p or 3

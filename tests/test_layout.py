@@ -227,3 +227,21 @@ def test_numeric_options_out_of_range_are_one_line(cmd, message, capfd):
     with pytest.raises(SystemExit) as e:
         MAINS[cmd[0]](cmd[1:])
     assert e.value.code == 2 and capfd.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("cmd,message", [
+    (["choose.py", "even", "--C", "8", "-p", "2", "--table", "t.json"],
+     "--table: the even split uses no table, cost model or alignment"),
+    (["choose.py", "even", "--C", "8", "-p", "2", "--align", "4"],
+     "--align: the even split uses no table, cost model or alignment"),
+    (["bench/figures.py", "example", "--out", "x.png"], "--out: example prints its partition, it draws no picture"),
+    (["bench/figures.py", "attention", "--traces", "t.json"], "--traces: attention draws no trace; timeline does"),
+    (["bench/figures.py", "timeline", "--traces", "t.json", "-p", "4"],
+     "--traces draws runs made before: --C, -p and --partition make new ones"),
+])
+def test_options_a_command_would_not_read_are_one_line(cmd, message, capfd):
+    """An option that the rest of the command line leaves unread is refused, not ignored: one line,
+    exit 2, before any file is read or written."""
+    with pytest.raises(SystemExit) as e:
+        MAINS[cmd[0]](cmd[1:])
+    assert e.value.code == 2 and capfd.readouterr().err == f"error: {message}\n"
